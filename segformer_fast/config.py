@@ -1,0 +1,148 @@
+"""SegFormer configuration: the MiT-B0…B5 variants and the LayerNorm eps conventions of the checkpoint sources."""
+
+from dataclasses import asdict, dataclass, field
+
+#: Per variant: (embed dims, depths, decoder dim). Heads, SR ratios and MLP ratio are shared by all variants.
+VARIANTS = {
+    "b0": ((32, 64, 160, 256), (2, 2, 2, 2), 256),
+    "b1": ((64, 128, 320, 512), (2, 2, 2, 2), 256),
+    "b2": ((64, 128, 320, 512), (3, 4, 6, 3), 768),
+    "b3": ((64, 128, 320, 512), (3, 4, 18, 3), 768),
+    "b4": ((64, 128, 320, 512), (3, 8, 27, 3), 768),
+    "b5": ((64, 128, 320, 512), (3, 6, 40, 3), 768),
+}
+NUM_HEADS = (1, 2, 5, 8)
+SR_RATIOS = (8, 4, 2, 1)
+MLP_RATIO = 4
+PATCH_SIZES = (7, 3, 3, 3)
+STRIDES = (4, 2, 2, 2)
+
+#: LayerNorm eps per norm kind. Official NVlabs / mmseg checkpoints were trained with 1e-6 in the blocks and the
+#: stage-final norms and 1e-5 (nn.LayerNorm's default) in the patch-embed and SR norms; transformers uses 1e-5
+#: everywhere (its ``layer_norm_eps`` field is not read by the model).
+EPS_CONVENTIONS = {
+    "transformers": {"patch_embed": 1e-5, "block": 1e-5, "sr": 1e-5, "stage": 1e-5},
+    "official": {"patch_embed": 1e-5, "block": 1e-6, "sr": 1e-5, "stage": 1e-6},
+}
+BATCH_NORM_EPS = 1e-5
+
+
+@dataclass
+class SegformerConfig:
+    """Everything that fixes the architecture of a SegFormer (MiT encoder + All-MLP decode head)."""
+
+    variant: str = "b0"
+    num_labels: int = 150
+    eps_convention: str = "transformers"
+    id2label: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.variant = self.variant.lower()
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown SegFormer variant {self.variant!r}; expected one of {sorted(VARIANTS)}")
+        if self.eps_convention not in EPS_CONVENTIONS:
+            raise ValueError(
+                f"unknown eps convention {self.eps_convention!r}; expected one of {sorted(EPS_CONVENTIONS)}"
+            )
+        if not isinstance(self.num_labels, int) or self.num_labels < 1:
+            raise ValueError(f"num_labels must be a positive integer, got {self.num_labels!r}")
+        self.id2label = {int(k): str(v) for k, v in (self.id2label or {}).items()}
+
+    @property
+    def embed_dims(self) -> tuple:
+        return VARIANTS[self.variant][0]
+
+    @property
+    def depths(self) -> tuple:
+        return VARIANTS[self.variant][1]
+
+    @property
+    def decoder_dim(self) -> int:
+        return VARIANTS[self.variant][2]
+
+    @property
+    def num_heads(self) -> tuple:
+        return NUM_HEADS
+
+    @property
+    def sr_ratios(self) -> tuple:
+        return SR_RATIOS
+
+    @property
+    def eps(self) -> dict:
+        return EPS_CONVENTIONS[self.eps_convention]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_transformers_dict(self) -> dict:
+        """The config.json content of the hub layout (fields of transformers' SegformerConfig)."""
+        out = {
+            "architectures": ["SegformerForSemanticSegmentation"],
+            "model_type": "segformer",
+            "num_channels": 3,
+            "num_encoder_blocks": 4,
+            "depths": list(self.depths),
+            "hidden_sizes": list(self.embed_dims),
+            "decoder_hidden_size": self.decoder_dim,
+            "num_attention_heads": list(NUM_HEADS),
+            "sr_ratios": list(SR_RATIOS),
+            "mlp_ratios": [MLP_RATIO] * 4,
+            "patch_sizes": list(PATCH_SIZES),
+            "strides": list(STRIDES),
+            "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            "classifier_dropout_prob": 0.1,
+            "drop_path_rate": 0.1,
+            "layer_norm_eps": 1e-6,
+            "reshape_last_stage": True,
+            "semantic_loss_ignore_index": 255,
+            "num_labels": self.num_labels,
+            # transformers cannot express the official eps convention; keep it so our loader restores it exactly.
+            "segformer_fast_eps_convention": self.eps_convention,
+        }
+        labels = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        out["id2label"] = {str(k): v for k, v in sorted(labels.items())}
+        out["label2id"] = {v: k for k, v in sorted(labels.items())}
+        return out
+
+    @classmethod
+    def from_transformers_dict(cls, cfg: dict, source: str = "config.json") -> "SegformerConfig":
+        """Build from a hub config.json; the variant is matched from hidden_sizes, depths and decoder size."""
+        try:
+            dims = tuple(cfg["hidden_sizes"])
+            depths = tuple(cfg["depths"])
+        except KeyError as err:
+            raise ValueError(f"{source}: not a SegFormer config (missing {err.args[0]!r})") from None
+        decoder = cfg.get("decoder_hidden_size", 256)
+        for checks, expected, name in (
+            (tuple(cfg.get("num_attention_heads", NUM_HEADS)), NUM_HEADS, "num_attention_heads"),
+            (tuple(cfg.get("sr_ratios", SR_RATIOS)), SR_RATIOS, "sr_ratios"),
+            (tuple(cfg.get("mlp_ratios", (MLP_RATIO,) * 4)), (MLP_RATIO,) * 4, "mlp_ratios"),
+            (tuple(cfg.get("patch_sizes", PATCH_SIZES)), PATCH_SIZES, "patch_sizes"),
+            (tuple(cfg.get("strides", STRIDES)), STRIDES, "strides"),
+        ):
+            if checks != expected:
+                raise ValueError(f"{source}: unsupported {name} {list(checks)}; released SegFormers use {list(expected)}")
+        variant = variant_from_shapes(dims, depths, decoder, source)
+        id2label = cfg.get("id2label") or {}
+        num_labels = cfg.get("num_labels") or (len(id2label) if id2label else 2)
+        return cls(
+            variant=variant,
+            num_labels=int(num_labels),
+            eps_convention=cfg.get("segformer_fast_eps_convention", "transformers"),
+            id2label=id2label,
+        )
+
+
+def variant_from_shapes(embed_dims, depths, decoder_dim, source: str = "checkpoint") -> str:
+    """The variant name whose (embed dims, depths, decoder dim) match; ValueError naming the shapes otherwise."""
+    for name, (dims, ds, dec) in VARIANTS.items():
+        if tuple(embed_dims) == dims and tuple(depths) == ds and (decoder_dim is None or decoder_dim == dec):
+            return name
+    raise ValueError(
+        f"{source}: embed dims {list(embed_dims)}, depths {list(depths)}, decoder dim {decoder_dim} match no "
+        f"SegFormer variant; known: "
+        + ", ".join(f"{n}={list(d)}/{list(s)}/{c}" for n, (d, s, c) in VARIANTS.items())
+    )

@@ -1,0 +1,58 @@
+"""Numerical comparison helpers shared by the tests, the benchmarks and ``optimize(verify=True)``.
+
+The tolerance rule (DESIGN.md section 5, as flash-attention uses it): the error of a fused path in a dtype may be
+at most twice the error of eager PyTorch in the same dtype, plus a floor relative to the largest reference value.
+Errors are measured against a reference computed in fp64 or fp32.
+"""
+
+import torch
+
+#: Floors of the tolerance rule, relative to max |reference|.
+TOLERANCE_FLOORS = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest |actual - expected| over all elements, computed in fp64; NaN anywhere gives inf."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"shape mismatch: got {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    diff = (actual.detach().double().cpu() - expected.detach().double().cpu()).abs()
+    if diff.numel() == 0:
+        return 0.0
+    if not torch.isfinite(diff).all():
+        return float("inf")
+    return float(diff.max())
+
+
+def tolerance(reference: torch.Tensor, dtype: torch.dtype, eager_error: float = 0.0) -> float:
+    """Allowed max abs error for a result in ``dtype``: 2 x eager_error + floor(dtype) x max |reference|."""
+    scale = float(reference.detach().abs().max()) if reference.numel() else 0.0
+    return 2.0 * eager_error + TOLERANCE_FLOORS[dtype] * max(scale, 1e-30)
+
+
+def assert_within_tolerance(
+    actual: torch.Tensor,
+    reference: torch.Tensor,
+    dtype: torch.dtype,
+    eager: torch.Tensor | None = None,
+    what: str = "output",
+) -> None:
+    """Assert the tolerance rule: err(actual) <= 2 * err(eager) + floor(dtype) * max |reference|.
+
+    ``reference`` is the high-precision result (fp64 or fp32); ``eager`` is eager PyTorch run in ``dtype`` (optional:
+    without it only the floor applies).
+    """
+    eager_error = max_abs_error(eager, reference) if eager is not None else 0.0
+    error = max_abs_error(actual, reference)
+    allowed = tolerance(reference, dtype, eager_error)
+    if not error <= allowed:
+        raise AssertionError(
+            f"{what}: max abs error {error:.3e} exceeds tolerance {allowed:.3e} "
+            f"(dtype {dtype}, eager error {eager_error:.3e}, max |ref| {float(reference.abs().max()):.3e})"
+        )
+
+
+def poison_(tensor: torch.Tensor) -> torch.Tensor:
+    """Fill a floating tensor with NaN (integer tensors with their minimum) so unwritten elements fail a check."""
+    if tensor.is_floating_point():
+        return tensor.fill_(float("nan"))
+    return tensor.fill_(torch.iinfo(tensor.dtype).min)

@@ -1,0 +1,41 @@
+"""Shared test utilities: random transformers models with non-default norms, and comparisons."""
+
+import torch
+
+from segformer_fast.testing import max_abs_error
+
+
+def randomize_norms_(module: torch.nn.Module, seed: int) -> None:
+    """Move LayerNorm/BatchNorm affine parameters and BatchNorm running stats away from their defaults."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+                sub.weight.copy_(1 + 0.2 * torch.randn(sub.weight.shape, generator=generator))
+                sub.bias.copy_(0.2 * torch.randn(sub.bias.shape, generator=generator))
+            if isinstance(sub, torch.nn.BatchNorm2d):
+                sub.running_mean.copy_(0.2 * torch.randn(sub.running_mean.shape, generator=generator))
+                sub.running_var.copy_(0.5 + torch.rand(sub.running_var.shape, generator=generator))
+
+
+def random_transformers_model(variant: str, num_labels: int, seed: int):
+    """A transformers SegformerForSemanticSegmentation with transformers' own random init (norms randomized)."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    from segformer_fast.config import VARIANTS
+
+    dims, depths, decoder_dim = VARIANTS[variant]
+    torch.manual_seed(seed)
+    config = SegformerConfig(
+        hidden_sizes=list(dims), depths=list(depths), decoder_hidden_size=decoder_dim, num_labels=num_labels
+    )
+    model = SegformerForSemanticSegmentation(config).eval()
+    randomize_norms_(model, seed)
+    return model
+
+
+def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "output") -> None:
+    """max |actual - expected| <= rtol * max |expected|."""
+    error = max_abs_error(actual, expected)
+    scale = float(expected.abs().max())
+    assert error <= rtol * scale, f"{what}: max abs error {error:.3e} > {rtol:g} x max |ref| {scale:.3e}"
