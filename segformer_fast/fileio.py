@@ -1,0 +1,187 @@
+"""File input/output: atomic writes, image loading and image discovery.
+
+Atomic writes: everything the package writes goes to a hidden temporary file in the destination folder first and is
+moved onto the final name with ``os.replace`` only once it is complete, so a reader never sees a half-written file
+under the final name and a failed write leaves nothing behind. (This protects against errors and concurrent readers;
+it does not fsync, so it says nothing about power loss.)
+
+Image loading: ``load_image`` always returns a fully decoded 8-bit RGB ``PIL.Image``, whatever the file holds
+(grayscale, gray + alpha, RGBA, palette, 16-bit, CMYK, ...), with the EXIF orientation applied as transformers'
+``load_image`` and OpenCV's ``imread`` do. Unreadable files raise ``ValueError`` naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: File name extensions (lower case) that ``find_images`` picks up inside folders.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm"}
+)
+
+#: PIL modes holding one channel of 16-bit samples (or wider integers), scaled to 8 bits by ``load_image``.
+_WIDE_INTEGER_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write to; it replaces ``path`` when the block finishes without an exception.
+
+    The temporary file is created (empty, with the usual umask-governed permissions) in the same folder as ``path``,
+    under a hidden name with the same suffix, so ``PIL.Image.save`` and similar writers pick the right format from
+    it. On success it is moved onto ``path`` with ``os.replace`` (atomic on POSIX and Windows within one file
+    system); on any exception it is removed and the exception propagates, so ``path`` is either untouched or
+    complete::
+
+        with atomic_path("out/mask.png") as tmp:
+            image.save(tmp)
+    """
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {parent} does not exist")
+    while True:
+        tmp = parent / f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        break
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see ``atomic_path``)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically (see ``atomic_path``)."""
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def _scale_16bit_to_8bit(samples: np.ndarray) -> np.ndarray:
+    """Map 16-bit samples (0..65535; wider integers are clipped to that range) to 0..255 by rounding v * 255 / 65535.
+
+    v * 255 / 65535 = v / 257, and round(v / 257) = (v + 128) // 257 for the integers in range.
+    """
+    wide = np.clip(samples.astype(np.int64), 0, 65535)
+    return ((wide + 128) // 257).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a decoded PIL image of any mode to 8-bit RGB.
+
+    Alpha is dropped without compositing (the color channels are kept as they are); palette images are expanded;
+    16-bit and 32-bit integer grayscale is scaled to 8 bits (v * 255 / 65535, rounded) rather than clipped, which is
+    what a plain ``convert("L")`` would do; CMYK and other modes use PIL's conversion.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _WIDE_INTEGER_MODES:
+        return Image.fromarray(_scale_16bit_to_8bit(np.asarray(image)), "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        # PIL warns when converting a palette image with transparency straight to RGB; go through RGBA.
+        return image.convert("RGBA").convert("RGB")
+    if mode == "PA":
+        return image.convert("RGBA").convert("RGB")
+    return image.convert("RGB")
+
+
+def _apply_exif_orientation(image: Image.Image) -> Image.Image:
+    """``image`` turned upright per its EXIF orientation tag; as it is when the EXIF data cannot be parsed."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (SyntaxError, ValueError, KeyError, TypeError, OSError, struct.error):
+        return image
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image file; return it as an 8-bit RGB ``PIL.Image`` (EXIF orientation applied).
+
+    Raises ``FileNotFoundError`` for a missing path, ``IsADirectoryError`` for a folder, and ``ValueError`` naming the
+    file and the reason when the file is not an image, is truncated or corrupt, or cannot be converted to RGB.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"expected an image file, got a folder: {path}")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            rgb = to_rgb(_apply_exif_orientation(opened))
+            if rgb is opened:
+                rgb = opened.copy()
+    except (FileNotFoundError, PermissionError):
+        raise
+    except UnidentifiedImageError:
+        raise ValueError(f"cannot read image {path}: not an image file or an unsupported format") from None
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"cannot read image {path}: {error}") from None
+    except (OSError, SyntaxError, ValueError, KeyError, EOFError) as error:
+        # PIL reports truncated and corrupt data as OSError ("image file is truncated ...") or SyntaxError (broken
+        # PNG chunks), and unsupported conversions as ValueError.
+        reason = str(error) or type(error).__name__
+        raise ValueError(f"cannot read image {path}: {reason}") from None
+    return rgb
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders into a list of image files.
+
+    ``inputs`` is one path or several. A named file is included whatever its extension. A folder is searched
+    recursively (symbolic links to folders are not followed) for files whose extension, ignoring case, is in
+    ``IMAGE_EXTENSIONS``; hidden files and folders (names starting with ".", such as the temporaries of
+    ``atomic_path``) are skipped. Each folder's images are sorted by path; the inputs keep the order they were given
+    in, and a file reached twice is listed once. A missing input raises ``FileNotFoundError``.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    found: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(p: Path) -> None:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            found.append(p)
+
+    for item in inputs:
+        root = Path(item)
+        if root.is_dir():
+            in_folder = []
+            for folder, dirnames, filenames in os.walk(root):
+                dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+                for name in filenames:
+                    if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                        in_folder.append(Path(folder) / name)
+            for p in sorted(in_folder, key=lambda q: q.parts):
+                add(p)
+        elif root.exists():
+            add(root)
+        else:
+            raise FileNotFoundError(f"input not found: {root}")
+    return found

@@ -1,0 +1,355 @@
+"""Pre/post-processing against transformers' SegformerImageProcessor, keep-ratio sizes, palettes and visualization."""
+
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from segformer_fast.palettes import (
+    ADE20K_CLASSES,
+    ADE20K_PALETTE,
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_PALETTE,
+    colorize,
+    generated_palette,
+    overlay,
+    palette_for,
+)
+from segformer_fast.processing import IMAGENET_MEAN, IMAGENET_STD, output_size, postprocess, preprocess
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_processor(**kwargs):
+    """transformers' PIL-backend processor: the one ``SegformerImageProcessor`` falls back to without torchvision.
+
+    The torchvision backend (the default when torchvision is installed) resizes uint8 tensors with torch's
+    antialiased bilinear, which differs from PIL by one grey level on some pixels; we match the PIL backend.
+    """
+    cls = getattr(transformers, "SegformerImageProcessorPil", None) or transformers.SegformerImageProcessor
+    return cls(**kwargs)
+
+
+def _random_image(rng, height, width):
+    return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def _normalize_reference(resized_uint8):
+    """(H, W, 3) uint8 -> (3, H, W) float64 normalized with the ImageNet statistics, independently of the package."""
+    x = resized_uint8.astype(np.float64) / 255.0
+    x = (x - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# preprocess, fixed-size mode, against transformers
+
+
+@pytest.mark.parametrize("as_pil", [False, True])
+def test_preprocess_matches_transformers(as_pil):
+    rng = np.random.default_rng(1234 + as_pil)
+    processor = _hf_processor()
+    for _ in range(4):
+        height, width = (int(v) for v in rng.integers(7, 900, size=2))
+        array = _random_image(rng, height, width)
+        image = Image.fromarray(array) if as_pil else array
+        expected = processor(image, return_tensors="pt")["pixel_values"]
+        got = preprocess(image)
+        assert got.shape == expected.shape == (1, 3, 512, 512)
+        assert got.dtype == torch.float32
+        error = (got - expected).abs().max().item()
+        assert error <= 1e-5, f"{height}x{width}: max abs error {error}"
+
+
+def test_preprocess_matches_transformers_batch_and_custom_size():
+    rng = np.random.default_rng(7)
+    images = [_random_image(rng, 333, 517), _random_image(rng, 64, 31), _random_image(rng, 129, 129)]
+    processor = _hf_processor(size={"height": 97, "width": 161})
+    expected = processor(images, return_tensors="pt")["pixel_values"]
+    got = preprocess(images, size=(97, 161))
+    assert got.shape == expected.shape == (3, 3, 97, 161)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_preprocess_grayscale_array_is_replicated_rgb():
+    rng = np.random.default_rng(3)
+    gray = rng.integers(0, 256, size=(45, 71), dtype=np.uint8)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    expected = _hf_processor()(rgb, return_tensors="pt")["pixel_values"]
+    assert (preprocess(gray) - expected).abs().max().item() <= 1e-5
+    assert torch.equal(preprocess(gray[:, :, None]), preprocess(gray))
+
+
+def test_preprocess_path_pil_modes_dtype_and_sizes(tmp_path):
+    rng = np.random.default_rng(11)
+    array = _random_image(rng, 50, 80)
+    path = tmp_path / "image.png"
+    Image.fromarray(array).save(path)
+    from_array = preprocess(array, size=64)
+    assert torch.equal(preprocess(path, size=64), from_array)
+    assert torch.equal(preprocess(str(path), size=64), from_array)
+    # An RGBA PIL image is converted to RGB by dropping alpha.
+    rgba = Image.fromarray(np.dstack([array, rng.integers(0, 256, size=(50, 80), dtype=np.uint8)]), "RGBA")
+    assert torch.equal(preprocess(rgba, size=64), from_array)
+    half = preprocess(array, size=64, dtype=torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half, from_array.half())
+    values, sizes = preprocess([array, path], size=64, return_sizes=True)
+    assert sizes == [(50, 80), (50, 80)] and values.shape == (2, 3, 64, 64)
+
+
+def test_preprocess_custom_mean_std():
+    rng = np.random.default_rng(5)
+    array = _random_image(rng, 20, 30)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    got = preprocess(array, size=(20, 30), mean=mean, std=std)
+    x = array.astype(np.float64) / 255.0
+    expected = torch.from_numpy(((x - np.array(mean)) / np.array(std)).transpose(2, 0, 1).copy())
+    assert (got[0].double() - expected).abs().max().item() <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# keep-ratio mode (mmseg Resize(keep_ratio=True) + the official AlignedResize)
+
+
+@pytest.mark.parametrize(
+    "hw, short_side, max_long_side, expected",
+    [
+        # 683 x 1024 (H x W), ADE config img_scale=(2048, 512):
+        # scale = min(2048 / 1024, 512 / 683) = 512 / 683 = 0.74963...
+        # h' = int(683 * 0.74963 + 0.5) = 512, w' = int(1024 * 0.74963 + 0.5) = int(768.13) = 768
+        # align to 32: 512 -> 512, 768 -> 768
+        ((683, 1024), 512, 2048, (512, 768)),
+        # 375 x 500: scale = min(2048 / 500, 512 / 375) = 1.36533...
+        # h' = int(512.0 + 0.5) = 512, w' = int(682.67 + 0.5) = 683; align: 683 -> ceil(683 / 32) * 32 = 704
+        ((375, 500), 512, 2048, (512, 704)),
+        # Cityscapes 1024 x 2048 with img_scale=(2048, 1024): scale = min(1, 1) = 1 -> (1024, 2048), already aligned
+        ((1024, 2048), 1024, 2048, (1024, 2048)),
+        # 300 x 1500 (a panorama): the long side binds: scale = min(2048 / 1500, 512 / 300) = 1.36533...
+        # h' = int(409.6 + 0.5) = 410 -> 416, w' = int(2048.0 + 0.5) = 2048 -> 2048
+        ((300, 1500), 512, 2048, (416, 2048)),
+        # No long-side limit: scale = 512 / 300 = 1.70667; h' = 512, w' = int(2560.0 + 0.5) = 2560 (a multiple of 32)
+        ((300, 1500), 512, None, (512, 2560)),
+        # 481 x 321 (portrait, odd): scale = min(2048 / 481, 512 / 321) = 1.59502...
+        # h' = int(767.21 + 0.5) = 767 -> 768, w' = int(512.0 + 0.5) = 512 -> 512
+        ((481, 321), 512, 2048, (768, 512)),
+        # Cityscapes real-time B0 row, short side 768: 1024 x 2048 -> scale 0.75 -> (768, 1536)
+        ((1024, 2048), 768, 2048, (768, 1536)),
+    ],
+)
+def test_keep_ratio_sizes(hw, short_side, max_long_side, expected):
+    assert output_size(*hw, short_side=short_side, max_long_side=max_long_side) == expected
+
+
+def test_keep_ratio_size_divisor_options():
+    # 375 x 500, short side 512: (512, 683) before alignment.
+    assert output_size(375, 500, short_side=512, size_divisor=None) == (512, 683)
+    assert output_size(375, 500, short_side=512, size_divisor=1) == (512, 683)
+    assert output_size(375, 500, short_side=512, size_divisor=64) == (512, 704)
+    # Fixed-size mode ignores size_divisor (transformers does not align).
+    assert output_size(375, 500, size=(100, 150)) == (100, 150)
+    assert output_size(375, 500, size=77) == (77, 77)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    height=st.integers(1, 5000),
+    width=st.integers(1, 5000),
+    short_side=st.sampled_from([512, 640, 768, 1024]),
+    divisor=st.sampled_from([1, 16, 32]),
+)
+def test_keep_ratio_size_properties(height, width, short_side, divisor):
+    new_h, new_w = output_size(height, width, short_side=short_side, max_long_side=2048, size_divisor=None)
+    scale = min(2048 / max(height, width), short_side / min(height, width))
+    assert new_h == max(1, math.floor(height * scale + 0.5)) and new_w == max(1, math.floor(width * scale + 0.5))
+    assert min(new_h, new_w) <= short_side and max(new_h, new_w) <= 2048
+    assert min(new_h, new_w) == short_side or max(new_h, new_w) == 2048 or min(new_h, new_w) == 1
+    aligned = output_size(height, width, short_side=short_side, max_long_side=2048, size_divisor=divisor)
+    assert aligned[0] % divisor == 0 and aligned[1] % divisor == 0
+    assert 0 <= aligned[0] - new_h < divisor and 0 <= aligned[1] - new_w < divisor
+
+
+@pytest.mark.parametrize("hw", [(683, 1024), (375, 500), (97, 33)])
+def test_keep_ratio_values_are_a_direct_pil_resize(hw):
+    rng = np.random.default_rng(hw[0])
+    array = _random_image(rng, *hw)
+    got, sizes = preprocess(array, short_side=512, max_long_side=2048, return_sizes=True)
+    target_h, target_w = output_size(*hw, short_side=512, max_long_side=2048)
+    assert sizes == [hw] and got.shape == (1, 3, target_h, target_w)
+    resized = np.asarray(Image.fromarray(array).resize((target_w, target_h), Image.BILINEAR))
+    assert (got[0].double() - _normalize_reference(resized)).abs().max().item() <= 1e-5
+
+
+def test_keep_ratio_batch_of_different_sizes_is_refused():
+    rng = np.random.default_rng(0)
+    # 684 x 1024 -> (512, int(766.5 + 0.5) = 767) -> (512, 768), like 683 x 1024.
+    same = [_random_image(rng, 683, 1024), _random_image(rng, 684, 1024)]
+    assert preprocess(same, short_side=512, max_long_side=2048).shape == (2, 3, 512, 768)
+    # 682 x 1024 -> (512, int(768.75 + 0.5) = 769) -> (512, 800): one pixel of height changes the batch shape.
+    with pytest.raises(ValueError, match=r"image 0: 683x1024 -> 512x768, image 1: 682x1024 -> 512x800"):
+        preprocess([same[0], _random_image(rng, 682, 1024)], short_side=512, max_long_side=2048)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# postprocess against transformers' post_process_semantic_segmentation
+
+
+def test_postprocess_matches_transformers():
+    processor = _hf_processor()
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(6):
+        batch = int(torch.randint(1, 4, (1,), generator=generator))
+        classes = int(torch.randint(2, 40, (1,), generator=generator))
+        h, w = (int(v) for v in torch.randint(3, 40, (2,), generator=generator))
+        logits = torch.randn(batch, classes, h, w, generator=generator, dtype=torch.float64)
+        targets = [tuple(int(v) for v in torch.randint(1, 300, (2,), generator=generator)) for _ in range(batch)]
+        if trial % 2:
+            targets = [targets[0]] * batch
+        expected = processor.post_process_semantic_segmentation(types.SimpleNamespace(logits=logits), targets)
+        got = postprocess(logits, targets)
+        if len(set(targets)) == 1:
+            assert isinstance(got, torch.Tensor) and got.dtype == torch.int64 and got.shape == (batch, *targets[0])
+        else:
+            assert isinstance(got, list) and len(got) == batch
+        for i in range(batch):
+            assert got[i].shape == expected[i].shape == targets[i]
+            assert torch.equal(got[i], expected[i]), f"trial {trial}, image {i}: labels differ"
+
+
+def test_postprocess_single_size_and_none():
+    logits = torch.randn(2, 5, 8, 12, dtype=torch.float64)
+    labels = postprocess(logits, (32, 48))
+    assert labels.shape == (2, 32, 48)
+    upsampled = F.interpolate(logits, size=(32, 48), mode="bilinear", align_corners=False)
+    assert torch.equal(labels, upsampled.argmax(dim=1))
+    assert torch.equal(postprocess(logits), logits.argmax(dim=1))
+    assert torch.equal(postprocess(logits, torch.tensor([[32, 48], [32, 48]])), labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# palettes, colorize, overlay
+
+
+def test_palettes_lengths_and_distinct_colors():
+    assert len(ADE20K_CLASSES) == len(ADE20K_PALETTE) == 150
+    assert len(CITYSCAPES_CLASSES) == len(CITYSCAPES_PALETTE) == 19
+    assert len(set(ADE20K_CLASSES)) == 150 and len(set(CITYSCAPES_CLASSES)) == 19
+    assert len(set(CITYSCAPES_PALETTE)) == 19
+    # The published ADE20K palette repeats one color: road (6) and skyscraper (48) are both (140, 140, 140).
+    duplicated = {c for c in ADE20K_PALETTE if ADE20K_PALETTE.count(c) > 1}
+    assert duplicated == {(140, 140, 140)}
+    assert [i for i, c in enumerate(ADE20K_PALETTE) if c == (140, 140, 140)] == [6, 48]
+    assert len(set(ADE20K_PALETTE)) == 149
+    for palette in (ADE20K_PALETTE, CITYSCAPES_PALETTE):
+        assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in palette)
+    assert ADE20K_CLASSES[0] == "wall" and ADE20K_PALETTE[0] == (120, 120, 120)
+    assert CITYSCAPES_CLASSES[13] == "car" and CITYSCAPES_PALETTE[13] == (0, 0, 142)
+
+
+def test_palette_for():
+    assert palette_for(150).tolist() == [list(c) for c in ADE20K_PALETTE]
+    assert palette_for(19).tolist() == [list(c) for c in CITYSCAPES_PALETTE]
+    for n in (1, 2, 21, 1000):
+        palette = palette_for(n)
+        assert palette.shape == (n, 3) and palette.dtype == np.uint8
+        assert len({tuple(c) for c in palette.tolist()}) == n
+        assert np.array_equal(palette, palette_for(n))
+    # PASCAL VOC colors: 1 -> (128, 0, 0), 2 -> (0, 128, 0), 15 (person) -> (192, 128, 128).
+    assert generated_palette(21)[[1, 2, 15]].tolist() == [[128, 0, 0], [0, 128, 0], [192, 128, 128]]
+
+
+def test_colorize_and_overlay_values():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 19, size=(13, 17))
+    labels[4, 5] = 13
+    image = colorize(labels, CITYSCAPES_PALETTE)
+    assert image.mode == "RGB" and image.size == (17, 13)
+    pixels = np.asarray(image)
+    assert tuple(pixels[4, 5]) == (0, 0, 142)
+    assert np.array_equal(pixels, np.array(CITYSCAPES_PALETTE, dtype=np.uint8)[labels])
+    assert np.array_equal(np.asarray(colorize(torch.from_numpy(labels), palette_for(19))), pixels)
+
+    photo = _random_image(rng, 13, 17)
+    for alpha in (0.0, 0.3, 0.5, 1.0):
+        blended = np.asarray(overlay(Image.fromarray(photo), labels, CITYSCAPES_PALETTE, alpha=alpha))
+        expected = np.rint((1 - alpha) * photo.astype(np.float64) + alpha * pixels.astype(np.float64))
+        assert np.array_equal(blended, expected.astype(np.uint8))
+    assert np.array_equal(np.asarray(overlay(Image.fromarray(photo), labels, CITYSCAPES_PALETTE, 0.0)), photo)
+
+
+def test_visualization_errors():
+    labels = np.zeros((4, 6), dtype=np.int64)
+    with pytest.raises(ValueError, match=r"image is 5x6 \(H x W\), labels are 4x6"):
+        overlay(Image.new("RGB", (6, 5)), labels, CITYSCAPES_PALETTE)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        overlay(Image.new("RGB", (6, 4)), labels, CITYSCAPES_PALETTE, alpha=1.5)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 18\].*got values in \[0, 255\]"):
+        labels[0, 0] = 255
+        colorize(labels, CITYSCAPES_PALETTE)
+    with pytest.raises(ValueError, match=r"2-D \(H, W\) label map, got shape \(1, 4, 6\)"):
+        colorize(np.zeros((1, 4, 6), dtype=np.int64), CITYSCAPES_PALETTE)
+    with pytest.raises(ValueError, match=r"labels must be integers"):
+        colorize(np.zeros((4, 6), dtype=np.float32), CITYSCAPES_PALETTE)
+    with pytest.raises(ValueError, match=r"palette must have shape \(K, 3\)"):
+        colorize(np.zeros((4, 6), dtype=np.int64), [(1, 2)])
+    with pytest.raises(ValueError, match=r"num_labels must be a positive integer"):
+        palette_for(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad inputs
+
+
+def test_preprocess_bad_inputs():
+    good = np.zeros((8, 8, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"expected at least one image, got an empty list"):
+        preprocess([])
+    with pytest.raises(ValueError, match=r"image 0: expected an \(H, W, 3\).*got shape \(8, 8, 4\)"):
+        preprocess(np.zeros((8, 8, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"image 1: expected an \(H, W, 3\).*got shape \(2, 8, 8, 3\)"):
+        preprocess([good, np.zeros((2, 8, 8, 3), dtype=np.uint8)])
+    with pytest.raises(ValueError, match=r"image 0: expected a uint8 array, got dtype float32"):
+        preprocess(np.zeros((8, 8, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"empty image of shape \(0, 8, 3\)"):
+        preprocess(np.zeros((0, 8, 3), dtype=np.uint8))
+    with pytest.raises(TypeError, match=r"image 0: expected a PIL image, a uint8 numpy array or a path, got Tensor"):
+        preprocess(torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match=r"size height must be a positive integer, got 0"):
+        preprocess(good, size=(0, 8))
+    with pytest.raises(ValueError, match=r"size must be an int or a \(height, width\) pair, got \(8, 8, 8\)"):
+        preprocess(good, size=(8, 8, 8))
+    with pytest.raises(ValueError, match=r"short_side must be a positive integer, got -1"):
+        preprocess(good, short_side=-1)
+    with pytest.raises(ValueError, match=r"max_long_side must be >= short_side, got 256 < 512"):
+        preprocess(good, short_side=512, max_long_side=256)
+    with pytest.raises(ValueError, match=r"pass short_side as well"):
+        preprocess(good, max_long_side=2048)
+    with pytest.raises(ValueError, match=r"mean and std must have 3 values"):
+        preprocess(good, mean=(0.5,))
+    with pytest.raises(ValueError, match=r"dtype must be a floating-point"):
+        preprocess(good, dtype=torch.int32)
+    with pytest.raises(FileNotFoundError, match=r"missing\.png"):
+        preprocess("/nonexistent/missing.png")
+
+
+def test_postprocess_bad_inputs():
+    logits = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"logits must have shape \(B, K, h, w\), got 3 dimensions \(3, 4, 4\)"):
+        postprocess(logits[0], (8, 8))
+    with pytest.raises(ValueError, match=r"expected 2 target sizes \(one per image of the batch\), got 3"):
+        postprocess(logits, [(8, 8), (8, 8), (8, 8)])
+    with pytest.raises(ValueError, match=r"target size 1 height must be a positive integer, got 0"):
+        postprocess(logits, [(8, 8), (0, 8)])
+    with pytest.raises(ValueError, match=r"target size 0 must be an \(H, W\) pair, got 8"):
+        postprocess(logits, [8, (8, 8)])
+    with pytest.raises(ValueError, match=r"logits must be floating point, got torch.int64"):
+        postprocess(torch.zeros(1, 3, 4, 4, dtype=torch.int64), (8, 8))
+    with pytest.raises(ValueError, match=r"must not be empty"):
+        postprocess(torch.zeros(1, 0, 4, 4), (8, 8))
+    with pytest.raises(TypeError, match=r"logits must be a torch.Tensor, got ndarray"):
+        postprocess(np.zeros((1, 3, 4, 4)), (8, 8))
