@@ -1,4 +1,5 @@
-"""Test-wide settings: nothing is downloaded, and the Hugging Face cache is a private empty folder."""
+"""Test-wide settings: nothing is downloaded, the Hugging Face cache is a private empty folder, and without a GPU
+the Triton kernels run in the interpreter on CPU tensors."""
 
 import os
 import tempfile
@@ -7,3 +8,9 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="segformer-fast-hf-cache-")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402  (after the environment above)
+
+# Triton reads TRITON_INTERPRET when kernels are defined, so it must be set before any test module imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

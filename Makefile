@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make bench` (the main job) and `make test`. Each creates .venv and installs
+# what it needs first. Where a torch is already importable from $(PYTHON) (a GPU machine's CUDA build), create the
+# venv with VENV_FLAGS=--system-site-packages to use it instead of installing $(TORCH_SPEC).
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: install test bench compile-cuda clean
+
+$(STAMP): $(SOURCES)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet setuptools wheel ninja pybind11 numpy
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,triton]"
+	@touch $@
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest tests -ra
+
+bench: install
+	$(VENV)/bin/segformer-fast bench
+
+compile-cuda:
+	bash .ci/compile_cuda.sh
+
+clean:
+	rm -rf build $(VENV) segformer_fast/_C*.so
