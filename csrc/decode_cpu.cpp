@@ -1,0 +1,240 @@
+// CPU implementations of segformer_fast::fused_decode and segformer_fast::upsample_argmax.
+//
+// fused_decode: per task, a block of output rows of one image: the fp32 hidden rows (rows * w1, D) are built in a
+// thread-local buffer (P1 + b' + bilinear taps of P2..P4, ReLU), multiplied by the classifier (one GEMM through
+// ATen/MKL per block) and stored with the classifier bias into NCHW logits. The concat and the full hidden map
+// never exist in memory.
+//
+// upsample_argmax: per task, a group of output rows that share their two source rows: the two horizontally
+// interpolated rows (K, W) are computed once for the group, then every output row blends them and keeps a
+// running argmax, so the (B, K, H, W) upsampled logits never exist. The arithmetic reproduces PyTorch's CPU
+// bilinear kernel (see bilinear.h and argmax_row), so labels equal F.interpolate(...).argmax(1) bit for bit.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "bilinear.h"
+#include "checks.h"
+
+namespace segformer_fast {
+namespace base {
+#include "decode_cpu_kernels.h"
+}  // namespace base
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SEGFORMER_FAST_AVX2_DISPATCH 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "decode_cpu_kernels.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+constexpr int64_t TARGET_GEMM_PIXELS = 512;
+
+bool use_avx2() {
+#ifdef SEGFORMER_FAST_AVX2_DISPATCH
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+template <typename scalar_t>
+struct DecodeKernels {
+  decltype(&base::accumulate_upsampled_row<scalar_t>) accumulate_upsampled_row;
+  decltype(&base::init_hidden_row<scalar_t>) init_hidden_row;
+  decltype(&base::relu_inplace) relu_inplace;
+  decltype(&base::store_logits<scalar_t>) store_logits;
+  decltype(&base::horizontal_pass<scalar_t>) horizontal_pass;
+  decltype(&base::argmax_row<scalar_t>) argmax_row;
+};
+
+template <typename scalar_t>
+DecodeKernels<scalar_t> select_kernels() {
+#ifdef SEGFORMER_FAST_AVX2_DISPATCH
+  if (use_avx2()) {
+    return {&avx2::accumulate_upsampled_row<scalar_t>, &avx2::init_hidden_row<scalar_t>, &avx2::relu_inplace,
+            &avx2::store_logits<scalar_t>, &avx2::horizontal_pass<scalar_t>, &avx2::argmax_row<scalar_t>};
+  }
+#endif
+  return {&base::accumulate_upsampled_row<scalar_t>, &base::init_hidden_row<scalar_t>, &base::relu_inplace,
+          &base::store_logits<scalar_t>, &base::horizontal_pass<scalar_t>, &base::argmax_row<scalar_t>};
+}
+
+template <typename scalar_t>
+void fused_decode_kernel(const std::array<const at::Tensor*, 4>& maps, const at::Tensor& bias,
+                         const at::Tensor& cls_weight, const at::Tensor& cls_bias, at::Tensor& out) {
+  const DecodeKernels<scalar_t> kernels = select_kernels<scalar_t>();
+  const at::Tensor& p1 = *maps[0];
+  const int64_t batch = p1.size(0), height = p1.size(1), width = p1.size(2), dim = p1.size(3);
+  const int64_t num_labels = cls_weight.size(0);
+  // Stages 2..4: source rows/columns and weights for every output row/column of the stage-1 grid.
+  std::array<LinearAxis, 3> row_axes, col_axes;
+  std::array<const scalar_t*, 4> data{};
+  int64_t max_in_width = 1;
+  for (int s = 0; s < 4; ++s) {
+    data[s] = maps[s]->data_ptr<scalar_t>();
+    if (s > 0) {
+      row_axes[s - 1] = linear_axis<float>(maps[s]->size(1), height);
+      col_axes[s - 1] = linear_axis<float>(maps[s]->size(2), width);
+      max_in_width = std::max(max_in_width, maps[s]->size(2));
+    }
+  }
+  const at::Tensor weight_f = cls_weight.to(at::kFloat).contiguous();
+  const at::Tensor bias_f = bias.to(at::kFloat).contiguous();
+  const at::Tensor cls_bias_f = cls_bias.to(at::kFloat).contiguous();
+  const float* bias_ptr = bias_f.data_ptr<float>();
+  const float* cls_bias_ptr = cls_bias_f.data_ptr<float>();
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+
+  const int64_t rows_per_task = std::max<int64_t>(1, std::min<int64_t>(height, TARGET_GEMM_PIXELS / width));
+  const int64_t chunks = (height + rows_per_task - 1) / rows_per_task;
+  const auto float_options = at::TensorOptions().dtype(at::kFloat);
+
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> hidden(rows_per_task * width * dim);
+    std::vector<float> blend(max_in_width * dim);
+    std::vector<float> acc(num_labels * rows_per_task * width);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks;
+      const int64_t y_begin = (task % chunks) * rows_per_task;
+      const int64_t rows = std::min(rows_per_task, height - y_begin);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t y = y_begin + r;
+        float* hidden_row = hidden.data() + r * width * dim;
+        kernels.init_hidden_row(data[0] + (b * height + y) * width * dim, bias_ptr, width, dim, hidden_row);
+        for (int s = 1; s < 4; ++s) {
+          const at::Tensor& p = *maps[s];
+          const int64_t in_h = p.size(1), in_w = p.size(2);
+          const LinearAxis& ra = row_axes[s - 1];
+          const LinearAxis& ca = col_axes[s - 1];
+          const scalar_t* image = data[s] + b * in_h * in_w * dim;
+          kernels.accumulate_upsampled_row(image + ra.index0[y] * in_w * dim, image + ra.index1[y] * in_w * dim,
+                                           ra.lambda0[y], ra.lambda1[y], in_w, dim, ca.index0.data(),
+                                           ca.index1.data(), ca.lambda0.data(), ca.lambda1.data(), width,
+                                           blend.data(), hidden_row);
+        }
+      }
+      const int64_t pixels = rows * width;
+      kernels.relu_inplace(hidden.data(), pixels * dim);
+      at::Tensor hidden_t = at::from_blob(hidden.data(), {pixels, dim}, float_options);
+      at::Tensor acc_t = at::from_blob(acc.data(), {num_labels, pixels}, float_options);
+      at::mm_out(acc_t, weight_f, hidden_t.t());
+      kernels.store_logits(acc.data(), cls_bias_ptr, num_labels, pixels,
+                           out_ptr + b * num_labels * height * width + y_begin * width, height * width);
+    }
+  });
+}
+
+at::Tensor fused_decode_cpu(const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& p3, const at::Tensor& p4,
+                            const at::Tensor& bias, const at::Tensor& cls_weight, const at::Tensor& cls_bias) {
+  const std::array<const at::Tensor*, 4> maps = {&p1, &p2, &p3, &p4};
+  check_fused_decode_inputs(maps, bias, cls_weight, cls_bias);
+  TORCH_CHECK(p1.device().is_cpu(), "fused_decode (CPU kernel): expected CPU tensors, got p1 on ", p1.device());
+  auto out = at::empty({p1.size(0), cls_weight.size(0), p1.size(1), p1.size(2)}, p1.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  switch (p1.scalar_type()) {
+    case at::kFloat:
+      fused_decode_kernel<float>(maps, bias, cls_weight, cls_bias, out);
+      break;
+    case at::kBFloat16:
+      fused_decode_kernel<c10::BFloat16>(maps, bias, cls_weight, cls_bias, out);
+      break;
+    default:
+      fused_decode_kernel<c10::Half>(maps, bias, cls_weight, cls_bias, out);
+      break;
+  }
+  return out;
+}
+
+template <typename scalar_t>
+void upsample_argmax_kernel(const at::Tensor& logits, at::Tensor& labels) {
+  const DecodeKernels<scalar_t> kernels = select_kernels<scalar_t>();
+  const int64_t batch = logits.size(0), num_labels = logits.size(1);
+  const int64_t in_h = logits.size(2), in_w = logits.size(3);
+  const int64_t out_h = labels.size(1), out_w = labels.size(2);
+  const LinearAxis rows = linear_axis<scalar_t>(in_h, out_h);
+  const LinearAxis cols = linear_axis<scalar_t>(in_w, out_w);
+  // Groups of consecutive output rows that read the same two source rows.
+  std::vector<int64_t> group_start;
+  for (int64_t y = 0; y < out_h; ++y) {
+    if (y == 0 || rows.index0[y] != rows.index0[y - 1] || rows.index1[y] != rows.index1[y - 1]) {
+      group_start.push_back(y);
+    }
+  }
+  const int64_t groups = static_cast<int64_t>(group_start.size());
+  group_start.push_back(out_h);
+  const scalar_t* src = logits.data_ptr<scalar_t>();
+  int64_t* dst = labels.data_ptr<int64_t>();
+
+  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> top(num_labels * out_w), bottom(num_labels * out_w), best(out_w);
+    std::vector<int32_t> best_index(out_w);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / groups;
+      const int64_t g = task % groups;
+      const int64_t y_begin = group_start[g], y_end = group_start[g + 1];
+      const int64_t row0 = rows.index0[y_begin], row1 = rows.index1[y_begin];
+      const scalar_t* image = src + b * num_labels * in_h * in_w;
+      kernels.horizontal_pass(image, num_labels, in_h, in_w, row0, cols.index0.data(), cols.index1.data(),
+                              cols.lambda0.data(), cols.lambda1.data(), out_w, top.data());
+      const float* lower = top.data();
+      if (row1 != row0) {
+        kernels.horizontal_pass(image, num_labels, in_h, in_w, row1, cols.index0.data(), cols.index1.data(),
+                                cols.lambda0.data(), cols.lambda1.data(), out_w, bottom.data());
+        lower = bottom.data();
+      }
+      for (int64_t y = y_begin; y < y_end; ++y) {
+        kernels.argmax_row(top.data(), lower, rows.lambda0[y], rows.lambda1[y], num_labels, out_w, best.data(),
+                           best_index.data(), dst + (b * out_h + y) * out_w);
+      }
+    }
+  });
+}
+
+at::Tensor upsample_argmax_cpu(const at::Tensor& logits, int64_t height, int64_t width) {
+  check_upsample_argmax_inputs(logits, height, width);
+  TORCH_CHECK(logits.device().is_cpu(), "upsample_argmax (CPU kernel): expected a CPU tensor, got logits on ",
+              logits.device());
+  auto labels = at::empty({logits.size(0), height, width}, logits.options().dtype(at::kLong));
+  if (labels.numel() == 0) {
+    return labels;
+  }
+  switch (logits.scalar_type()) {
+    case at::kFloat:
+      upsample_argmax_kernel<float>(logits, labels);
+      break;
+    case at::kBFloat16:
+      upsample_argmax_kernel<c10::BFloat16>(logits, labels);
+      break;
+    default:
+      upsample_argmax_kernel<c10::Half>(logits, labels);
+      break;
+  }
+  return labels;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segformer_fast, CPU, m) {
+  m.impl("fused_decode", &fused_decode_cpu);
+  m.impl("upsample_argmax", &upsample_argmax_cpu);
+}
+
+}  // namespace segformer_fast

@@ -1,0 +1,23 @@
+// The segformer_fast operator library: schemas here, kernels in decode_cpu.cpp (CPU) and cuda_launch.cpp (CUDA).
+// Fake (meta) implementations for torch.compile / torch.export live in segformer_fast/ops.py.
+
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import segformer_fast._C` loads this library, which runs the TORCH_LIBRARY registrations below; the module
+// itself is empty (the ops are reached through torch.ops.segformer_fast).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(segformer_fast, m) {
+  // p_i: (B, h_i, w_i, D) contiguous; bias: (D,); cls_weight: (K, D); cls_bias: (K,) -> logits (B, K, h_1, w_1).
+  m.def(
+      "fused_decode(Tensor p1, Tensor p2, Tensor p3, Tensor p4, Tensor bias, Tensor cls_weight, Tensor cls_bias) "
+      "-> Tensor");
+  // logits: (B, K, h, w) contiguous -> int64 labels (B, height, width).
+  m.def("upsample_argmax(Tensor logits, int height, int width) -> Tensor");
+}

@@ -1,0 +1,137 @@
+"""The exact decoder fold (DESIGN.md section 4, "Decoder fold").
+
+Bilinear resize is linear per channel and preserves constants, and the All-MLP head is linear up to its ReLU, so
+the per-stage Linear, the concat, ``linear_fuse`` and the eval-mode BatchNorm collapse into one (D x C_i) matrix
+per stage plus one bias:
+
+    s    = gamma / sqrt(running_var + eps)
+    W'_i = diag(s) . W_f[:, block(i)] . W_i                      (D x C_i)
+    b'   = diag(s) . sum_i W_f[:, block(i)] . b_i + (beta - s . running_mean)
+    y    = ReLU( sum_i up_i( F_i W'_i^T ) + b' )                 (stage-1 grid; up_1 = identity)
+    logits = y W_cls^T + b_cls
+
+``block(i)`` is the input-channel block of ``linear_fuse`` that sees stage i: the concat order is [c4, c3, c2, c1],
+so stage i (1-based) owns channels (4 - i) * D : (5 - i) * D. Each projection runs at its stage's own resolution
+and the (B, 4D, H/4, W/4) concat never exists.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class FoldedDecodeHead:
+    """The folded decode head.
+
+    weights: four (D, C_i) matrices W'_i, stage 1 first; bias: (D,) b'; cls_weight: (K, D); cls_bias: (K,).
+    """
+
+    weights: tuple
+    bias: torch.Tensor
+    cls_weight: torch.Tensor
+    cls_bias: torch.Tensor
+
+    @property
+    def decoder_dim(self) -> int:
+        return self.bias.shape[0]
+
+    @property
+    def num_labels(self) -> int:
+        return self.cls_bias.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.bias.dtype
+
+    def to(self, *args, **kwargs) -> "FoldedDecodeHead":
+        """A copy moved/cast like ``Tensor.to`` (cast an fp64 fold down for the best accuracy)."""
+        return FoldedDecodeHead(
+            tuple(w.to(*args, **kwargs) for w in self.weights),
+            self.bias.to(*args, **kwargs),
+            self.cls_weight.to(*args, **kwargs),
+            self.cls_bias.to(*args, **kwargs),
+        )
+
+
+@torch.no_grad()
+def fold_decode_head(head, dtype: torch.dtype = torch.float32, device=None) -> FoldedDecodeHead:
+    """Fold a reference ``DecodeHead`` (eval-mode BatchNorm) into a :class:`FoldedDecodeHead`.
+
+    The arithmetic runs in fp64 on the CPU; the results are cast to ``dtype`` (and moved to ``device``, default the
+    head's device) at the end.
+    """
+    if device is None:
+        device = head.classifier.weight.device
+    linears = list(head.linear_c)
+    num_stages = len(linears)
+    decoder_dim = head.bn.num_features
+    fuse = head.linear_fuse.weight.detach().double().cpu()
+    if fuse.shape[:2] != (decoder_dim, num_stages * decoder_dim) or fuse.shape[2:] != (1, 1):
+        raise ValueError(
+            f"linear_fuse weight must be ({decoder_dim}, {num_stages * decoder_dim}, 1, 1), got {tuple(fuse.shape)}"
+        )
+    fuse = fuse[:, :, 0, 0]
+    bn = head.bn
+    scale = bn.weight.detach().double().cpu() / torch.sqrt(bn.running_var.detach().double().cpu() + bn.eps)
+    bias = bn.bias.detach().double().cpu() - scale * bn.running_mean.detach().double().cpu()
+    weights = []
+    for stage, linear in enumerate(linears):
+        block = num_stages - 1 - stage
+        fuse_block = fuse[:, block * decoder_dim : (block + 1) * decoder_dim]
+        weights.append(scale[:, None] * (fuse_block @ linear.weight.detach().double().cpu()))
+        bias = bias + scale * (fuse_block @ linear.bias.detach().double().cpu())
+    classifier = head.classifier
+    cls_weight = classifier.weight.detach().double().cpu().reshape(classifier.out_channels, decoder_dim)
+    if classifier.bias is not None:
+        cls_bias = classifier.bias.detach().double().cpu()
+    else:
+        cls_bias = torch.zeros(classifier.out_channels, dtype=torch.float64)
+    return FoldedDecodeHead(tuple(weights), bias, cls_weight, cls_bias).to(device=device, dtype=dtype)
+
+
+def project_features(features, folded: FoldedDecodeHead) -> list:
+    """P_i = F_i W'_i^T at each stage's own resolution.
+
+    features: four (B, C_i, h_i, w_i) maps -> four channels-last (B, h_i, w_i, D) contiguous maps, the layout
+    :func:`segformer_fast.ops.fused_decode` takes. One batched GEMM per stage, no copy of the features.
+    """
+    projected = []
+    for feature, weight in zip(features, folded.weights):
+        batch, channels, height, width = feature.shape
+        if weight.shape[1] != channels:
+            raise ValueError(f"stage feature has {channels} channels but the folded weight expects {weight.shape[1]}")
+        tokens = feature.reshape(batch, channels, height * width).transpose(1, 2)
+        out = torch.matmul(tokens, weight.t()) if batch == 1 else torch.bmm(tokens, weight.t().expand(batch, -1, -1))
+        projected.append(out.reshape(batch, height, width, weight.shape[0]))
+    return projected
+
+
+def folded_decode_ref(features, folded: FoldedDecodeHead) -> torch.Tensor:
+    """The eager composition of the folded head: features (B, C_i, h_i, w_i) -> logits (B, K, h_1, w_1).
+
+    P_i = F_i W'_i^T at each stage's own resolution, y = ReLU(sum_i up_i(P_i) + b'), logits = y W_cls^T + b_cls,
+    with up_i = ``F.interpolate(size=(h_1, w_1), mode="bilinear", align_corners=False)``.
+    """
+    target = features[0].shape[2:]
+    total = None
+    for feature, weight in zip(features, folded.weights):
+        projected = torch.einsum("bchw,dc->bdhw", feature, weight)
+        if projected.shape[2:] != target:
+            projected = F.interpolate(projected, size=target, mode="bilinear", align_corners=False)
+        total = projected if total is None else total + projected
+    hidden = F.relu(total + folded.bias[:, None, None])
+    return torch.einsum("bdhw,kd->bkhw", hidden, folded.cls_weight) + folded.cls_bias[:, None, None]
+
+
+def folded_decode(features, folded: FoldedDecodeHead) -> torch.Tensor:
+    """The fast path: projections at own resolution, then the fused upsample-sum-ReLU-classifier op.
+
+    features: four (B, C_i, h_i, w_i) maps -> logits (B, K, h_1, w_1). Uses the ``segformer_fast._C`` kernels when
+    built, their eager fallbacks otherwise.
+    """
+    from .ops import fused_decode
+
+    p1, p2, p3, p4 = project_features(features, folded)
+    return fused_decode(p1, p2, p3, p4, folded.bias, folded.cls_weight, folded.cls_bias)

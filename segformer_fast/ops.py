@@ -1,0 +1,198 @@
+"""Python entry points of the ``segformer_fast._C`` decoder ops, with fake impls and eager fallbacks.
+
+- :func:`fused_decode`: four projected stage maps (channels-last) -> decoder logits, the bilinear upsampling, sum,
+  folded bias, ReLU and classifier fused (see :mod:`segformer_fast.decoder_fold`).
+- :func:`upsample_argmax`: logits -> full-resolution labels, bilinear upsampling and argmax fused.
+
+When the extension is built the functions call ``torch.ops.segformer_fast.*`` (CPU kernels always, CUDA kernels
+when built with CUDA). Otherwise, or for a device the build has no kernel for, they run an eager PyTorch fallback
+with the same semantics and warn once, naming why. Fake implementations registered here let torch.compile and
+torch.export trace the ops.
+"""
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAP_NAMES = ("p1", "p2", "p3", "p4")
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.segformer_fast)
+
+    _EXTENSION_ERROR = None
+except ImportError as error:  # not built (SEGFORMER_FAST_SKIP_EXT=1) or built against another torch
+    _EXTENSION_ERROR = error
+
+_warned = False
+
+
+def extension_available() -> bool:
+    """True when ``segformer_fast._C`` is loaded and ``torch.ops.segformer_fast`` has the decoder ops."""
+    return _EXTENSION_ERROR is None
+
+
+def _kernel_devices() -> dict:
+    """{op name: device types with a compiled kernel}, computed once (plain lookups keep torch.compile tracing)."""
+    devices = {"fused_decode": frozenset(), "upsample_argmax": frozenset()}
+    if _EXTENSION_ERROR is None:
+        for op_name in devices:
+            devices[op_name] = frozenset(
+                device_type
+                for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                if torch._C._dispatch_has_kernel_for_dispatch_key(f"segformer_fast::{op_name}", key)
+            )
+    return devices
+
+
+_KERNEL_DEVICES = _kernel_devices()
+
+
+def _has_kernel(op_name: str, device: torch.device) -> bool:
+    return device.type in _KERNEL_DEVICES[op_name]
+
+
+def _warn_fallback(op_name: str, device: torch.device) -> None:
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    if not extension_available():
+        why = f"the C++ extension segformer_fast._C could not be loaded ({_EXTENSION_ERROR})"
+    else:
+        why = f"segformer_fast._C was built without {device.type.upper()} kernels"
+    warnings.warn(
+        f"segformer_fast: {why}; {op_name} and the other decoder ops run their slower eager PyTorch fallbacks. "
+        "Rebuild with `python setup.py build_ext --inplace` to get the fused kernels.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _check_fused_decode(maps, bias, cls_weight, cls_bias) -> None:
+    """The checks of csrc/checks.h, with the same messages (used by the fake impl and the eager fallback)."""
+    for name, p in zip(_MAP_NAMES, maps):
+        if p.dim() != 4:
+            raise RuntimeError(
+                f"fused_decode: {name} must be a 4-D channels-last (B, h, w, D) map, got a {p.dim()}-D tensor of "
+                f"shape {list(p.shape)}"
+            )
+    p1 = maps[0]
+    batch, dim = p1.shape[0], p1.shape[3]
+    for name, p in zip(_MAP_NAMES, maps):
+        if p.shape[3] != dim:
+            raise RuntimeError(
+                f"fused_decode: channel mismatch: {name} has D={p.shape[3]} channels (shape {list(p.shape)}) but p1 "
+                f"has D={dim}"
+            )
+        if p.shape[0] != batch:
+            raise RuntimeError(f"fused_decode: batch mismatch: {name} has B={p.shape[0]} but p1 has B={batch}")
+    if bias.dim() != 1 or bias.shape[0] != dim:
+        raise RuntimeError(f"fused_decode: bias must have shape (D,) = ({dim},), got {list(bias.shape)}")
+    if cls_weight.dim() != 2:
+        raise RuntimeError(
+            f"fused_decode: cls_weight must be 2-D (K, D), got a {cls_weight.dim()}-D tensor of shape "
+            f"{list(cls_weight.shape)}"
+        )
+    if cls_weight.shape[1] != dim:
+        raise RuntimeError(
+            f"fused_decode: channel mismatch: cls_weight has shape {list(cls_weight.shape)}, expected (K, D) with "
+            f"D={dim} as in p1"
+        )
+    if cls_bias.dim() != 1 or cls_bias.shape[0] != cls_weight.shape[0]:
+        raise RuntimeError(
+            f"fused_decode: cls_bias must have shape (K,) = ({cls_weight.shape[0]},), got {list(cls_bias.shape)}"
+        )
+    if p1.dtype not in _SUPPORTED_DTYPES:
+        raise RuntimeError(f"fused_decode: expected float32, float16 or bfloat16 inputs, got p1 of dtype {p1.dtype}")
+    named = list(zip(_MAP_NAMES, maps)) + [("bias", bias), ("cls_weight", cls_weight), ("cls_bias", cls_bias)]
+    for name, tensor in named:
+        if tensor.dtype != p1.dtype:
+            raise RuntimeError(
+                f"fused_decode: dtype mismatch: {name} is {tensor.dtype} but p1 is {p1.dtype}; cast all inputs to "
+                "one dtype"
+            )
+        if tensor.device != p1.device:
+            raise RuntimeError(
+                f"fused_decode: device mismatch: {name} is on {tensor.device} but p1 is on {p1.device}"
+            )
+        if not tensor.is_contiguous():
+            raise RuntimeError(
+                f"fused_decode: {name} must be contiguous (p_i in channels-last (B, h, w, D) layout), got shape "
+                f"{list(tensor.shape)} with strides {list(tensor.stride())}; call .contiguous()"
+            )
+
+
+def _check_upsample_argmax(logits, height, width) -> None:
+    if logits.dim() != 4:
+        raise RuntimeError(
+            f"upsample_argmax: logits must be 4-D (B, K, h, w), got a {logits.dim()}-D tensor of shape "
+            f"{list(logits.shape)}"
+        )
+    if height <= 0 or width <= 0:
+        raise RuntimeError(f"upsample_argmax: output size must be positive, got ({height}, {width})")
+    if logits.dtype not in _SUPPORTED_DTYPES:
+        raise RuntimeError(f"upsample_argmax: expected float32, float16 or bfloat16 logits, got {logits.dtype}")
+    if not logits.is_contiguous():
+        raise RuntimeError(
+            f"upsample_argmax: logits must be contiguous (B, K, h, w), got strides {list(logits.stride())} for "
+            f"shape {list(logits.shape)}; call .contiguous()"
+        )
+
+
+if extension_available():
+
+    @torch.library.register_fake("segformer_fast::fused_decode")
+    def _fused_decode_fake(p1, p2, p3, p4, bias, cls_weight, cls_bias):
+        _check_fused_decode((p1, p2, p3, p4), bias, cls_weight, cls_bias)
+        return p1.new_empty((p1.shape[0], cls_weight.shape[0], p1.shape[1], p1.shape[2]))
+
+    @torch.library.register_fake("segformer_fast::upsample_argmax")
+    def _upsample_argmax_fake(logits, height, width):
+        _check_upsample_argmax(logits, height, width)
+        return logits.new_empty((logits.shape[0], height, width), dtype=torch.int64)
+
+
+def fused_decode_eager(p1, p2, p3, p4, bias, cls_weight, cls_bias) -> torch.Tensor:
+    """Eager PyTorch version of :func:`fused_decode` (fp32 arithmetic, result in the inputs' dtype)."""
+    maps = (p1, p2, p3, p4)
+    _check_fused_decode(maps, bias, cls_weight, cls_bias)
+    size = p1.shape[1:3]
+    hidden = p1.float() + bias.float()
+    for p in maps[1:]:
+        image = p.float().permute(0, 3, 1, 2)
+        if image.shape[2:] != size:
+            image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        hidden = hidden + image.permute(0, 2, 3, 1)
+    logits = torch.relu(hidden) @ cls_weight.float().t() + cls_bias.float()
+    return logits.permute(0, 3, 1, 2).contiguous().to(p1.dtype)
+
+
+def upsample_argmax_eager(logits, height: int, width: int) -> torch.Tensor:
+    """Eager PyTorch version of :func:`upsample_argmax`: ``F.interpolate(...).argmax(1)`` in the logits' dtype."""
+    _check_upsample_argmax(logits, height, width)
+    return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False).argmax(1)
+
+
+def fused_decode(p1, p2, p3, p4, bias, cls_weight, cls_bias) -> torch.Tensor:
+    """Fused decoder tail: logits = ReLU(sum_i up_i(P_i) + bias) W_cls^T + b_cls.
+
+    p1..p4: (B, h_i, w_i, D) contiguous channels-last projected stage maps (p1 on the output grid); bias: (D,);
+    cls_weight: (K, D); cls_bias: (K,); one dtype (float32, float16, bfloat16) and device for all.
+    Returns logits (B, K, h_1, w_1) contiguous. up_i is bilinear resizing to (h_1, w_1) with align_corners=False,
+    as ``F.interpolate(size=(h_1, w_1))``. Accumulation is fp32.
+    """
+    if _has_kernel("fused_decode", p1.device):
+        return torch.ops.segformer_fast.fused_decode(p1, p2, p3, p4, bias, cls_weight, cls_bias)
+    _warn_fallback("fused_decode", p1.device)
+    return fused_decode_eager(p1, p2, p3, p4, bias, cls_weight, cls_bias)
+
+
+def upsample_argmax(logits, height: int, width: int) -> torch.Tensor:
+    """Labels (B, height, width) int64 = argmax over K of the bilinear (align_corners=False) upsampling of
+    logits (B, K, h, w), without materializing the upsampled logits; ties pick the first index as torch.argmax."""
+    if _has_kernel("upsample_argmax", logits.device):
+        return torch.ops.segformer_fast.upsample_argmax(logits, int(height), int(width))
+    _warn_fallback("upsample_argmax", logits.device)
+    return upsample_argmax_eager(logits, int(height), int(width))
