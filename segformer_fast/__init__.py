@@ -4,12 +4,24 @@
     model = segformer_fast.Segformer.from_pretrained("path/or/hub-id")
     pixel_values = segformer_fast.preprocess(image)
     labels = segformer_fast.postprocess(model(pixel_values), (image.height, image.width))
+    engine = segformer_fast.optimize(model)  # same logits, fused kernels, checked against the reference
 """
 
 from .checkpoints import load as load_checkpoint
 from .config import SegformerConfig
+from .engine import SegformerEngine, VerificationError, optimize
 from .model import Segformer
 from .processing import postprocess, preprocess
 
 __version__ = "0.1.0"
-__all__ = ["Segformer", "SegformerConfig", "load_checkpoint", "postprocess", "preprocess", "__version__"]
+__all__ = [
+    "Segformer",
+    "SegformerConfig",
+    "SegformerEngine",
+    "VerificationError",
+    "load_checkpoint",
+    "optimize",
+    "postprocess",
+    "preprocess",
+    "__version__",
+]
