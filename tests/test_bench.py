@@ -1,0 +1,335 @@
+"""Tests of the model benchmark (segformer_fast.bench, benchmarks/*.py): CPU only, tiny settings, no timing
+assertions (speed is shown by the benchmark, never asserted here)."""
+
+import datetime
+import importlib.util
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from segformer_fast import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+ROW_FIELDS = {"variant", "height", "width", "batch", "dtype", "runner", "images_per_s", "latency_ms",
+              "latency_p90_ms", "peak_mem_gb", "status", "num_labels", "first_call_s", "repeats"}
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the runner registry, so tests can register fakes without leaking them."""
+    monkeypatch.setattr(bench, "RUNNERS", dict(bench.RUNNERS))
+    monkeypatch.setattr(bench, "RUNNER_DEFAULT_ON", dict(bench.RUNNER_DEFAULT_ON))
+    return bench.RUNNERS
+
+
+def _fake_factory(calls, *, fail=None):
+    """A runner whose callable returns correctly shaped logits and records what it was given."""
+
+    def factory(variant, num_labels, device, dtype):
+        calls.append(("build", variant, num_labels, device, dtype))
+        if fail == "unavailable":
+            raise bench.RunnerUnavailable("fake runner needs a flux capacitor")
+
+        def run(pixel_values):
+            calls.append(("call", tuple(pixel_values.shape), pixel_values.dtype, pixel_values.device.type))
+            if fail == "oom":
+                raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+            if fail == "shape":
+                return torch.zeros(1, 1, 1, 1)
+            batch, _, height, width = pixel_values.shape
+            return torch.zeros(batch, num_labels, math.ceil(height / 4), math.ceil(width / 4))
+
+        run.notes = "fake"
+        return run
+
+    return factory
+
+
+def test_quick_run_end_to_end(tmp_path, capsys):
+    out = tmp_path / "results" / "quick.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert list(out.parent.iterdir()) == [out], "a temporary file was left next to the results"
+    results = json.loads(out.read_text())
+    assert results["schema"] == bench.SCHEMA
+    assert isinstance(results["device"], str) and results["device"]
+    assert results["versions"]["torch"] == torch.__version__
+    assert results["versions"]["python"].count(".") == 2
+    assert "triton" in results["versions"] and "transformers" in results["versions"]
+    assert results["date"] == datetime.date.today().isoformat()
+    assert results["settings"]["threads"] == torch.get_num_threads()
+    assert results["settings"]["repeats"] == 1 and results["settings"]["warmup"] == 1
+
+    expected_runners = ["reference", "transformers"] if HAS_TRANSFORMERS else ["reference"]
+    ok_rows = [r for r in results["rows"] if r["status"] == "ok"]
+    assert [r["runner"] for r in ok_rows] == expected_runners  # compile is left out of --quick
+    for row in ok_rows:
+        assert ROW_FIELDS <= set(row)
+        assert (row["variant"], row["height"], row["width"], row["batch"], row["dtype"]) == ("b0", 64, 64, 1, "fp32")
+        assert row["num_labels"] == 150 and row["repeats"] == 1 and row["output_finite"] is True
+        for key in ("images_per_s", "latency_ms", "latency_p90_ms", "first_call_s", "gmacs_per_image"):
+            assert isinstance(row[key], float) and row[key] > 0, key
+        assert row["latency_p90_ms"] >= row["latency_ms"]
+        assert row["images_per_s"] == pytest.approx(1e3 / row["latency_ms"])
+        assert row["peak_mem_gb"] is None or row["peak_mem_gb"] >= 0
+        assert row["paper_gflops"] is None and row["paper_v100_fps"] is None  # 64x64 is no paper setting
+        assert f"b0 64x64 batch 1 fp32 {row['runner']}:" in printed  # the progress line
+    if HAS_TRANSFORMERS:
+        assert ok_rows[1]["ratio_to_transformers"] == 1.0
+        assert ok_rows[0]["ratio_to_transformers"] == pytest.approx(
+            ok_rows[0]["images_per_s"] / ok_rows[1]["images_per_s"])
+    assert "torch threads:" in printed and "images/s" in printed and "× transformers" in printed
+
+
+def test_custom_runner_called_with_right_arguments(tmp_path, registry):
+    calls = []
+    bench.register_runner("fake", _fake_factory(calls))
+    out = tmp_path / "fake.json"
+    argv = ["--quick", "--runners", "fake", "--resolutions", "64x96:19", "--batch", "1", "2", "--repeats", "2",
+            "--out", str(out)]
+    assert bench.main(argv) == 0
+    builds = [c for c in calls if c[0] == "build"]
+    assert builds == [("build", "b0", 19, torch.device("cpu"), torch.float32)]  # built once per setting, not per batch
+    shapes = [c[1] for c in calls if c[0] == "call"]
+    # first call + (warmup - 1 = 0) + 2 timed calls, per batch size
+    assert shapes == [(1, 3, 64, 96)] * 3 + [(2, 3, 64, 96)] * 3
+    assert all(c[2] == torch.float32 and c[3] == "cpu" for c in calls if c[0] == "call")
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["runner"], r["batch"], r["num_labels"], r["status"], r["notes"]) for r in rows] == [
+        ("fake", 1, 19, "ok", "fake"), ("fake", 2, 19, "ok", "fake")]
+    assert all(r["repeats"] == 2 and r["ratio_to_transformers"] is None for r in rows)
+
+
+def test_register_runner_rejects_duplicates_and_bad_names(registry):
+    with pytest.raises(ValueError, match="already registered"):
+        bench.register_runner("reference", bench.reference_runner)
+    with pytest.raises(ValueError, match="runner name"):
+        bench.register_runner("has space", bench.reference_runner)
+    with pytest.raises(TypeError, match="callable"):
+        bench.register_runner("x", 42)
+    bench.register_runner("reference", bench.reference_runner, replace=True)
+
+
+def test_failing_rows_are_recorded_and_the_run_goes_on(tmp_path, registry, capsys):
+    bench.register_runner("unavailable", _fake_factory([], fail="unavailable"))
+    bench.register_runner("oom", _fake_factory([], fail="oom"))
+    bench.register_runner("badshape", _fake_factory([], fail="shape"))
+    bench.register_runner("good", _fake_factory([]))
+    out = tmp_path / "r.json"
+    rc = bench.main(["--quick", "--runners", "unavailable,oom", "badshape", "good", "--batch", "1", "2",
+                     "--out", str(out)])
+    assert rc == 1  # the wrong-shape runner is an error; skipped and OOM rows are results
+    rows = json.loads(out.read_text())["rows"]
+    status = {(r["runner"], r["batch"]): r["status"] for r in rows}
+    assert status == {("unavailable", 1): "skipped", ("unavailable", 2): "skipped", ("oom", 1): "OOM",
+                      ("oom", 2): "OOM", ("badshape", 1): "error", ("badshape", 2): "error",
+                      ("good", 1): "ok", ("good", 2): "ok"}
+    skipped = next(r for r in rows if r["runner"] == "unavailable")
+    assert skipped["reason"] == "fake runner needs a flux capacitor" and skipped["images_per_s"] is None
+    assert "expected (1, 150, 16, 16)" in next(r for r in rows if r["runner"] == "badshape")["reason"]
+    printed = capsys.readouterr().out
+    assert "unavailable: skipped (fake runner needs a flux capacitor)" in printed
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variants", "b9"], "unknown variant 'b9'; valid: b0, b1, b2, b3, b4, b5"),
+        (["--variants", "b0,b7"], "unknown variant 'b7'"),
+        (["--resolutions", "imagenet"], "unknown resolution 'imagenet'; valid: ade (512x512, 150 labels)"),
+        (["--resolutions", "0x64"], "must be positive"),
+        (["--dtype", "fp8"], "unknown dtype 'fp8'; valid: fp32, fp16, bf16"),
+        (["--runners", "engine9"], "unknown runner 'engine9'; valid: reference, transformers, compile"),
+        (["--batch", "0"], "expected a positive integer, got 0"),
+        (["--repeats", "x"], "expected a positive integer, got 'x'"),
+        (["--device", "tpu"], "valid: cpu, cuda, cuda:N"),
+    ],
+)
+def test_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_device_without_cuda_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_defaults_and_resolutions():
+    parser = bench.build_parser()
+    cpu = bench.config_from_args(parser.parse_args(["--device", "cpu"]))
+    assert (cpu.variants, cpu.dtypes, cpu.batches) == (["b0"], ["fp32"], [1, 2])
+    assert [(r.height, r.width, r.num_labels) for r in cpu.resolutions] == [(512, 512, 150)]
+    assert cpu.runners == [n for n in bench.RUNNERS if "cpu" in bench.RUNNER_DEFAULT_ON[n]]
+    quick = bench.config_from_args(parser.parse_args(["--device", "cpu", "--quick", "--variants", "b1", "b2"]))
+    assert quick.variants == ["b1", "b2"] and quick.repeats == 1 and "compile" not in quick.runners
+    half = bench.config_from_args(parser.parse_args(["--device", "cpu", "--dtype", "bf16", "fp32,bf16"]))
+    assert half.dtypes == ["bf16", "fp32"] and any("slow" in note for note in half.notes)
+    assert bench.parse_resolution("cityscapes") == bench.Resolution("cityscapes", 1024, 2048, 19)
+    assert bench.parse_resolution("768X1536:19") == bench.Resolution("768x1536:19", 768, 1536, 19)
+    large = bench.BenchConfig(torch.device("cuda"), ["b0"], [], None, ["fp32"], ["reference"], 1, 1, 1.0)
+    assert large.batches_for(bench.parse_resolution("ade")) == [1, 16]
+    assert large.batches_for(bench.parse_resolution("cityscapes")) == [1, 8]
+
+
+def test_paper_numbers_and_counted_macs():
+    config = bench.BenchConfig(torch.device("cpu"), ["b0"], [], [1], ["fp32"], ["reference"], 1, 1, 1.0)
+    row = bench._row_base("b0", bench.parse_resolution("ade"), 1, "fp32", "reference", config)
+    assert (row["paper_gflops"], row["paper_v100_fps"]) == (8.4, 50.5)
+    assert row["gmacs_per_image"] == pytest.approx(8.4, rel=0.01)  # the paper's "FLOPs" are multiply-adds
+    b1 = bench._row_base("b1", bench.parse_resolution("ade"), 1, "fp32", "reference", config)
+    assert (b1["paper_gflops"], b1["paper_v100_fps"]) == (15.9, None)
+    city = bench._row_base("b5", bench.parse_resolution("cityscapes"), 8, "fp16", "compile", config)
+    assert (city["paper_gflops"], city["paper_v100_fps"]) == (1447.6, 2.5)
+    assert bench._row_base("b5", bench.parse_resolution("ade"), 1, "fp32", "x", config)["paper_gflops"] is None
+    assert bench._row_base("b5", bench.parse_resolution("ade640"), 1, "fp32", "x", config)["paper_gflops"] == 183.3
+
+
+def _row(runner, ips, *, variant="b0", height=512, width=512, batch=1, dtype="fp32", status="ok", reason=None):
+    latency = None if ips is None else batch / ips * 1e3
+    paper = bench.PAPER_V100.get((variant, height, width, 150), (None, None))
+    return {"variant": variant, "height": height, "width": width, "num_labels": 150, "batch": batch, "dtype": dtype,
+            "runner": runner, "status": status, "reason": reason, "images_per_s": ips, "latency_ms": latency,
+            "latency_p90_ms": None if ips is None else latency * 1.1, "first_call_s": 0.5 if ips else None,
+            "peak_mem_gb": 1.25 if ips else None, "peak_mem_kind": "cuda_max_allocated",
+            "achieved_tflops": None if ips is None else 2 * 8.4 * ips / 1e3, "paper_gflops": paper[0],
+            "paper_v100_fps": paper[1], "output_finite": True}
+
+
+def _results(rows):
+    return {"schema": bench.SCHEMA, "device": "NVIDIA H200", "versions": {"python": "3.11.7", "torch": "2.11.0",
+            "triton": "3.6.0", "transformers": None}, "date": "2026-01-02",
+            "settings": {"threads": 16, "repeats": 50, "warmup": 10}, "rows": rows}
+
+
+def _markdown_table(text):
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return header, [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+ROWS = [
+    _row("reference", 200.0),
+    _row("transformers", 100.0),
+    _row("compile", None, status="OOM"),
+    _row("reference", 30.0, variant="b2", batch=16, dtype="fp16"),
+]
+
+
+def test_format_table_values():
+    table = bench.format_table(bench.add_ratios([dict(r) for r in ROWS]))
+    lines = table.splitlines()
+    assert lines[0].split()[:5] == ["variant", "resolution", "batch", "dtype", "runner"]
+    assert "peak alloc GB" in lines[0] and "× transformers" in lines[0] and "paper V100 FPS" in lines[0]
+    assert lines[2].split() == ["B0", "512x512", "1", "fp32", "reference", "200", "5.00", "5.50", "1.25", "2.00",
+                                "0.50", "3.36", "8.4", "50.5"]
+    assert lines[3].split()[4:6] == ["transformers", "100"] and lines[3].split()[9] == "1.00"
+    assert lines[4].split() == ["B0", "512x512", "1", "fp32", "compile", "OOM"] + ["—"] * 6 + ["8.4", "50.5"]
+    assert lines[5].split() == ["B2", "512x512", "16", "fp16", "reference", "30.0", "533", "587", "1.25", "—",
+                                "0.50", "0.504", "62.4", "—"]
+    assert lines[6] == "* B0 512x512 batch 1 fp32 compile: OOM"
+
+
+def test_make_table_script(tmp_path, capsys):
+    make_table = _load_script("make_table")
+    source = tmp_path / "nvidia-h200-2026-01-02.json"
+    source.write_text(json.dumps(_results(ROWS)))
+    md = tmp_path / "table.md"
+    assert make_table.main([str(source), "--out", str(md)]) == 0
+    text = md.read_text()
+    assert make_table.main([str(source)]) == 0
+    assert capsys.readouterr().out == text
+    assert text.startswith("_NVIDIA H200 · python 3.11.7, torch 2.11.0, triton 3.6.0 · 2026-01-02 · 16 torch threads")
+    header, rows = _markdown_table(text)
+    assert header == ["variant", "resolution", "batch", "dtype", "runner", "images/s", "latency ms", "p90 ms",
+                      "peak alloc GB", "× transformers", "1st call s", "TFLOP/s", "paper GFLOPs", "paper V100 FPS"]
+    assert [(r["variant"], r["runner"], r["images/s"], r["× transformers"]) for r in rows] == [
+        ("B0", "reference", "200", "2.00"), ("B0", "transformers", "100", "1.00"), ("B0", "compile", "OOM", "—"),
+        ("B2", "reference", "30.0", "—")]
+    assert rows[0]["paper GFLOPs"] == "8.4" and rows[0]["paper V100 FPS"] == "50.5"
+    assert rows[3]["batch"] == "16" and rows[3]["dtype"] == "fp16" and rows[3]["paper V100 FPS"] == "—"
+    assert "- B0 512x512 batch 1 fp32 compile: OOM" in text
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": []}')
+    with pytest.raises(SystemExit) as exit_info:
+        make_table.main([str(bad)])
+    assert exit_info.value.code == 2 and "not a model-benchmark results file" in capsys.readouterr().err
+
+
+def test_bench_model_script_is_the_library_entry_point():
+    assert _load_script("bench_model").main is bench.main
+
+
+def test_existing_results_are_merged_or_kept(tmp_path, registry):
+    bench.register_runner("fake", _fake_factory([]))
+    out = tmp_path / "r.json"
+    base = ["--quick", "--runners", "fake", "--out", str(out)]
+    assert bench.main(base + ["--batch", "1", "2"]) == 0
+    first = json.loads(out.read_text())["rows"]
+    assert bench.main(base + ["--batch", "2", "3"]) == 0  # same device and versions: merged, batch 2 replaced
+    merged = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in merged] == [1, 2, 3]
+    assert merged[0] == first[0] and merged[1]["first_call_s"] != first[1]["first_call_s"]
+
+    other = json.loads(out.read_text())
+    other["versions"]["torch"] = "0.0.1"
+    out.write_text(json.dumps(other))
+    assert bench.main(base + ["--batch", "1"]) == 0  # other versions: a new name, the old file untouched
+    assert json.loads(out.read_text()) == other
+    assert [r["batch"] for r in json.loads((tmp_path / "r-2.json").read_text())["rows"]] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r-2.json", "r.json"]
+
+    assert bench.main(base + ["--batch", "4", "--overwrite"]) == 0
+    assert [r["batch"] for r in json.loads(out.read_text())["rows"]] == [4]
+
+
+def test_default_out_path_names_device_and_date(tmp_path):
+    path = bench.default_out_path(torch.device("cpu"), root=tmp_path)
+    assert path.parent == tmp_path
+    assert path.name.endswith(f"-{datetime.date.today().isoformat()}.json")
+    assert path.name.startswith(bench.device_slug(torch.device("cpu")))
+    assert "cpu" in path.name and " " not in path.name
+
+
+def test_console_output_survives_a_non_utf8_stream():
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    bench.say("B0  —  × transformers", stream)
+    stream.seek(0)
+    assert stream.read() == "B0  ?  ? transformers\n"
+
+
+def test_compile_failure_skips_the_rows(tmp_path, monkeypatch, capsys):
+    def broken_compile(model, **kwargs):
+        assert kwargs == {"mode": None, "dynamic": False}  # the default mode on a CPU, static shapes
+
+        def run(pixel_values):
+            raise RuntimeError("InductorError: no C++ compiler found\nmore detail")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--runners", "compile", "--batch", "1", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["status"]) for r in rows] == [(1, "skipped"), (2, "skipped")]
+    assert rows[0]["reason"] == "torch.compile failed on cpu: RuntimeError: InductorError: no C++ compiler found"
+    assert "compile: skipped (torch.compile failed on cpu" in capsys.readouterr().out
+    assert bench.RUNNER_DEFAULT_ON["compile"] == ("cuda",)  # opt-in on CPU: compiling alone takes ~40 s per shape
