@@ -172,6 +172,16 @@ def compile_runner(variant, num_labels, device, dtype):
     return run
 
 
+def engine_runner(variant, num_labels, device, dtype):
+    """segformer_fast.optimize() of the reference: fused kernels, folded decoder, CUDA graphs on CUDA."""
+    from .engine import optimize
+
+    engine = optimize(_reference_model(variant, num_labels, device, torch.float32), dtype=dtype)
+    engine.notes = f"engine ({engine.kernels} kernels{', CUDA graphs' if engine.use_cuda_graphs else ''})"
+    return engine
+
+
+register_runner("engine", engine_runner)
 register_runner("reference", reference_runner)
 register_runner("transformers", transformers_runner)
 #: Opt-in on CPU: compiling takes about 40 s per input shape on a 2-core machine (1.5 of the default run's 5 minutes

@@ -54,6 +54,7 @@ def cmd_segment(args) -> int:
 
     from .checkpoints import load
     from .fileio import atomic_path, find_images, load_image
+    from .ops import upsample_argmax
     from .palettes import overlay, palette_for
     from .processing import postprocess, preprocess
 
@@ -67,8 +68,20 @@ def cmd_segment(args) -> int:
     if not images:
         print("segformer-fast: no images found in " + ", ".join(args.inputs), file=sys.stderr)
         return 2
-    model = load(args.model).to(device=device, dtype=dtype)
+    model = load(args.model).to(device=device)
     palette = palette_for(model.config.num_labels)
+    if args.engine == "fast":
+        from .engine import optimize
+
+        engine = optimize(model, dtype=dtype)
+        forward = engine.logits
+    elif args.engine == "transformers":
+        hf_model = model.to(dtype=dtype).to_transformers()
+
+        def forward(pixel_values):
+            return hf_model(pixel_values=pixel_values).logits
+    else:
+        forward = model.to(dtype=dtype)
     out_dir = Path(args.out)
     roots = [Path(p) for p in args.inputs]
     resize = {"short_side": args.short_side, "max_long_side": args.max_long_side} if args.short_side else {
@@ -84,8 +97,11 @@ def cmd_segment(args) -> int:
                 tqdm.write(f"skipped {image_path}: {err}", file=sys.stderr)
                 continue
             pixel_values = preprocess(image, device=device, dtype=dtype, **resize)
-            logits = model(pixel_values)
-            labels = postprocess(logits.float(), (image.height, image.width))[0].cpu().numpy()
+            logits = forward(pixel_values)
+            if args.engine == "fast":
+                labels = upsample_argmax(logits, image.height, image.width)[0].cpu().numpy()
+            else:
+                labels = postprocess(logits, (image.height, image.width))[0].cpu().numpy()
             stem = out_dir / _output_stem(image_path, roots)
             stem.parent.mkdir(parents=True, exist_ok=True)
             save_label_png(labels, palette, stem.with_name(stem.name + "_labels.png"))
@@ -130,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--out", required=True, help="output folder (mirrors the input folders' layout)")
     segment.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     segment.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    segment.add_argument("--engine", default="fast", choices=["fast", "reference", "transformers"],
+                         help="fast: segformer_fast.optimize (default); reference: the eager reference model; "
+                              "transformers: transformers' model with the same weights")
     resize = segment.add_mutually_exclusive_group()
     resize.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), default=[512, 512],
                         help="resize every image to H x W (transformers' processor; default 512 512)")

@@ -73,7 +73,7 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert results["settings"]["threads"] == torch.get_num_threads()
     assert results["settings"]["repeats"] == 1 and results["settings"]["warmup"] == 1
 
-    expected_runners = ["reference", "transformers"] if HAS_TRANSFORMERS else ["reference"]
+    expected_runners = ["engine", "reference", "transformers"] if HAS_TRANSFORMERS else ["engine", "reference"]
     ok_rows = [r for r in results["rows"] if r["status"] == "ok"]
     assert [r["runner"] for r in ok_rows] == expected_runners  # compile is left out of --quick
     for row in ok_rows:
@@ -88,9 +88,9 @@ def test_quick_run_end_to_end(tmp_path, capsys):
         assert row["paper_gflops"] is None and row["paper_v100_fps"] is None  # 64x64 is no paper setting
         assert f"b0 64x64 batch 1 fp32 {row['runner']}:" in printed  # the progress line
     if HAS_TRANSFORMERS:
-        assert ok_rows[1]["ratio_to_transformers"] == 1.0
-        assert ok_rows[0]["ratio_to_transformers"] == pytest.approx(
-            ok_rows[0]["images_per_s"] / ok_rows[1]["images_per_s"])
+        assert ok_rows[2]["ratio_to_transformers"] == 1.0
+        for row in ok_rows[:2]:
+            assert row["ratio_to_transformers"] == pytest.approx(row["images_per_s"] / ok_rows[2]["images_per_s"])
     assert "torch threads:" in printed and "images/s" in printed and "× transformers" in printed
 
 
@@ -152,7 +152,7 @@ def test_failing_rows_are_recorded_and_the_run_goes_on(tmp_path, registry, capsy
         (["--resolutions", "imagenet"], "unknown resolution 'imagenet'; valid: ade (512x512, 150 labels)"),
         (["--resolutions", "0x64"], "must be positive"),
         (["--dtype", "fp8"], "unknown dtype 'fp8'; valid: fp32, fp16, bf16"),
-        (["--runners", "engine9"], "unknown runner 'engine9'; valid: reference, transformers, compile"),
+        (["--runners", "engine9"], "unknown runner 'engine9'; valid: engine, reference, transformers, compile"),
         (["--batch", "0"], "expected a positive integer, got 0"),
         (["--repeats", "x"], "expected a positive integer, got 'x'"),
         (["--device", "tpu"], "valid: cpu, cuda, cuda:N"),

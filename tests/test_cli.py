@@ -35,7 +35,7 @@ def image_folder(tmp_path):
 def test_segment_folder_writes_labels_and_overlays(checkpoint, image_folder, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["segment", str(image_folder), "--model", str(checkpoint), "--out", str(out), "--size", "64", "64",
-                 "--quiet"])
+                 "--engine", "reference", "--quiet"])
     captured = capsys.readouterr()
     assert code == 1, "one corrupt image must make the exit code non-zero"
     assert "corrupt.png" in captured.err
@@ -56,6 +56,20 @@ def test_segment_folder_writes_labels_and_overlays(checkpoint, image_folder, tmp
             np.asarray(overlay(image, expected, palette)),
         )
     assert not list(out.rglob(".*")), "temporary files left behind"
+
+
+@pytest.mark.parametrize("engine", ["fast", "transformers"])
+def test_segment_engines_agree_with_reference(engine, checkpoint, image_folder, tmp_path):
+    if engine == "transformers":
+        pytest.importorskip("transformers")
+    outputs = {}
+    for name in ("reference", engine):
+        out = tmp_path / name
+        main(["segment", str(image_folder / "a.jpg"), "--model", str(checkpoint), "--out", str(out), "--size", "64",
+              "64", "--engine", name, "--quiet"])
+        outputs[name] = np.asarray(Image.open(out / "a_labels.png"))
+    agreement = float((outputs["reference"] == outputs[engine]).mean())
+    assert agreement > 0.999, f"--engine {engine}: only {agreement:.4f} of the labels agree with the reference"
 
 
 def test_segment_missing_input_and_missing_model(checkpoint, tmp_path, capsys):
