@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -122,9 +123,10 @@ def to_family(state_dict: dict, family: str) -> dict:
     return out
 
 
-def detect_family(keys) -> str:
-    """Which key family a set of checkpoint keys belongs to; ValueError when none matches."""
-    keys = list(keys)
+def detect_family(keys, source: str | None = None) -> str:
+    """Which key family a set of checkpoint keys belongs to (``module.`` prefixes ignored); ValueError naming
+    ``source`` and the first keys when none matches."""
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in keys]
     if any(k.startswith(("segformer.encoder.", "encoder.patch_embeddings.", "encoder.block.")) for k in keys):
         return "hub"
     if any(k.startswith(("segformer.stages.", "stages.")) and "patch_embeddings" in k for k in keys):
@@ -133,7 +135,8 @@ def detect_family(keys) -> str:
         return "official"
     sample = ", ".join(sorted(keys)[:5]) or "(no keys)"
     raise ValueError(
-        "unrecognized checkpoint keys: expected transformers hub keys (segformer.encoder...), transformers>=5 "
+        (f"{source}: " if source else "")
+        + "unrecognized checkpoint keys: expected transformers hub keys (segformer.encoder...), transformers>=5 "
         f"keys (segformer.stages...) or official NVlabs/mmseg keys (backbone.patch_embed1...); first keys: {sample}"
     )
 
@@ -173,7 +176,9 @@ def infer_config(state_dict: dict, family: str, source: str) -> SegformerConfig:
     fuse_key = family_key("decode_head.linear_c.0.weight", family)
     decoder_dim = int(state_dict[fuse_key].shape[0]) if fuse_key in state_dict else None
     variant = variant_from_shapes(dims, depths, decoder_dim, source)
-    num_labels = int(state_dict[head_key].shape[0]) if head_key in state_dict else 150
+    head_bias_key = family_key("decode_head.classifier.bias", family)
+    head_tensor = state_dict.get(head_key, state_dict.get(head_bias_key))
+    num_labels = int(head_tensor.shape[0]) if head_tensor is not None else 150
     eps_convention = "official" if family == "official" else "transformers"
     return SegformerConfig(variant=variant, num_labels=num_labels, eps_convention=eps_convention)
 
@@ -189,15 +194,17 @@ def from_family(state_dict: dict, family: str, model: Segformer, source: str) ->
     for name, target in expected.items():
         key = family_key(name, family)
         if key not in state_dict:
-            if not name.endswith("num_batches_tracked"):
+            if not name.endswith("num_batches_tracked") and key not in missing:
                 missing.append(key)
             continue
         tensor = state_dict[key]
         used.add(key)
         if family == "official" and (".attn.k." in name or ".attn.v." in name):
             half = target.shape[0]
-            if tensor.shape[0] != 2 * half:
-                misshaped.append(f"{key}: checkpoint {tuple(tensor.shape)}, expected {(2 * half, *target.shape[1:])}")
+            if tensor.shape[0] != 2 * half or tuple(tensor.shape[1:]) != tuple(target.shape[1:]):
+                problem = f"{key}: checkpoint {tuple(tensor.shape)}, expected {(2 * half, *target.shape[1:])}"
+                if problem not in misshaped:
+                    misshaped.append(problem)
                 continue
             tensor = tensor[:half] if ".attn.k." in name else tensor[half:]
         if tuple(tensor.shape) != tuple(target.shape):
@@ -252,8 +259,14 @@ def read_state_dict(path: Path) -> dict:
     return dict(data)
 
 
-def _check_finite(state_dict: dict, source: str) -> None:
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+def _check_finite(state_dict: dict, source: str, family: str | None = None) -> None:
+    """ValueError naming ``source`` and the non-finite tensors (by their ``family`` key when given)."""
+    bad = []
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            key = family_key(name, family) if family else name
+            if key not in bad:  # official k and v share one kv key
+                bad.append(key)
     if bad:
         raise ValueError(f"{source}: non-finite values (NaN or Inf) in {len(bad)} tensors: " + ", ".join(bad[:20]))
 
@@ -289,15 +302,27 @@ def resolve_hub_id(repo_id: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise FileNotFoundError(f"{repo_id!r} is not a local path and huggingface_hub is not installed") from None
-    patterns = ["config.json", "model.safetensors", "pytorch_model.bin", "*.index.json"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as err:
-        raise FileNotFoundError(
-            f"could not resolve hub id {repo_id!r}: not a local file or folder, and huggingface_hub found no "
-            f"snapshot with config.json and model.safetensors or pytorch_model.bin in its cache "
-            f"(HF_HUB_CACHE) nor on the hub ({type(err).__name__}: {err})"
-        ) from None
+    from huggingface_hub import constants
+
+    # One weights format at a time, preferred first: a repo publishing both (the nvidia SegFormer repos) downloads
+    # one, and a cached snapshot holding config.json + model.safetensors is complete offline even when the cached
+    # tree listing also names pytorch_model.bin (snapshot_download refuses snapshots missing an allowed file).
+    folder, first_error = None, None
+    for weights in _WEIGHT_FILES:
+        try:
+            folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", weights]))
+        except Exception as err:
+            first_error = first_error or err
+            continue
+        if (folder / weights).is_file():
+            return folder
+    if folder is not None:
+        return folder  # the caller names what the snapshot lacks
+    raise FileNotFoundError(
+        f"could not resolve hub id {repo_id!r}: not a local file or folder, and huggingface_hub found no "
+        f"snapshot with config.json and model.safetensors or pytorch_model.bin in its cache "
+        f"({constants.HF_HUB_CACHE}) nor on the hub ({type(first_error).__name__}: {first_error})"
+    ) from None
 
 
 def load(
@@ -321,6 +346,8 @@ def load(
                 config_dict = json.loads(config_path.read_text())
             except ValueError as err:
                 raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+            if not isinstance(config_dict, dict):
+                raise ValueError(f"{config_path}: expected a JSON object, got {type(config_dict).__name__}")
         raw, weights_path = _folder_state_dict(path)
     elif path.is_file():
         raw, weights_path = read_state_dict(path), path
@@ -329,7 +356,7 @@ def load(
     else:
         raise FileNotFoundError(f"checkpoint not found: {source} (not a file, a folder or a hub id)")
     source_name = str(weights_path)
-    family = detect_family(raw.keys())
+    family = detect_family(raw.keys(), source_name)
     state_dict = _normalize_prefixes(raw, family)
     if config_dict is not None:
         config = SegformerConfig.from_transformers_dict(config_dict, str(path / "config.json"))
@@ -337,12 +364,13 @@ def load(
         config = infer_config(state_dict, family, source_name)
     if num_labels is not None and num_labels != config.num_labels:
         config.num_labels = num_labels
+        config.id2label = {}  # the names described the other head
     if eps_convention is not None:
         config.eps_convention = eps_convention
     config = SegformerConfig(**config.to_dict())
     model = Segformer(config)
     tensors = from_family(state_dict, family, model, source_name)
-    _check_finite(tensors, source_name)
+    _check_finite(tensors, source_name, family)
     head_loaded = any(name.startswith("decode_head.") for name in tensors)
     if not head_loaded:
         warnings.warn(
@@ -368,11 +396,15 @@ def save_pretrained(model: Segformer, folder) -> None:
     from safetensors.torch import save_file
 
     folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder; save_pretrained writes a folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tensors = to_family(
         {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}, "hub"
     )
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    # mkdir (not mkdtemp, whose 0o700 the final folder would keep) so that the folder gets the umask's permissions.
+    staging = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
     try:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_transformers_dict()
@@ -381,7 +413,12 @@ def save_pretrained(model: Segformer, folder) -> None:
         if folder.exists():
             previous = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             os.replace(folder, previous / folder.name)
-            os.replace(staging, folder)
+            try:
+                os.replace(staging, folder)
+            except BaseException:
+                os.replace(previous / folder.name, folder)
+                shutil.rmtree(previous, ignore_errors=True)
+                raise
             shutil.rmtree(previous, ignore_errors=True)
         else:
             os.replace(staging, folder)
