@@ -1,0 +1,202 @@
+"""Benchmark the fused encoder kernels against what users would run instead, side by side on the same inputs.
+
+Per op (sr_attention, mixffn, layer_norm with residual, patch_embed_layer_norm) and per shape: the Triton
+kernel, the eager composition the reference uses (``*_ref(..., upcast=False)``), ``torch.compile`` of that
+composition, and for attention ``F.scaled_dot_product_attention`` with separate projections. Reports the median
+time, TFLOP/s (multiply-add = 2 FLOPs) and GB/s (minimum bytes: each input, weight and output moved once).
+
+Shapes: stage-1 blocks of B0 (C=32) and B5 (C=64) at 512x512 (128x128 tokens) and 1024x2048 (256x512 tokens),
+fp16 on CUDA (``triton.testing.do_bench``, median). Without a GPU the kernels are not timed (the Triton CPU
+interpreter is a correctness tool, not a speed measure): small shapes, eager and compiled rows only, wall clock.
+
+    python benchmarks/bench_kernels.py [--quick] [--out results/kernels.json] [--dtype fp16] [--no-compile]
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from segformer_fast.kernels import (
+    layer_norm,
+    layer_norm_ref,
+    mixffn,
+    mixffn_ref,
+    patch_embed_layer_norm,
+    patch_embed_layer_norm_ref,
+    prepare_mixffn_params,
+    prepare_sr_attention_params,
+    sr_attention,
+    sr_attention_ref,
+)
+from segformer_fast.kernels.mixffn import mixffn_flops
+from segformer_fast.kernels.sr_attention import reduced_size, sr_attention_flops
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def stage1_cases(on_cuda, quick):
+    """(variant, resolution, C, heads, R, B, H, W) of stage-1 blocks."""
+    if on_cuda:
+        sizes = [("512x512", 128, 128)] + ([] if quick else [("1024x2048", 256, 512)])
+    else:
+        sizes = [("128x128", 32, 32)] + ([] if quick else [("256x256", 64, 64)])
+    return [(variant, res, C, 1, 8, 1, H, W) for res, H, W in sizes for variant, C in (("B0", 32), ("B5", 64))]
+
+
+def timer(on_cuda, quick):
+    if on_cuda:
+        import triton.testing
+
+        def measure(fn):
+            return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 200,
+                                           return_mode="median")
+    else:
+        def measure(fn):
+            fn()
+            fn()
+            times = []
+            for _ in range(5 if quick else 20):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+            return statistics.median(times)
+    return measure
+
+
+def sdpa_attention(x, residual, H, W, p):
+    """Separate projections + ``F.scaled_dot_product_attention`` (what a user would write)."""
+    B, N, C = x.shape
+    R, nh, d = p.sr_ratio, p.num_heads, p.head_dim
+    img = x.transpose(1, 2).reshape(B, C, H, W)
+    conv_w = p.sr_weight.reshape(C, R, R, C).permute(0, 3, 1, 2)
+    red = F.conv2d(img, conv_w, p.sr_bias, stride=R).flatten(2).transpose(1, 2)
+    red = F.layer_norm(red, (C,), p.sr_ln_weight, p.sr_ln_bias, p.sr_eps)
+    q = F.linear(x, p.q_weight, p.q_bias).view(B, N, nh, d).transpose(1, 2)
+    kv = F.linear(red, p.kv_weight, p.kv_bias).view(B, -1, 2, nh, d)
+    o = F.scaled_dot_product_attention(q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), scale=1.0)
+    return residual + F.linear(o.transpose(1, 2).reshape(B, N, C), p.o_weight, p.o_bias)
+
+
+def build_ops(case, dtype, device):
+    """Yield (op, shape string, flops, bytes, {impl: fn}) for one stage-1 case."""
+    variant, res, C, heads, R, B, H, W = case
+    N = H * W
+    esize = torch.finfo(dtype).bits // 8
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen) * scale + shift).to(device=device, dtype=dtype)
+
+    x, residual = rand(B, N, C), rand(B, N, C)
+    lin = [(rand(C, C, scale=C**-0.5), rand(C, scale=0.1)) for _ in range(4)]
+    attn_p = prepare_sr_attention_params(
+        *[t for pair in lin for t in pair], rand(C, C, R, R, scale=(C * R * R) ** -0.5), rand(C, scale=0.1),
+        rand(C, scale=0.1, shift=1.0), rand(C, scale=0.1), 1e-5, heads,
+    )
+    Hkv, Wkv = reduced_size(H, W, R)
+    weights = 4 * C * C + C * C * R * R
+    yield ("sr_attention", f"B={B} N={N} Nkv={Hkv * Wkv} C={C} heads={heads} R={R}",
+           sr_attention_flops(B, N, C, R, H, W), esize * (3 * B * N * C + weights), {
+               "kernel": lambda: sr_attention(x, residual, H, W, attn_p),
+               "eager": lambda: sr_attention_ref(x, residual, H, W, attn_p, upcast=False),
+               "sdpa": lambda: sdpa_attention(x, residual, H, W, attn_p),
+               "compile": ("eager", lambda: sr_attention_ref(x, residual, H, W, attn_p, upcast=False)),
+           })
+
+    C4 = 4 * C
+    ffn_p = prepare_mixffn_params(rand(C4, C, scale=C**-0.5), rand(C4, scale=0.1), rand(C4, 1, 3, 3, scale=1 / 3),
+                                  rand(C4, scale=0.1), rand(C, C4, scale=C4**-0.5), rand(C, scale=0.1))
+    yield ("mixffn", f"B={B} N={N} C={C} C4={C4}", mixffn_flops(B, N, C, C4),
+           esize * (3 * B * N * C + 2 * B * N * C4 + 2 * C * C4 + 9 * C4), {
+               "kernel": lambda: mixffn(x, H, W, ffn_p, residual=residual),
+               "eager": lambda: mixffn_ref(x, H, W, ffn_p, residual=residual, upcast=False),
+               "compile": ("eager", lambda: mixffn_ref(x, H, W, ffn_p, residual=residual, upcast=False)),
+           })
+
+    w, b = rand(C, scale=0.1, shift=1.0), rand(C, scale=0.1)
+    yield ("layer_norm+residual", f"B={B} N={N} C={C}", 8 * B * N * C, esize * 4 * B * N * C, {
+        "kernel": lambda: layer_norm(x, w, b, 1e-6, residual=residual),
+        "eager": lambda: layer_norm_ref(x, w, b, 1e-6, residual=residual, upcast=False),
+        "compile": ("eager", lambda: layer_norm_ref(x, w, b, 1e-6, residual=residual, upcast=False)),
+    })
+    img = rand(B, C, H, W)
+    yield ("patch_embed_layer_norm", f"B={B} C={C} H={H} W={W}", 7 * B * N * C, esize * 2 * B * N * C, {
+        "kernel": lambda: patch_embed_layer_norm(img, w, b, 1e-5),
+        "eager": lambda: patch_embed_layer_norm_ref(img, w, b, 1e-5, upcast=False),
+        "compile": ("eager", lambda: patch_embed_layer_norm_ref(img, w, b, 1e-5, upcast=False)),
+    })
+
+
+def run(args):
+    on_cuda = torch.cuda.is_available()
+    device = "cuda" if on_cuda else "cpu"
+    dtype = DTYPES[args.dtype] if on_cuda else torch.float32
+    measure = timer(on_cuda, args.quick)
+    note = ("CUDA: triton.testing.do_bench median, no CUDA graphs" if on_cuda else
+            "no GPU: kernel rows are skipped (the Triton CPU interpreter is not a speed measure); "
+            "eager/compile timed by wall clock, median")
+    print(f"device {torch.cuda.get_device_name() if on_cuda else platform.processor() or 'cpu'}, dtype {dtype}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}\n{note}")
+    rows = []
+    header = f"{'op':24s} {'variant':8s} {'res':10s} {'impl':8s} {'ms':>10s} {'TFLOP/s':>9s} {'GB/s':>9s}  status"
+    print(header)
+    for case in stage1_cases(on_cuda, args.quick):
+        for op, shape, flops, nbytes, impls in build_ops(case, dtype, device):
+            for impl, fn in impls.items():
+                row = {"op": op, "variant": case[0], "resolution": case[1], "shape": shape, "impl": impl,
+                       "dtype": str(dtype).replace("torch.", ""), "flops": flops, "bytes": nbytes}
+                if impl == "kernel" and not on_cuda:
+                    row["status"] = "skipped: no GPU (Triton interpreter is not a speed measure)"
+                elif impl == "compile" and args.no_compile:
+                    row["status"] = "skipped: --no-compile"
+                else:
+                    try:
+                        if impl == "compile":
+                            fn = torch.compile(fn[1], dynamic=False)
+                        ms = measure(fn)
+                        row.update(status="ok", time_ms=ms, tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6)
+                    except Exception as exc:  # a failing baseline must not hide the other rows
+                        row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                rows.append(row)
+                if row["status"] == "ok":
+                    cols = f"{row['time_ms']:10.4f} {row['tflops']:9.3f} {row['gbps']:9.1f}  ok"
+                else:
+                    cols = f"{'-':>10s} {'-':>9s} {'-':>9s}  {row['status']}"
+                print(f"{op:24s} {case[0]:8s} {case[1]:10s} {impl:8s} {cols}")
+            if on_cuda:
+                torch.cuda.empty_cache()
+    import triton
+
+    result = {
+        "device": torch.cuda.get_device_name() if on_cuda else (platform.processor() or platform.machine()),
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(), "quick": args.quick, "note": note, "rows": rows,
+    }
+    if args.out:
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=out_dir, suffix=".tmp", delete=False) as tmp:
+            json.dump(result, tmp, indent=2)
+        os.replace(tmp.name, args.out)
+        print(f"wrote {args.out}")
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="write the results as JSON to this file (atomically)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="CUDA dtype (CPU always fp32)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()

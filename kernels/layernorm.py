@@ -1,0 +1,135 @@
+"""LayerNorm over channels with fp32 statistics, optionally fused with the residual add or the patch-embed layout.
+
+- ``layer_norm(x, w, b, eps)``: y = LN(x) for tokens x: (..., C).
+- ``layer_norm(x, w, b, eps, residual=r)``: s = x + r (rounded to x's dtype, the residual stream the next block
+  sees), y = LN(s); returns (y, s).
+- ``patch_embed_layer_norm(x, w, b, eps)``: x is the patch-embed conv output (B, C, H, W); returns normalized
+  tokens (B, H*W, C) in one pass (the NCHW -> NLC transpose is folded into the loads).
+
+Statistics (mean, then the variance of the centred values) are computed in fp32 for every input dtype, so fp16
+inputs of magnitude 1e4 do not overflow (x² would in fp16). One program normalizes BLOCK_T rows of
+BLOCK_C = next_power_of_2(C) channels; any C up to 8192 works in one pass (SegFormer uses 32...512).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear import check_compute_dtype, check_device, check_out, check_tensor
+
+MAX_CHANNELS = 8192
+
+
+@triton.jit
+def _layer_norm_kernel(
+    x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr,
+    T, C, x_stride_b, x_stride_t, x_stride_c, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mask = (t < T)[:, None] & c_mask[None, :]
+    x = tl.load(x_ptr + pid_b * x_stride_b + t[:, None] * x_stride_t + c[None, :] * x_stride_c,
+                mask=mask, other=0.0).to(tl.float32)
+    offs = (pid_b * T + t[:, None]) * C + c[None, :]
+    if HAS_RESIDUAL:
+        s = (x + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + offs, s, mask=mask)
+        x = s.to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_params(x, C, weight, bias, eps):
+    check_tensor("weight", weight, shape=(C,), dtype=x.dtype, device=x.device)
+    check_tensor("bias", bias, shape=(C,), dtype=x.dtype, device=x.device)
+    if not float(eps) > 0.0:
+        raise ValueError(f"eps: expected a positive number, got {eps}")
+    if C > MAX_CHANNELS:
+        raise ValueError(f"x: expected at most {MAX_CHANNELS} channels, got {C}")
+
+
+def _blocks(C, rows_per_program):
+    BLOCK_C = triton.next_power_of_2(C)
+    BLOCK_T = max(1, min(rows_per_program, 8192 // BLOCK_C))
+    num_warps = 8 if BLOCK_T * BLOCK_C >= 8192 else 4
+    return BLOCK_T, BLOCK_C, num_warps
+
+
+def layer_norm(x, weight, bias, eps, residual=None, out=None, out_sum=None):
+    """LayerNorm over the last dim, statistics in fp32; optionally of ``x + residual``.
+
+    x: (..., C) contiguous fp32/fp16/bf16; weight, bias: (C,) in x's dtype; residual: like x or None;
+    out / out_sum: optional preallocated results (like x).
+    Returns y (like x), or (y, s) with s = x + residual when ``residual`` is given.
+    """
+    check_tensor("x", x)
+    check_compute_dtype("x", x)
+    check_device("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dim (..., C), got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    _check_params(x, C, weight, bias, eps)
+    if residual is not None:
+        check_tensor("residual", residual, shape=tuple(x.shape), dtype=x.dtype, device=x.device)
+    elif out_sum is not None:
+        raise ValueError("out_sum: given without residual (the sum x + residual exists only with a residual)")
+    y = check_out(out, tuple(x.shape), x)
+    s = check_out(out_sum, tuple(x.shape), x) if residual is not None else y
+    T = x.numel() // C if C else 0
+    if T:
+        BLOCK_T, BLOCK_C, num_warps = _blocks(C, 64)
+        _layer_norm_kernel[(triton.cdiv(T, BLOCK_T), 1)](
+            x, residual if residual is not None else x, weight, bias, y, s,
+            T, C, 0, C, 1, float(eps),
+            HAS_RESIDUAL=residual is not None, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=num_warps,
+        )
+    return (y, s) if residual is not None else y
+
+
+def patch_embed_layer_norm(x, weight, bias, eps, out=None):
+    """LayerNorm of the patch-embed conv output, written as tokens.
+
+    x: (B, C, H, W) contiguous (the conv output); weight, bias: (C,) in x's dtype; out: optional (B, H*W, C).
+    Returns (B, H*W, C) tokens, row-major over (H, W).
+    """
+    check_tensor("x", x, shape=(None, None, None, None))
+    check_compute_dtype("x", x)
+    check_device("x", x)
+    B, C, H, W = x.shape
+    _check_params(x, C, weight, bias, eps)
+    T = H * W
+    y = check_out(out, (B, T, C), x)
+    if B and T and C:
+        BLOCK_T, BLOCK_C, num_warps = _blocks(C, 128)
+        BLOCK_T = max(BLOCK_T, 16)  # tokens are the contiguous axis here: keep the loads coalesced
+        _layer_norm_kernel[(triton.cdiv(T, BLOCK_T), B)](
+            x, x, weight, bias, y, y,
+            T, C, C * T, 1, T, float(eps),
+            HAS_RESIDUAL=False, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=num_warps,
+        )
+    return y
+
+
+def layer_norm_ref(x, weight, bias, eps, residual=None, upcast=True):
+    """Eager reference of ``layer_norm``: in fp32 (fp64 inputs stay fp64) when ``upcast``, else in x's dtype.
+
+    Returns y, or (y, s) with s = x + residual. With ``upcast`` the sum is not rounded to x's dtype.
+    """
+    dt = (torch.float64 if x.dtype == torch.float64 else torch.float32) if upcast else x.dtype
+    s = x.to(dt) if residual is None else x.to(dt) + residual.to(dt)
+    y = torch.nn.functional.layer_norm(s, (s.shape[-1],), weight.to(dt), bias.to(dt), eps)
+    return (y, s) if residual is not None else y
+
+
+def patch_embed_layer_norm_ref(x, weight, bias, eps, upcast=True):
+    """Eager reference of ``patch_embed_layer_norm``: (B, C, H, W) -> LN over C of (B, H*W, C) tokens."""
+    return layer_norm_ref(x.flatten(2).transpose(1, 2), weight, bias, eps, upcast=upcast)

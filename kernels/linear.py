@@ -1,0 +1,188 @@
+"""Linear layer ``y = x Wᵀ + b (+ residual)`` as a Triton GEMM, plus the helpers every kernel file shares.
+
+Used for the Mix-FFN fc1, the k/v projection when the SR ratio is 1, and the attention output projection for
+widths whose fused epilogue would not fit in registers (see ``sr_attention.py``).
+
+Shared helpers (imported by the other kernel files):
+
+- ``check_tensor`` / ``check_compute_dtype`` / ``check_device``: input validation with messages that carry the
+  expected and the actual numbers.
+- ``upcast_dot``: whether a kernel must feed ``tl.dot`` fp32 operands. The Triton CPU interpreter stores bf16 as
+  raw uint16 and multiplies those integers in ``tl.dot``, so under ``TRITON_INTERPRET=1`` bf16 operands are
+  upcast (exact: a bf16 x bf16 product fits in fp32) before the dot. On a GPU the flag is always False.
+- ``mma``: ``acc + a @ b`` with fp32 accumulation and IEEE fp32 products (fp32 inputs never go through TF32, so
+  fp32 results stay within the fp32 tolerance floor of 1e-4).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether ``tl.dot`` operands of ``dtype`` must be upcast to fp32 (the interpreter's bf16 dot is wrong)."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+def check_tensor(name, tensor, shape=None, dtype=None, device=None, contiguous=True):
+    """Validate one launcher argument; ``shape`` entries that are None match any size.
+
+    Raises TypeError for a non-tensor or a wrong dtype and ValueError for a wrong rank, size, device or layout;
+    every message names the argument and gives the expected and the actual values.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if shape is not None:
+        if tensor.dim() != len(shape):
+            raise ValueError(
+                f"{name}: expected {len(shape)} dims with shape {_shape_str(shape)}, "
+                f"got {tensor.dim()} dims with shape {tuple(tensor.shape)}"
+            )
+        for axis, (want, got) in enumerate(zip(shape, tensor.shape)):
+            if want is not None and want != got:
+                raise ValueError(
+                    f"{name}: expected shape {_shape_str(shape)}, got {tuple(tensor.shape)} "
+                    f"(dim {axis}: expected {want}, got {got})"
+                )
+    if dtype is not None and tensor.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {tensor.dtype}")
+    if device is not None and tensor.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {tensor.device}")
+    if contiguous and not tensor.is_contiguous():
+        raise ValueError(
+            f"{name}: expected a contiguous tensor, got shape {tuple(tensor.shape)} with strides {tensor.stride()}"
+        )
+
+
+def check_compute_dtype(name, tensor):
+    """Kernels take fp32, fp16 or bf16 activations (fp32 accumulation inside)."""
+    if tensor.dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {tensor.dtype}")
+
+
+def check_device(name, tensor):
+    """Triton kernels need CUDA tensors, or CPU tensors under the interpreter."""
+    want = "cpu" if interpreting() else "cuda"
+    if tensor.device.type != want:
+        hint = "" if interpreting() else " (set TRITON_INTERPRET=1 before importing triton to run on the CPU)"
+        raise ValueError(f"{name}: expected a {want} tensor, got device {tensor.device}{hint}")
+
+
+def check_out(out, shape, like):
+    """Return ``out`` after checking it, or a fresh ``torch.empty`` of ``shape`` like ``like``."""
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    check_tensor("out", out, shape=shape, dtype=like.dtype, device=like.device)
+    return out
+
+
+def _shape_str(shape):
+    return str(tuple("*" if s is None else s for s in shape)).replace("'", "")
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b`` in fp32 (IEEE products for fp32 operands; see ``upcast_dot`` for UPCAST)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
+    M, N, K,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row blocks share each column block of W while it is in L2
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % group_size
+    pid_n = (pid % (GROUP_M * grid_n)) // group_size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    rows64 = rows.to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        a = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None], mask=col_mask[None, :] & k_mask[:, None],
+                    other=0.0)
+        acc = mma(a, w, acc, UPCAST)
+    acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    offs = rows64[:, None] * N + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def linear(x, weight, bias, residual=None, out=None):
+    """``y = x Wᵀ + b (+ residual)`` with fp32 accumulation.
+
+    x: (..., K) contiguous; weight: (N, K) (``nn.Linear`` layout); bias: (N,); residual: same shape as y or None;
+    out: optional preallocated (..., N). All tensors share x's dtype (fp32/fp16/bf16) and device.
+    Returns y: (..., N) in x's dtype.
+    """
+    check_tensor("x", x)
+    check_compute_dtype("x", x)
+    check_device("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dim (..., K), got shape {tuple(x.shape)}")
+    K = x.shape[-1]
+    check_tensor("weight", weight, shape=(None, K), dtype=x.dtype, device=x.device)
+    N = weight.shape[0]
+    check_tensor("bias", bias, shape=(N,), dtype=x.dtype, device=x.device)
+    out_shape = (*x.shape[:-1], N)
+    if residual is not None:
+        check_tensor("residual", residual, shape=out_shape, dtype=x.dtype, device=x.device)
+    y = check_out(out, out_shape, x)
+    M = x.numel() // K if K else 0
+    if M == 0 or N == 0:
+        return y
+    BLOCK_M = 64
+    BLOCK_N = max(16, min(128, triton.next_power_of_2(N)))
+    BLOCK_K = max(16, min(64 if x.dtype != torch.float32 else 32, triton.next_power_of_2(K)))
+    grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N),)
+    _linear_kernel[grid](
+        x, weight, bias, residual if residual is not None else y, y,
+        M, N, K,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=8,
+        UPCAST=upcast_dot(x.dtype),
+        num_warps=4, num_stages=3,
+    )
+    return y
+
+
+def linear_ref(x, weight, bias, residual=None, upcast=True):
+    """Eager ``x Wᵀ + b (+ residual)``: in fp32 (fp64 inputs stay fp64) when ``upcast``, else in x's dtype."""
+    dt = _ref_dtype(x.dtype) if upcast else x.dtype
+    y = torch.nn.functional.linear(x.to(dt), weight.to(dt), bias.to(dt))
+    if residual is not None:
+        y = y + residual.to(dt)
+    return y
+
+
+def _ref_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,224 @@
+"""Mix-FFN of one SegFormer block: fc1 (C -> 4C) -> depthwise 3x3 conv (padding 1) -> exact GELU -> fc2 (4C -> C).
+
+Tokens are channels-last, row-major over (H, W): h[b, y*W + x, c].
+
+- ``dwconv_gelu(h, H, W, dw_weight, dw_bias)``: depthwise 3x3 conv + bias + erf GELU in one pass (one read and
+  one write of the 4C-wide tensor).
+- ``mixffn_fc2(h, H, W, dw_weight, dw_bias, fc2_weight, fc2_bias, residual)``: fc2 whose A operand is computed on
+  the fly as GELU(dwconv(h)) (nine shifted tile loads, served mostly by L1/L2), plus bias and residual in the
+  epilogue; the GELU output never exists in memory.
+- ``mixffn(x_norm, H, W, params, residual)``: ``linear`` (fc1) then ``mixffn_fc2``: the 4C-wide activation is
+  written once (by fc1) and read by fc2. Two launches.
+
+All accumulation in fp32; the GELU output is rounded to the activation dtype before fc2 (as eager does).
+"""
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear import check_compute_dtype, check_device, check_out, check_tensor, linear, mma, upcast_dot
+
+
+@dataclasses.dataclass(frozen=True)
+class MixFFNParams:
+    """Mix-FFN weights in the compute dtype (``prepare_mixffn_params``).
+
+    fc1_weight (C4, C), fc1_bias (C4,); dw_weight (C4, 1, 3, 3), dw_bias (C4,); fc2_weight (C, C4), fc2_bias (C,).
+    """
+
+    fc1_weight: torch.Tensor
+    fc1_bias: torch.Tensor
+    dw_weight: torch.Tensor
+    dw_bias: torch.Tensor
+    fc2_weight: torch.Tensor
+    fc2_bias: torch.Tensor
+
+    def to(self, dtype=None, device=None):
+        """A copy with every tensor moved to ``dtype`` / ``device``."""
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name).to(device=device, dtype=dtype).contiguous() for f in dataclasses.fields(self)
+        })
+
+
+def prepare_mixffn_params(fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, dtype=None, device=None):
+    """Check shapes and cast one block's Mix-FFN weights (``nn.Linear`` / ``nn.Conv2d`` layouts) to ``dtype``."""
+    C4, C = fc1_w.shape
+    check_tensor("fc1_w", fc1_w, shape=(C4, C), contiguous=False)
+    check_tensor("fc1_b", fc1_b, shape=(C4,), contiguous=False)
+    check_tensor("dw_w", dw_w, shape=(C4, 1, 3, 3), contiguous=False)
+    check_tensor("dw_b", dw_b, shape=(C4,), contiguous=False)
+    check_tensor("fc2_w", fc2_w, shape=(C, C4), contiguous=False)
+    check_tensor("fc2_b", fc2_b, shape=(C,), contiguous=False)
+    return MixFFNParams(fc1_w.detach(), fc1_b.detach(), dw_w.detach(), dw_b.detach(), fc2_w.detach(),
+                        fc2_b.detach()).to(dtype=dtype or fc1_w.dtype, device=device or fc1_w.device)
+
+
+@triton.jit
+def _dwconv_gelu_tile(h_ptr, w_ptr, b_ptr, g, g_mask, c, c_mask, H, W, N, C4,
+                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """fp32 GELU(dwconv3x3(h) + bias) at global tokens g (int64, b*N + y*W + x) and channels c."""
+    t = g % N
+    y = t // W
+    x = t % W
+    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for tap in tl.static_range(9):
+        ny = y + (tap // 3 - 1)
+        nx = x + (tap % 3 - 1)
+        valid = g_mask & (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
+        src = g + ((tap // 3 - 1) * W + (tap % 3 - 1))
+        v = tl.load(h_ptr + src[:, None] * C4 + c[None, :], mask=valid[:, None] & c_mask[None, :], other=0.0)
+        wt = tl.load(w_ptr + c * 9 + tap, mask=c_mask, other=0.0)
+        acc += v.to(tl.float32) * wt.to(tl.float32)[None, :]
+    acc += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    return 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+
+
+@triton.jit
+def _dwconv_gelu_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, M, H, W, N, C4,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    g = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    g_mask = g < M
+    c_mask = c < C4
+    act = _dwconv_gelu_tile(h_ptr, w_ptr, b_ptr, g, g_mask, c, c_mask, H, W, N, C4, BLOCK_T, BLOCK_C)
+    tl.store(y_ptr + g[:, None] * C4 + c[None, :], act.to(y_ptr.dtype.element_ty),
+             mask=g_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _mixffn_fc2_kernel(
+    h_ptr, dww_ptr, dwb_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, H, W, N, C, C4,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    g_mask = g < M
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < C
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, C4, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < C4
+        a = _dwconv_gelu_tile(h_ptr, dww_ptr, dwb_ptr, g, g_mask, ks, k_mask, H, W, N, C4, BLOCK_M, BLOCK_K)
+        w = tl.load(w_ptr + cols[None, :] * C4 + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = mma(a.to(y_ptr.dtype.element_ty), w, acc, UPCAST)
+    acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    offs = g[:, None] * C + cols[None, :]
+    mask = g_mask[:, None] & col_mask[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_hidden(h, H, W, dw_weight, dw_bias):
+    check_tensor("h", h, shape=(None, None, None))
+    check_compute_dtype("h", h)
+    check_device("h", h)
+    B, N, C4 = h.shape
+    if H < 1 or W < 1 or H * W != N:
+        raise ValueError(f"H, W: expected H * W == N={N} with H, W >= 1, got H={H}, W={W}")
+    check_tensor("dw_weight", dw_weight, shape=(C4, 1, 3, 3), dtype=h.dtype, device=h.device)
+    check_tensor("dw_bias", dw_bias, shape=(C4,), dtype=h.dtype, device=h.device)
+    return B, N, C4
+
+
+def dwconv_gelu(h, H, W, dw_weight, dw_bias, out=None):
+    """GELU(depthwise 3x3 conv(h) + bias), zero padding 1.
+
+    h: (B, N = H*W, C4) channels-last tokens; dw_weight: (C4, 1, 3, 3); dw_bias: (C4,); out: optional (B, N, C4).
+    Returns (B, N, C4) in h's dtype.
+    """
+    B, N, C4 = _check_hidden(h, H, W, dw_weight, dw_bias)
+    y = check_out(out, (B, N, C4), h)
+    M = B * N
+    if M and C4:
+        BLOCK_T, BLOCK_C = 32, max(16, min(128, triton.next_power_of_2(C4)))
+        _dwconv_gelu_kernel[(triton.cdiv(M, BLOCK_T), triton.cdiv(C4, BLOCK_C))](
+            h, dw_weight, dw_bias, y, M, H, W, N, C4, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=4,
+        )
+    return y
+
+
+def mixffn_fc2(h, H, W, dw_weight, dw_bias, fc2_weight, fc2_bias, residual=None, out=None):
+    """``GELU(dwconv(h) + dw_bias) fc2ᵀ + fc2_bias (+ residual)`` with the dwconv + GELU in the A-operand load.
+
+    h: (B, N = H*W, C4) fc1 output; dw_weight: (C4, 1, 3, 3); dw_bias: (C4,); fc2_weight: (C, C4); fc2_bias: (C,);
+    residual: (B, N, C) or None; out: optional (B, N, C). Returns (B, N, C) in h's dtype.
+    """
+    B, N, C4 = _check_hidden(h, H, W, dw_weight, dw_bias)
+    check_tensor("fc2_weight", fc2_weight, shape=(None, C4), dtype=h.dtype, device=h.device)
+    C = fc2_weight.shape[0]
+    check_tensor("fc2_bias", fc2_bias, shape=(C,), dtype=h.dtype, device=h.device)
+    if residual is not None:
+        check_tensor("residual", residual, shape=(B, N, C), dtype=h.dtype, device=h.device)
+    y = check_out(out, (B, N, C), h)
+    M = B * N
+    if M and C:
+        BLOCK_M, BLOCK_K = 64, 32
+        BLOCK_N = max(16, min(256, triton.next_power_of_2(C)))
+        _mixffn_fc2_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_N))](
+            h, dw_weight, dw_bias, fc2_weight, fc2_bias, residual if residual is not None else y, y,
+            M, H, W, N, C, C4,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=upcast_dot(h.dtype),
+            num_warps=8 if BLOCK_N >= 128 else 4, num_stages=2,
+        )
+    return y
+
+
+def mixffn(x_norm, H, W, params, residual=None, out=None):
+    """One block's Mix-FFN branch plus residual: ``residual + fc2(GELU(dwconv(fc1(x_norm))))``.
+
+    x_norm: (B, N = H*W, C) = LN2(x) tokens; params: ``MixFFNParams`` in x_norm's dtype/device; residual: (B, N, C)
+    or None. Returns (B, N, C). Launches: fc1 (``linear``), then ``mixffn_fc2``.
+    """
+    if not isinstance(params, MixFFNParams):
+        raise TypeError(f"params: expected MixFFNParams, got {type(params).__name__}")
+    check_tensor("x_norm", x_norm, shape=(None, None, None))
+    h = linear(x_norm, params.fc1_weight, params.fc1_bias)
+    return mixffn_fc2(h, H, W, params.dw_weight, params.dw_bias, params.fc2_weight, params.fc2_bias,
+                      residual=residual, out=out)
+
+
+def _ref_dtype(dtype, upcast):
+    if not upcast:
+        return dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dwconv_gelu_ref(h, H, W, dw_weight, dw_bias, upcast=True):
+    """Eager ``dwconv_gelu``: conv2d(groups=C4) + exact GELU, in fp32 (fp64 stays fp64) or h's dtype."""
+    dt = _ref_dtype(h.dtype, upcast)
+    B, N, C4 = h.shape
+    img = h.to(dt).reshape(B, H, W, C4)
+    if dt == torch.float64:
+        # the same sum as nine shifted slices: CPU conv2d in fp64 can take seconds per call
+        padded = torch.nn.functional.pad(img, (0, 0, 1, 1, 1, 1))
+        taps = dw_weight.to(dt).reshape(C4, 9)
+        conv = dw_bias.to(dt) + sum(padded[:, i // 3:i // 3 + H, i % 3:i % 3 + W] * taps[:, i] for i in range(9))
+    else:
+        conv = torch.nn.functional.conv2d(img.permute(0, 3, 1, 2), dw_weight.to(dt), dw_bias.to(dt), padding=1,
+                                          groups=C4).permute(0, 2, 3, 1)
+    return torch.nn.functional.gelu(conv.reshape(B, N, C4))
+
+
+def mixffn_ref(x_norm, H, W, params, residual=None, upcast=True):
+    """Eager ``mixffn`` (fc1, conv2d groups=4C, GELU, fc2, + residual), in fp32 (fp64 stays fp64) or x's dtype."""
+    dt = _ref_dtype(x_norm.dtype, upcast)
+    p = params.to(dtype=dt)
+    h = torch.nn.functional.linear(x_norm.to(dt), p.fc1_weight, p.fc1_bias)
+    act = dwconv_gelu_ref(h, H, W, p.dw_weight, p.dw_bias, upcast=False)
+    y = torch.nn.functional.linear(act, p.fc2_weight, p.fc2_bias)
+    return y if residual is None else y + residual.to(dt)
+
+
+def mixffn_flops(B, N, C, C4):
+    """Multiply-adds x 2 of one Mix-FFN (fc1, depthwise conv, fc2)."""
+    return 2 * B * N * (C * C4 + 9 * C4 + C4 * C)

@@ -1,0 +1,164 @@
+"""Shared setup of the kernel tests.
+
+Without CUDA the kernels run on CPU tensors in the Triton interpreter: ``TRITON_INTERPRET=1`` is set here, before
+``segformer_fast.kernels`` (and so ``triton``'s ``@jit``) is imported by any test module. Full-size stage-1 shapes
+are marked ``@pytest.mark.cuda`` and skipped without a GPU (the interpreter would take hours on them).
+
+``record_launches`` + ``compile_for_sm90`` let a CPU-only run prove that every kernel configuration the
+launchers pick also compiles for an H100/H200 (sm_90): the launches are recorded (not executed) in the
+interpreter, then compiled by the real Triton compiler in a subprocess (no GPU needed to compile).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before tests/kernels/conftest.py could set TRITON_INTERPRET=1")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: full-size shapes that only run on a CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(
+        reason="full-size stage-1 shape: needs a CUDA GPU (the Triton CPU interpreter is far too slow for it)"
+    )
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device():
+    """'cuda' when a GPU is present, else 'cpu' (kernels then run in the Triton interpreter)."""
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(scope="session")
+def other_device(device):
+    """A device the launchers must reject."""
+    return "meta" if device == "cpu" else "cpu"
+
+
+@pytest.fixture(params=DTYPES, ids=DTYPE_IDS)
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture
+def randn(request, device):
+    """``randn(*shape, scale=1, shift=0, dtype=fp64)``: Normal(shift, scale) values drawn in fp64 on the CPU from a
+    generator seeded by the test id (fresh per test, reproducible), then cast and moved to ``device``."""
+    gen = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+    def make(*shape, scale=1.0, shift=0.0, dtype=torch.float64):
+        values = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
+        return values.to(device=device, dtype=dtype)
+
+    return make
+
+
+@pytest.fixture
+def record_launches(monkeypatch):
+    """Record interpreter launches instead of running them: a list of dicts (module, name, signature, ...)."""
+    if HAS_CUDA:
+        pytest.skip("launch recording uses the Triton interpreter (CPU-only runs)")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        import inspect
+
+        import triton.language as tl
+
+        params = inspect.signature(self.fn).parameters
+        values = dict(zip(params, args))
+        values.update({k: v for k, v in kwargs.items() if k in params})
+        signature, constexprs, divisible = {}, {}, []
+        for index, (name, param) in enumerate(params.items()):
+            value = values[name]
+            if param.annotation is tl.constexpr:
+                signature[name] = "constexpr"
+                constexprs[name] = value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[value.dtype]
+                divisible.append(index)  # a real launch specializes 16-byte aligned pointers (torch allocations are)
+            elif isinstance(value, bool):
+                signature[name] = "i1"
+            elif isinstance(value, int):
+                signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+                if value % 16 == 0:
+                    divisible.append(index)  # as the JIT does for integers divisible by 16
+            else:
+                signature[name] = "fp32"
+        launches.append({
+            "module": self.fn.__module__, "name": self.fn.__name__, "signature": signature, "constexprs": constexprs,
+            "divisible": divisible, "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3),
+        })
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    return launches
+
+
+_COMPILE_SCRIPT = r"""
+import concurrent.futures, importlib, json, os, sys
+
+def build(spec):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+    fn = getattr(importlib.import_module(spec["module"]), spec["name"])
+    attrs = {(i,): [["tt.divisibility", 16]] for i in spec["divisible"]}
+    kernel = compile(ASTSource(fn, spec["signature"], spec["constexprs"], attrs), target=GPUTarget("cuda", 90, 32),
+                     options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+    return {"name": spec["name"], "shared": kernel.metadata.shared}
+
+if __name__ == "__main__":
+    specs = json.load(sys.stdin)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(len(specs), os.cpu_count() or 1)) as pool:
+        print(json.dumps(list(pool.map(build, specs))))
+"""
+
+#: Shared memory a block may use on sm_90 (227 KiB).
+SM90_MAX_SHARED = 227 * 1024
+
+
+@pytest.fixture
+def compile_for_sm90(tmp_path):
+    """``compile_for_sm90(launches)``: the checker below (a fixture so test modules need not import conftest)."""
+    return lambda launches: _compile_for_sm90(launches, tmp_path)
+
+
+def _compile_for_sm90(launches, tmp_dir):
+    """Compile each recorded launch for sm_90 in a subprocess without the interpreter; check shared memory."""
+    unique = {json.dumps(spec, sort_keys=True): spec for spec in launches}
+    assert unique, "no kernel launch was recorded"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    script = tmp_dir / "compile_sm90.py"
+    script.write_text(_COMPILE_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], input=json.dumps(list(unique.values())),
+                          capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode:
+        pytest.fail(f"sm_90 compile failed:\n{proc.stderr[-4000:]}")
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for spec, result in zip(unique.values(), results):
+        assert result["shared"] <= SM90_MAX_SHARED, (
+            f"{spec['name']} {spec['constexprs']}: {result['shared']} bytes of shared memory, "
+            f"sm_90 allows {SM90_MAX_SHARED}"
+        )
+    return results
