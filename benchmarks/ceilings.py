@@ -1,0 +1,78 @@
+"""Measure the two ceilings the benchmarks are compared against: memory bandwidth (a large device-to-device copy)
+and matrix throughput (a large GEMM: bf16 on CUDA, fp32 on CPU).
+
+    python benchmarks/ceilings.py [--device cuda] [--out ceilings.json]
+
+On CUDA it times with ``triton.testing.do_bench`` (median); on CPU with ``time.perf_counter`` (median of repeats).
+The JSON holds device, versions and the two measured numbers; nothing is asserted.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+
+from segformer_fast.bench import collect_versions, device_name  # noqa: E402
+from segformer_fast.fileio import atomic_write_text  # noqa: E402
+
+
+def _median_ms(fn, device: torch.device, repeats: int) -> float:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure(device: torch.device, repeats: int = 5) -> dict:
+    gib = 1 << 30
+    copy_bytes = 4 * gib if device.type == "cuda" else gib // 4
+    source = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    copy_ms = _median_ms(lambda: target.copy_(source), device, repeats)
+    del source, target
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    gemm_ms = _median_ms(lambda: a @ b, device, repeats)
+    return {
+        "copy_bytes": copy_bytes,
+        "copy_ms": copy_ms,
+        "copy_gb_per_s": 2 * copy_bytes / (copy_ms * 1e-3) / 1e9,  # read + write
+        "gemm_size": size,
+        "gemm_dtype": str(dtype).replace("torch.", ""),
+        "gemm_ms": gemm_ms,
+        "gemm_tflop_per_s": 2 * size**3 / (gemm_ms * 1e-3) / 1e12,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="write the JSON here (atomically)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    result = {"device": device_name(device), "machine": platform.machine(), "versions": collect_versions(device),
+              "torch_threads": torch.get_num_threads(), **measure(device)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
