@@ -39,7 +39,7 @@ def _extension_modules():
             "segformer_fast._C",
             cpp_sources + cuda_sources,
             define_macros=[("SEGFORMER_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
         )
     else:
         extension = cpp_extension.CppExtension(

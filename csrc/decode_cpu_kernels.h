@@ -40,7 +40,7 @@ void init_hidden_row(const scalar_t* row, const float* bias, int64_t width, int6
 
 inline void relu_inplace(float* data, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    data[i] = data[i] > 0.0f ? data[i] : 0.0f;
+    data[i] = (data[i] > 0.0f || std::isnan(data[i])) ? data[i] : 0.0f;  // NaN propagates, as torch.relu
   }
 }
 

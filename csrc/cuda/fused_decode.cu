@@ -84,7 +84,7 @@ __device__ void build_hidden(const Maps& maps, const T* __restrict__ bias, int64
                t.weight[2] * to_float(image[static_cast<int64_t>(t.offset[2]) * dim]) +
                t.weight[3] * to_float(image[static_cast<int64_t>(t.offset[3]) * dim]);
         }
-        v = v > 0.0f ? v : 0.0f;
+        v = (v > 0.0f || isnan(v)) ? v : 0.0f;  // NaN propagates, as torch.relu
       }
       store(p, d, v);
     }
