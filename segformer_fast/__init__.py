@@ -10,6 +10,7 @@
 from .checkpoints import load as load_checkpoint
 from .config import SegformerConfig
 from .engine import SegformerEngine, VerificationError, optimize
+from .inference import estimate_peak_memory_bytes
 from .model import Segformer
 from .processing import postprocess, preprocess
 
@@ -19,6 +20,7 @@ __all__ = [
     "SegformerConfig",
     "SegformerEngine",
     "VerificationError",
+    "estimate_peak_memory_bytes",
     "load_checkpoint",
     "optimize",
     "postprocess",

@@ -1,4 +1,5 @@
-"""The ``segformer-fast`` command: ``segment`` images, ``info`` about a checkpoint, ``bench`` the models."""
+"""The ``segformer-fast`` command: ``segment`` images, ``info`` about a checkpoint, ``eval`` mIoU on a dataset,
+``bench`` the models."""
 
 import argparse
 import sys
@@ -48,18 +49,34 @@ def save_label_png(labels: np.ndarray, palette: np.ndarray, path: Path) -> None:
         image.save(temporary, format="PNG")
 
 
+def _label_paths(out_dir: Path, image_path: Path, roots: list) -> tuple:
+    stem = out_dir / _output_stem(image_path, roots)
+    return stem.with_name(stem.name + "_labels.png"), stem.with_name(stem.name + "_overlay.png")
+
+
+def _describe_error(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def cmd_segment(args) -> int:
+    import warnings
+
     import torch
     from tqdm import tqdm
 
     from .checkpoints import load
     from .fileio import atomic_path, find_images, load_image
-    from .ops import upsample_argmax
+    from .inference import resolve_window, segment_images
     from .palettes import overlay, palette_for
-    from .processing import postprocess, preprocess
 
     device = _resolve_device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype])
+    try:
+        crop, stride = resolve_window(args.crop, args.stride)
+    except ValueError as err:
+        print(f"segformer-fast: {err}", file=sys.stderr)
+        return 2
     try:
         images = find_images(args.inputs)
     except FileNotFoundError as err:
@@ -68,47 +85,80 @@ def cmd_segment(args) -> int:
     if not images:
         print("segformer-fast: no images found in " + ", ".join(args.inputs), file=sys.stderr)
         return 2
+    out_dir = Path(args.out)
+    roots = [Path(p) for p in args.inputs]
+    todo, skipped = [], 0
+    for image_path in images:
+        if args.skip_existing and all(p.is_file() for p in _label_paths(out_dir, image_path, roots)):
+            skipped += 1
+        else:
+            todo.append(image_path)
+    if skipped:
+        print(f"skipped {skipped} of {len(images)} images whose outputs already exist in {out_dir}")
+    if not todo:
+        print(f"segmented {len(images)} of {len(images)} images into {out_dir} ({skipped} already done, skipped)")
+        return 0
+
     model = load(args.model).to(device=device)
     palette = palette_for(model.config.num_labels)
+    # Resizing: --short-side (keep ratio), --size H W, --no-resize; by default 512 x 512 in whole mode and the
+    # images' own resolution in slide and auto modes (huge images are what those modes are for).
+    if args.short_side:
+        resize = {"short_side": args.short_side, "max_long_side": args.max_long_side, "size": None}
+    elif args.no_resize or (args.size is None and args.mode != "whole"):
+        resize = {"size": None}
+    else:
+        resize = {"size": tuple(args.size) if args.size else (512, 512)}
+    options = dict(mode=args.mode, crop=crop, stride=stride, **resize)
     if args.engine == "fast":
         from .engine import optimize
 
         engine = optimize(model, dtype=dtype)
-        forward = engine.logits
-    elif args.engine == "transformers":
-        hf_model = model.to(dtype=dtype).to_transformers()
 
-        def forward(pixel_values):
-            return hf_model(pixel_values=pixel_values).logits
+        def segment(image):
+            return engine.segment(image, **options)
     else:
-        forward = model.to(dtype=dtype)
-    out_dir = Path(args.out)
-    roots = [Path(p) for p in args.inputs]
-    resize = {"short_side": args.short_side, "max_long_side": args.max_long_side} if args.short_side else {
-        "size": tuple(args.size)
-    }
+        if args.engine == "transformers":
+            hf_model = model.to(dtype=dtype).to_transformers()
+
+            def forward(pixel_values):
+                return hf_model(pixel_values=pixel_values).logits
+        else:
+            forward = model.to(dtype=dtype)
+
+        def segment(image):
+            return segment_images(image, forward, num_labels=model.config.num_labels, device=device, dtype=dtype,
+                                  **options)
+
     failures = []
     with torch.inference_mode():
-        for image_path in tqdm(images, desc="segment", unit="img", disable=args.quiet):
+        for image_path in tqdm(todo, desc="segment", unit="img", disable=args.quiet):
             try:
                 image = load_image(image_path)
             except (ValueError, OSError) as err:
                 failures.append(f"{image_path}: {err}")
-                tqdm.write(f"skipped {image_path}: {err}", file=sys.stderr)
+                tqdm.write(f"cannot read {image_path}: {err}", file=sys.stderr)
                 continue
-            pixel_values = preprocess(image, device=device, dtype=dtype, **resize)
-            logits = forward(pixel_values)
-            if args.engine == "fast":
-                labels = upsample_argmax(logits, image.height, image.width)[0].cpu().numpy()
-            else:
-                labels = postprocess(logits, (image.height, image.width))[0].cpu().numpy()
-            stem = out_dir / _output_stem(image_path, roots)
-            stem.parent.mkdir(parents=True, exist_ok=True)
-            save_label_png(labels, palette, stem.with_name(stem.name + "_labels.png"))
-            with atomic_path(stem.with_name(stem.name + "_overlay.png")) as temporary:
-                overlay(image, labels, palette, alpha=args.alpha).save(temporary, format="PNG")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    labels = segment(image).cpu().numpy()
+                for warning in caught:
+                    tqdm.write(f"{image_path}: {warning.message}", file=sys.stderr)
+                labels_path, overlay_path = _label_paths(out_dir, image_path, roots)
+                labels_path.parent.mkdir(parents=True, exist_ok=True)
+                save_label_png(labels, palette, labels_path)
+                with atomic_path(overlay_path) as temporary:
+                    overlay(image, labels, palette, alpha=args.alpha).save(temporary, format="PNG")
+            except Exception as err:  # one bad image (out of memory, unwritable output, ...) must not stop the run
+                failures.append(f"{image_path}: {_describe_error(err)}")
+                tqdm.write(f"failed {image_path}: {_describe_error(err)}", file=sys.stderr)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
     done = len(images) - len(failures)
-    print(f"segmented {done} of {len(images)} images into {out_dir}")
+    note = f" ({skipped} already done, skipped)" if skipped else ""
+    print(f"segmented {done} of {len(images)} images into {out_dir}{note}")
     if failures:
         print(f"{len(failures)} images failed:", file=sys.stderr)
         for line in failures:
@@ -150,11 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="fast: segformer_fast.optimize (default); reference: the eager reference model; "
                               "transformers: transformers' model with the same weights")
     resize = segment.add_mutually_exclusive_group()
-    resize.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), default=[512, 512],
-                        help="resize every image to H x W (transformers' processor; default 512 512)")
+    resize.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
+                        help="resize every image to H x W (transformers' processor); default 512 512 with --mode "
+                             "whole, the images' own size with --mode slide/auto")
     resize.add_argument("--short-side", type=int, metavar="N",
                         help="keep-ratio resize: short side N, sides rounded up to multiples of 32 (mmseg)")
+    resize.add_argument("--no-resize", action="store_true", help="run every image at its own resolution")
     segment.add_argument("--max-long-side", type=int, metavar="N", help="with --short-side: cap the long side")
+    segment.add_argument("--mode", default="whole", choices=["whole", "slide", "auto"],
+                         help="whole: one forward per image (default); slide: mmseg's sliding windows (--crop, "
+                              "--stride); auto: whole, and sliding windows (with a warning) where whole runs out of "
+                              "memory")
+    segment.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"),
+                         help="sliding-window size (default 1024 1024)")
+    segment.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"),
+                         help="sliding-window stride (default 2/3 of the crop)")
+    segment.add_argument("--skip-existing", action="store_true",
+                         help="skip images whose _labels.png and _overlay.png both exist (resume a run)")
     segment.add_argument("--alpha", type=float, default=0.5, help="label color weight in the overlay (0..1)")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
     segment.set_defaults(func=cmd_segment)
@@ -162,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a checkpoint")
     info.add_argument("source", help="checkpoint: folder, weights file or hub id")
     info.set_defaults(func=cmd_info)
+
+    from .evaluation import add_eval_arguments, run_eval
+
+    evaluate = commands.add_parser(
+        "eval", help="mIoU / aAcc / mAcc of a checkpoint on an ADE20K or Cityscapes folder (mmseg metrics)")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=run_eval)
 
     from .bench import add_arguments, main_from_args
 

@@ -301,23 +301,34 @@ class SegformerEngine:
 
     # ---------------------------------------------------------------------------------------------- utilities
     @torch.no_grad()
-    def segment(self, images, size=(512, 512)):
+    def segment(self, images, size=(512, 512), mode="whole", crop=None, stride=None, short_side=None,
+                max_long_side=None):
         """Label maps (int64, at each image's own resolution) for PIL images, HWC uint8 arrays or paths.
 
-        Images are resized to ``size`` (transformers' processor), run as one batch, and each image's logits are
-        upsampled and argmaxed to its own size by the fused ``upsample_argmax``. Returns one (H, W) tensor for a
-        single image, else a list.
-        """
-        from .processing import preprocess
+        images: one image or a list; PIL images of any mode, (H, W, 3) RGB / (H, W, 4) RGBA (alpha dropped) /
+        (H, W) grayscale uint8 arrays, or image file paths. Resizing: ``short_side`` (with optional
+        ``max_long_side``) keeps the aspect ratio as mmseg; else ``size`` = (H, W) as transformers' processor; else
+        (``size=None``) the images run at their own resolution. Images that resize to the same size run as one
+        batch.
 
-        single = not isinstance(images, (list, tuple))
-        batch = [images] if single else list(images)
-        if not batch:
-            raise ValueError("segment() needs at least one image, got an empty list")
-        pixel_values, sizes = preprocess(batch, size=size, device=self.device, dtype=self.dtype, return_sizes=True)
+        mode: "whole" (one forward per batch; the fused ``upsample_argmax`` takes each image's logits to its own
+        size), "slide" (mmseg's sliding windows, :func:`segformer_fast.inference.slide_logits`, with ``crop``
+        (default 1024 x 1024) and ``stride`` (default 2/3 of the crop); the full-resolution logits are resized to
+        each image's size and argmaxed) or "auto" (whole; where that runs out of memory, a ``RuntimeWarning``
+        naming the crop and stride and then slide). Returns one (H, W) tensor for a single image, else a list.
+        """
+        from .inference import segment_images
+
+        return segment_images(
+            images, self.logits, num_labels=self.config.num_labels, device=self.device, dtype=self.dtype,
+            size=size, mode=mode, crop=crop, stride=stride, short_side=short_side, max_long_side=max_long_side,
+            whole_labels=self._whole_labels,
+        )
+
+    def _whole_labels(self, pixel_values, sizes):
+        """Whole-image labels of a preprocessed batch: one forward, then per image the fused upsample + argmax."""
         logits = self.logits(pixel_values)
-        labels = [ops.upsample_argmax(logits[i:i + 1], h, w)[0] for i, (h, w) in enumerate(sizes)]
-        return labels[0] if single else labels
+        return [ops.upsample_argmax(logits[i:i + 1], h, w)[0] for i, (h, w) in enumerate(sizes)]
 
     @torch.no_grad()
     def verify(self, reference: Segformer, height: int = 67, width: int = 91, batch: int = 2, seed: int = 0):

@@ -93,3 +93,121 @@ def test_console_script_runs():
     assert result.returncode == 0
     for command in ("segment", "info", "bench"):
         assert command in result.stdout
+
+
+@pytest.fixture()
+def awkward_folder(tmp_path):
+    """Readable images of every awkward kind plus two unreadable files."""
+    rng = np.random.default_rng(11)
+    root = tmp_path / "awkward"
+    root.mkdir()
+    Image.fromarray(rng.integers(0, 256, (60, 80), dtype=np.uint8), "L").save(root / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (50, 70, 4), dtype=np.uint8), "RGBA").save(root / "rgba.png")
+    Image.fromarray(rng.integers(0, 65536, (40, 90), dtype=np.uint16)).save(root / "deep16.png")
+    Image.fromarray(rng.integers(0, 256, (120, 100, 3), dtype=np.uint8)).save(root / "whole.jpg", quality=90)
+    data = (root / "whole.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "notes.jpg").write_text("this is a text file, not a JPEG\n")
+    return root
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_segment_survives_awkward_and_broken_files(engine, checkpoint, awkward_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["segment", str(awkward_folder), "--model", str(checkpoint), "--out", str(out), "--size", "64", "64",
+                 "--engine", engine, "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "segmented 4 of 6" in captured.out
+    assert "2 images failed" in captured.err
+    for name in ("truncated.jpg", "notes.jpg"):
+        assert name in captured.err
+    for stem, size in (("gray", (60, 80)), ("rgba", (50, 70)), ("deep16", (40, 90)), ("whole", (120, 100))):
+        labels = np.asarray(Image.open(out / f"{stem}_labels.png"))
+        assert labels.shape == size
+        assert Image.open(out / f"{stem}_overlay.png").size == (size[1], size[0])
+    assert not (out / "truncated_labels.png").exists() and not (out / "notes_labels.png").exists()
+    assert not list(out.rglob(".*")), "temporary files left behind"
+
+
+def test_segment_skip_existing_resumes(checkpoint, image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["--model", str(checkpoint), "--out", str(out), "--size", "64", "64", "--engine", "reference", "--quiet"]
+    # a "partial run": only a.jpg was done
+    assert main(["segment", str(image_folder / "a.jpg"), *common]) == 0
+    capsys.readouterr()
+    done = out / "a_labels.png", out / "a_overlay.png"
+    mtimes = [p.stat().st_mtime_ns for p in done]
+    (image_folder / "corrupt.png").unlink()
+    code = main(["segment", str(image_folder), *common, "--skip-existing"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "skipped 1 of 2 images" in captured.out
+    assert "segmented 2 of 2" in captured.out
+    assert [p.stat().st_mtime_ns for p in done] == mtimes, "an existing output was rewritten"
+    assert (out / "nested" / "b_labels.png").is_file() and (out / "nested" / "b_overlay.png").is_file()
+    # everything done: nothing to load, nothing rewritten
+    code = main(["segment", str(image_folder), *common, "--skip-existing"])
+    assert code == 0 and "skipped 2 of 2 images" in capsys.readouterr().out
+    # only one of the two outputs: the image is redone
+    (out / "a_overlay.png").unlink()
+    assert main(["segment", str(image_folder), *common, "--skip-existing"]) == 0
+    assert "skipped 1 of 2 images" in capsys.readouterr().out
+    assert (out / "a_overlay.png").is_file()
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_segment_slide_mode_end_to_end(engine, checkpoint, tmp_path, capsys):
+    from segformer_fast.inference import slide_logits
+
+    rng = np.random.default_rng(5)
+    source = tmp_path / "big.png"
+    Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(source)
+    out = tmp_path / "out"
+    code = main(["segment", str(source), "--model", str(checkpoint), "--out", str(out), "--mode", "slide",
+                 "--crop", "64", "64", "--stride", "48", "48", "--engine", engine, "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    model = Segformer.from_pretrained(checkpoint)
+    with torch.no_grad():
+        logits = slide_logits(model, preprocess(load_image(source), size=(150, 200)), 150, crop=(64, 64),
+                              stride=(48, 48))
+    expected = logits.argmax(1)[0].numpy()
+    got = np.asarray(Image.open(out / "big_labels.png"))
+    assert got.shape == (150, 200)
+    agreement = float((got == expected).mean())
+    assert agreement > (0.999 if engine == "fast" else 1.0 - 1e-12), agreement
+
+
+def test_segment_rejects_bad_window(checkpoint, image_folder, tmp_path, capsys):
+    code = main(["segment", str(image_folder), "--model", str(checkpoint), "--out", str(tmp_path / "o"), "--mode",
+                 "slide", "--crop", "32", "32", "--stride", "48", "48"])
+    assert code == 2
+    assert "stride must not exceed the crop" in capsys.readouterr().err
+
+
+def test_segment_reports_huge_images_and_continues(checkpoint, image_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a.jpg (6300 px) is then a "decompression bomb"
+    out = tmp_path / "out"
+    code = main(["segment", str(image_folder / "a.jpg"), str(image_folder / "nested" / "b.png"), "--model",
+                 str(checkpoint), "--out", str(out), "--size", "64", "64", "--engine", "reference", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "a.jpg" in captured.err and "segmented 1 of 2" in captured.out
+    assert (out / "b_labels.png").is_file()
+
+
+def test_segment_out_of_memory_whole_fails_auto_slides(checkpoint, image_folder, tmp_path, capsys, monkeypatch):
+    from segformer_fast.engine import SegformerEngine
+
+    def out_of_memory(self, pixel_values, sizes):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+    monkeypatch.setattr(SegformerEngine, "_whole_labels", out_of_memory)
+    common = [str(image_folder / "a.jpg"), "--model", str(checkpoint), "--quiet", "--crop", "64", "64"]
+    assert main(["segment", *common, "--out", str(tmp_path / "whole"), "--mode", "whole"]) == 1
+    captured = capsys.readouterr()
+    assert "a.jpg" in captured.err and "out of memory" in captured.err
+    assert main(["segment", *common, "--out", str(tmp_path / "auto"), "--mode", "auto"]) == 0
+    captured = capsys.readouterr()
+    assert "a.jpg" in captured.err and "sliding windows with crop 64x64 and stride 43x43" in captured.err
+    assert np.asarray(Image.open(tmp_path / "auto" / "a_labels.png")).shape == (70, 90)
