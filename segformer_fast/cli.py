@@ -10,14 +10,15 @@ import numpy as np
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def _resolve_device(name: str):
+def resolve_device(name: str):
+    """``auto`` (cuda when available, else cpu) or a torch device name; ValueError for CUDA without a GPU."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"segformer-fast: --device {name} requested but CUDA is not available")
+        raise ValueError(f"--device {name} requested but CUDA is not available")
     return device
 
 
@@ -70,7 +71,7 @@ def cmd_segment(args) -> int:
     from .inference import resolve_window, segment_images
     from .palettes import overlay, palette_for
 
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype])
     try:
         crop, stride = resolve_window(args.crop, args.stride)

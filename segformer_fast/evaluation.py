@@ -704,17 +704,6 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} requested but CUDA is not available")
-    return device
-
-
 def resize_from_args(args) -> dict:
     """The ``preprocess`` resize arguments the eval options select (see ``add_eval_arguments``)."""
     if getattr(args, "max_long_side", None) is not None and getattr(args, "short_side", None) is None:
@@ -775,7 +764,9 @@ def run_eval(args) -> int:
                         "stride": tuple(args.stride) if args.stride else window["stride"]}
     elif args.crop or args.stride:
         raise ValueError("--crop and --stride apply to --mode slide only")
-    device = _resolve_device(args.device)
+    from .cli import resolve_device
+
+    device = resolve_device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype])
     dataset = open_dataset(args.format, args.data, args.limit)
     model = load(args.model).to(device=device).eval()
