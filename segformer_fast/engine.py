@@ -74,6 +74,17 @@ def _kernels_module():
     return kernels
 
 
+def _triton_available() -> bool:
+    """Whether triton imports; without it the CUDA engine runs the torch path, with a warning."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        warnings.warn(f"triton is not importable ({err}); the engine uses PyTorch ops instead of the fused kernels",
+                      stacklevel=3)
+        return False
+    return True
+
+
 def _reference_from_transformers(hf_model) -> Segformer:
     """Our reference Segformer with the weights of a transformers SegformerForSemanticSegmentation."""
     config = SegformerConfig.from_transformers_dict(hf_model.config.to_dict(), type(hf_model).__name__)
@@ -120,7 +131,7 @@ class SegformerEngine:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype}")
         if kernels == "auto":
-            kernels = "triton" if self.device.type == "cuda" else "torch"
+            kernels = "triton" if self.device.type == "cuda" and _triton_available() else "torch"
         self.kernels = kernels
         self.use_cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         if graph_cache_size < 1:

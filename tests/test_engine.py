@@ -76,6 +76,21 @@ def test_triton_kernels_in_interpreter_match_reference(monkeypatch):
     assert calls == {"sr_attention": 8, "mixffn": 8}, calls
 
 
+def test_triton_engine_small_grids_fall_back_per_block():
+    """Below 29 px the stage-1 grid is smaller than the SR ratio: those blocks run the torch path (padded SR conv)
+    while the others still run the Triton kernels; the result equals the reference."""
+    pytest.importorskip("triton")
+    model = Segformer.from_config("b0", num_labels=5, seed=2)
+    device = "cuda" if CUDA else "cpu"
+    model = model.to(device)
+    engine = optimize(model, kernels="triton", verify=False, cuda_graphs=False)
+    pixels = torch.randn(2, 3, 20, 44, generator=torch.Generator().manual_seed(8)).to(device)
+    with torch.no_grad():
+        expected = model.double()(pixels.double())
+    assert_within_tolerance(engine(pixels), expected, torch.float32, what="Triton engine at 20x44")
+    assert engine.launch_counts["sr_attention"] > 0
+
+
 def test_verify_catches_corrupted_prepared_weight():
     model = Segformer.from_config("b0", num_labels=4, seed=1)
     engine = optimize(model, verify=False)
