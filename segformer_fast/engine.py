@@ -19,6 +19,7 @@ beyond the tolerance rule of DESIGN.md section 5.
 
 import collections
 import dataclasses
+import os
 import threading
 import warnings
 
@@ -132,6 +133,11 @@ class SegformerEngine:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype}")
         if kernels == "auto":
             kernels = "triton" if self.device.type == "cuda" and _triton_available() else "torch"
+        if kernels == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"kernels='triton' on {self.device.type} tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                "before triton is imported (or use kernels='auto' / 'torch' on CPU)"
+            )
         self.kernels = kernels
         self.use_cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         if graph_cache_size < 1:

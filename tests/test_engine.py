@@ -108,7 +108,7 @@ def test_verify_catches_corrupted_prepared_weight():
         engine.verify(model)
 
 
-def test_optimize_rejects_bad_arguments():
+def test_optimize_rejects_bad_arguments(monkeypatch):
     model = Segformer.from_config("b0", num_labels=4, seed=1)
     with pytest.raises(ValueError, match="kernels must be one of"):
         optimize(model, kernels="fast")
@@ -116,6 +116,10 @@ def test_optimize_rejects_bad_arguments():
         optimize(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="dtype must be one of"):
         optimize(model, dtype=torch.float64)
+    if not CUDA:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            optimize(model, kernels="triton")
     engine = optimize(model, verify=False)
     with pytest.raises(ValueError, match="3 channels"):
         engine(torch.randn(1, 1, 32, 32))
