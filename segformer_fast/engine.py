@@ -256,16 +256,16 @@ class SegformerEngine:
             return self._forward(pixel_values)
         key = (tuple(pixel_values.shape), pixel_values.dtype, pixel_values.device)
         with self._lock:
-            entry = self._graphs.get(key)
-            if entry is None:
-                entry = self._capture(pixel_values)
-                if entry is None:
-                    return self._forward(pixel_values)
+            if key in self._graphs:
+                self._graphs.move_to_end(key)
+                entry = self._graphs[key]
+            else:
+                entry = self._capture(pixel_values)  # None (remembered) when this shape cannot be captured
                 self._graphs[key] = entry
                 while len(self._graphs) > self.graph_cache_size:
                     self._graphs.popitem(last=False)
-            else:
-                self._graphs.move_to_end(key)
+            if entry is None:
+                return self._forward(pixel_values)
             graph, static_input, static_output = entry
             static_input.copy_(pixel_values)
             graph.replay()

@@ -208,3 +208,22 @@ def test_cuda_graph_replay_equals_plain_launch_and_recaptures():
         pixels = torch.randn(shape, device="cuda")
         assert torch.equal(graphed(pixels), plain(pixels))
     assert len(graphed._graphs) == 2
+
+
+def test_graph_cache_remembers_failed_captures_and_evicts_lru(monkeypatch):
+    """The CUDA-graph cache logic, on CPU: a shape whose capture failed is not captured again, and the cache keeps
+    at most graph_cache_size shapes (least recently used evicted)."""
+    model = Segformer.from_config("b0", num_labels=3, seed=1)
+    engine = optimize(model, verify=False, graph_cache_size=2)
+    engine.use_cuda_graphs = True
+    captured = []
+    monkeypatch.setattr(engine, "_capture", lambda pixels: captured.append(tuple(pixels.shape)))
+    shapes = [(1, 3, 32, 32), (1, 3, 32, 32), (1, 3, 40, 32), (1, 3, 48, 32), (1, 3, 32, 32)]
+    for shape in shapes:
+        pixels = torch.randn(shape)
+        with torch.no_grad():
+            assert_relative_close(engine(pixels), model(pixels), 1e-5, f"plain launches for {shape}")
+    # 32x32 captured once, then evicted by 40 and 48 (cache of 2), so captured again at the end
+    assert captured == [(1, 3, 32, 32), (1, 3, 40, 32), (1, 3, 48, 32), (1, 3, 32, 32)]
+    assert list(engine._graphs) == [((1, 3, 48, 32), torch.float32, torch.device("cpu")),
+                                    ((1, 3, 32, 32), torch.float32, torch.device("cpu"))]
