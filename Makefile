@@ -22,7 +22,7 @@ $(STAMP): $(SOURCES)
 install: $(STAMP)
 
 test: install
-	$(PY) -m pytest tests -ra
+	$(VENV)/bin/pytest tests -ra
 
 bench: install
 	$(VENV)/bin/segformer-fast bench

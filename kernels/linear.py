@@ -5,8 +5,8 @@ widths whose fused epilogue would not fit in registers (see ``sr_attention.py``)
 
 Shared helpers (imported by the other kernel files):
 
-- ``check_tensor`` / ``check_compute_dtype`` / ``check_device``: input validation with messages that carry the
-  expected and the actual numbers.
+- ``check_compute_dtype`` / ``check_device`` (and ``check_tensor`` from ``segformer_fast.prepared``): input
+  validation with messages that carry the expected and the actual numbers.
 - ``upcast_dot``: whether a kernel must feed ``tl.dot`` fp32 operands. The Triton CPU interpreter stores bf16 as
   raw uint16 and multiplies those integers in ``tl.dot``, so under ``TRITON_INTERPRET=1`` bf16 operands are
   upcast (exact: a bf16 x bf16 product fits in fp32) before the dot. On a GPU the flag is always False.
@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from segformer_fast.prepared import check_tensor
+
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -31,36 +33,6 @@ def interpreting() -> bool:
 def upcast_dot(dtype: torch.dtype) -> bool:
     """Whether ``tl.dot`` operands of ``dtype`` must be upcast to fp32 (the interpreter's bf16 dot is wrong)."""
     return interpreting() and dtype == torch.bfloat16
-
-
-def check_tensor(name, tensor, shape=None, dtype=None, device=None, contiguous=True):
-    """Validate one launcher argument; ``shape`` entries that are None match any size.
-
-    Raises TypeError for a non-tensor or a wrong dtype and ValueError for a wrong rank, size, device or layout;
-    every message names the argument and gives the expected and the actual values.
-    """
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
-    if shape is not None:
-        if tensor.dim() != len(shape):
-            raise ValueError(
-                f"{name}: expected {len(shape)} dims with shape {_shape_str(shape)}, "
-                f"got {tensor.dim()} dims with shape {tuple(tensor.shape)}"
-            )
-        for axis, (want, got) in enumerate(zip(shape, tensor.shape)):
-            if want is not None and want != got:
-                raise ValueError(
-                    f"{name}: expected shape {_shape_str(shape)}, got {tuple(tensor.shape)} "
-                    f"(dim {axis}: expected {want}, got {got})"
-                )
-    if dtype is not None and tensor.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {tensor.dtype}")
-    if device is not None and tensor.device != device:
-        raise ValueError(f"{name}: expected device {device}, got {tensor.device}")
-    if contiguous and not tensor.is_contiguous():
-        raise ValueError(
-            f"{name}: expected a contiguous tensor, got shape {tuple(tensor.shape)} with strides {tensor.stride()}"
-        )
 
 
 def check_compute_dtype(name, tensor):
@@ -83,10 +55,6 @@ def check_out(out, shape, like):
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     check_tensor("out", out, shape=shape, dtype=like.dtype, device=like.device)
     return out
-
-
-def _shape_str(shape):
-    return str(tuple("*" if s is None else s for s in shape)).replace("'", "")
 
 
 @triton.jit

@@ -13,47 +13,12 @@ Tokens are channels-last, row-major over (H, W): h[b, y*W + x, c].
 All accumulation in fp32; the GELU output is rounded to the activation dtype before fc2 (as eager does).
 """
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
 
+from segformer_fast.prepared import MixFFNParams, prepare_mixffn_params  # noqa: F401  (re-exported)
 from .linear import check_compute_dtype, check_device, check_out, check_tensor, linear, mma, upcast_dot
-
-
-@dataclasses.dataclass(frozen=True)
-class MixFFNParams:
-    """Mix-FFN weights in the compute dtype (``prepare_mixffn_params``).
-
-    fc1_weight (C4, C), fc1_bias (C4,); dw_weight (C4, 1, 3, 3), dw_bias (C4,); fc2_weight (C, C4), fc2_bias (C,).
-    """
-
-    fc1_weight: torch.Tensor
-    fc1_bias: torch.Tensor
-    dw_weight: torch.Tensor
-    dw_bias: torch.Tensor
-    fc2_weight: torch.Tensor
-    fc2_bias: torch.Tensor
-
-    def to(self, dtype=None, device=None):
-        """A copy with every tensor moved to ``dtype`` / ``device``."""
-        return dataclasses.replace(self, **{
-            f.name: getattr(self, f.name).to(device=device, dtype=dtype).contiguous() for f in dataclasses.fields(self)
-        })
-
-
-def prepare_mixffn_params(fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, dtype=None, device=None):
-    """Check shapes and cast one block's Mix-FFN weights (``nn.Linear`` / ``nn.Conv2d`` layouts) to ``dtype``."""
-    C4, C = fc1_w.shape
-    check_tensor("fc1_w", fc1_w, shape=(C4, C), contiguous=False)
-    check_tensor("fc1_b", fc1_b, shape=(C4,), contiguous=False)
-    check_tensor("dw_w", dw_w, shape=(C4, 1, 3, 3), contiguous=False)
-    check_tensor("dw_b", dw_b, shape=(C4,), contiguous=False)
-    check_tensor("fc2_w", fc2_w, shape=(C, C4), contiguous=False)
-    check_tensor("fc2_b", fc2_b, shape=(C,), contiguous=False)
-    return MixFFNParams(fc1_w.detach(), fc1_b.detach(), dw_w.detach(), dw_b.detach(), fc2_w.detach(),
-                        fc2_b.detach()).to(dtype=dtype or fc1_w.dtype, device=device or fc1_w.device)
 
 
 @triton.jit

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from segformer_fast.prepared import SRAttentionParams, prepare_sr_attention_params  # noqa: F401  (re-exported)
 from .layernorm import layer_norm_ref
 from .linear import check_compute_dtype, check_device, check_out, check_tensor, linear, mma, upcast_dot
 
@@ -38,97 +39,6 @@ from .linear import check_compute_dtype, check_device, check_out, check_tensor, 
 MAX_FUSED_OUT_CHANNELS = 256
 #: Widest C the fused KV kernel handles (its normalized reduced tile is BLOCK_M x next_pow2(C)).
 MAX_SR_CHANNELS = 512
-
-
-@dataclasses.dataclass(frozen=True)
-class SRAttentionParams:
-    """Weights of one SR attention, prepared once (``prepare_sr_attention_params``), all in the compute dtype.
-
-    q_weight (C, C), q_bias (C,): Wq, bq already multiplied by d^-0.5 (``nn.Linear`` layout: (out, in)).
-    kv_weight (2C, C), kv_bias (2C,): rows [0, C) are Wk, rows [C, 2C) are Wv (the official ``kv`` Linear).
-    o_weight (C, C), o_bias (C,): output projection.
-    sr_weight (C, R*R*C): the SR conv weight (C_out, C_in, R, R) permuted to (C_out, R, R, C_in) and flattened,
-        so column (ky*R + kx)*C + c multiplies input channel c at patch offset (ky, kx). None when R == 1.
-    sr_bias, sr_ln_weight, sr_ln_bias (C,): conv bias and SR LayerNorm affine; None when R == 1.
-    sr_eps: SR LayerNorm eps. num_heads, sr_ratio: ints.
-    """
-
-    q_weight: torch.Tensor
-    q_bias: torch.Tensor
-    kv_weight: torch.Tensor
-    kv_bias: torch.Tensor
-    o_weight: torch.Tensor
-    o_bias: torch.Tensor
-    sr_weight: torch.Tensor | None
-    sr_bias: torch.Tensor | None
-    sr_ln_weight: torch.Tensor | None
-    sr_ln_bias: torch.Tensor | None
-    sr_eps: float
-    num_heads: int
-    sr_ratio: int
-
-    @property
-    def channels(self) -> int:
-        return self.q_weight.shape[0]
-
-    @property
-    def head_dim(self) -> int:
-        return self.channels // self.num_heads
-
-    def to(self, dtype=None, device=None):
-        """A copy with every tensor moved to ``dtype`` / ``device``."""
-        return dataclasses.replace(self, **{
-            f.name: getattr(self, f.name).to(device=device, dtype=dtype).contiguous()
-            for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)
-        })
-
-
-def prepare_sr_attention_params(q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, sr_w, sr_b, sr_ln_w, sr_ln_b, sr_eps,
-                                num_heads, dtype=None, device=None):
-    """Fold and lay out one block's attention weights for the kernels.
-
-    q_w, k_w, v_w, o_w: (C, C) and q_b, k_b, v_b, o_b: (C,) (``nn.Linear`` layout); sr_w: (C, C, R, R) conv
-    weight, sr_b: (C,), sr_ln_w / sr_ln_b: (C,) SR LayerNorm (all four None when R == 1); sr_eps: float.
-    The scale d^-0.5 is folded into q in fp64, then everything is cast to ``dtype`` (default: q_w's dtype).
-    Returns an ``SRAttentionParams``.
-    """
-    C = q_w.shape[0]
-    for name, w in (("q_w", q_w), ("k_w", k_w), ("v_w", v_w), ("o_w", o_w)):
-        check_tensor(name, w, shape=(C, C), contiguous=False)
-    for name, b in (("q_b", q_b), ("k_b", k_b), ("v_b", v_b), ("o_b", o_b)):
-        check_tensor(name, b, shape=(C,), contiguous=False)
-    if num_heads < 1 or C % num_heads:
-        raise ValueError(f"num_heads: expected a divisor of C={C}, got {num_heads}")
-    dtype = dtype or q_w.dtype
-    device = device or q_w.device
-    scale = (C // num_heads) ** -0.5
-
-    def cast(t):
-        return None if t is None else t.detach().to(device=device, dtype=dtype).contiguous()
-
-    if sr_w is None:
-        sr_ratio, sr_weight = 1, None
-    else:
-        sr_ratio = sr_w.shape[-1]
-        check_tensor("sr_w", sr_w, shape=(C, C, sr_ratio, sr_ratio), contiguous=False)
-        for name, t in (("sr_b", sr_b), ("sr_ln_w", sr_ln_w), ("sr_ln_b", sr_ln_b)):
-            check_tensor(name, t, shape=(C,), contiguous=False)
-        sr_weight = sr_w.detach().permute(0, 2, 3, 1).reshape(C, sr_ratio * sr_ratio * C)
-    return SRAttentionParams(
-        q_weight=cast(q_w.detach().double() * scale),
-        q_bias=cast(q_b.detach().double() * scale),
-        kv_weight=cast(torch.cat([k_w.detach(), v_w.detach()], 0)),
-        kv_bias=cast(torch.cat([k_b.detach(), v_b.detach()], 0)),
-        o_weight=cast(o_w),
-        o_bias=cast(o_b),
-        sr_weight=cast(sr_weight),
-        sr_bias=cast(sr_b) if sr_ratio > 1 else None,
-        sr_ln_weight=cast(sr_ln_w) if sr_ratio > 1 else None,
-        sr_ln_bias=cast(sr_ln_b) if sr_ratio > 1 else None,
-        sr_eps=float(sr_eps),
-        num_heads=int(num_heads),
-        sr_ratio=int(sr_ratio),
-    )
 
 
 def reduced_size(H, W, sr_ratio):

@@ -31,6 +31,7 @@ from .checkpoints import from_family
 from .config import PATCH_SIZES, STRIDES, SegformerConfig
 from .decoder_fold import FoldedDecodeHead, fold_decode_head
 from .model import Segformer, check_pixel_values
+from .prepared import MixFFNParams, SRAttentionParams, prepare_mixffn_params, prepare_sr_attention_params
 from .testing import max_abs_error, tolerance
 
 KERNEL_CHOICES = ("auto", "triton", "torch", "eager")
@@ -51,10 +52,9 @@ class _Norm:
 @dataclasses.dataclass
 class _Block:
     norm1: _Norm
-    attn: object  # kernels.sr_attention.SRAttentionParams
-    sr_conv_weight: torch.Tensor | None  # (C, C, R, R): the SR conv for the torch/eager path
+    attn: SRAttentionParams
     norm2: _Norm
-    mlp: object  # kernels.mixffn.MixFFNParams
+    mlp: MixFFNParams
 
 
 @dataclasses.dataclass
@@ -163,7 +163,6 @@ class SegformerEngine:
         def norm(module):
             return _Norm(cast(module.weight), cast(module.bias), float(module.eps))
 
-        kernels = _kernels_module() if self.kernels == "triton" else None
         self.stages = []
         for index, stage in enumerate(reference.stages):
             blocks = []
@@ -180,16 +179,11 @@ class SegformerEngine:
                 mlp = block.mlp
                 mlp_args = (mlp.fc1.weight, mlp.fc1.bias, mlp.dwconv.weight, mlp.dwconv.bias, mlp.fc2.weight,
                             mlp.fc2.bias)
-                if kernels is not None:
-                    attn_params = kernels.prepare_sr_attention_params(*attn_args, dtype=dtype, device=device)
-                    mlp_params = kernels.prepare_mixffn_params(*mlp_args, dtype=dtype, device=device)
-                else:
-                    attn_params = _prepare_attention_torch(*attn_args, dtype=dtype, device=device)
-                    mlp_params = _MLP(*(cast(t) for t in mlp_args))
                 blocks.append(_Block(
-                    norm1=norm(block.norm1), attn=attn_params,
-                    sr_conv_weight=cast(attn.sr.weight) if has_sr else None,
-                    norm2=norm(block.norm2), mlp=mlp_params,
+                    norm1=norm(block.norm1),
+                    attn=prepare_sr_attention_params(*attn_args, dtype=dtype, device=device),
+                    norm2=norm(block.norm2),
+                    mlp=prepare_mixffn_params(*mlp_args, dtype=dtype, device=device),
                 ))
             self.stages.append(_Stage(
                 patch_weight=cast(stage.patch_embed.proj.weight), patch_bias=cast(stage.patch_embed.proj.bias),
@@ -231,7 +225,7 @@ class SegformerEngine:
             return kernels.mixffn(h, height, width, block.mlp, residual=x)
         # torch path (also the Triton path's fallback for stage grids smaller than the SR ratio)
         h = F.layer_norm(x, (x.shape[-1],), block.norm1.weight, block.norm1.bias, block.norm1.eps)
-        x = x + _attention_torch(h, height, width, block.attn, block.sr_conv_weight)
+        x = x + _attention_torch(h, height, width, block.attn)
         h = F.layer_norm(x, (x.shape[-1],), block.norm2.weight, block.norm2.bias, block.norm2.eps)
         return x + _mixffn_torch(h, height, width, block.mlp)
 
@@ -383,51 +377,7 @@ def _copy_to(reference: Segformer, dtype: torch.dtype) -> Segformer:
 
 
 # ----------------------------------------------------------------------------------------------- torch ops path
-@dataclasses.dataclass
-class _Attention:
-    """SR attention weights for the torch path (same folds as the Triton kernels' params)."""
-
-    q_weight: torch.Tensor  # (C, C), scale folded in
-    q_bias: torch.Tensor
-    kv_weight: torch.Tensor  # (2C, C): [Wk; Wv]
-    kv_bias: torch.Tensor
-    o_weight: torch.Tensor
-    o_bias: torch.Tensor
-    sr_bias: torch.Tensor | None
-    sr_ln_weight: torch.Tensor | None
-    sr_ln_bias: torch.Tensor | None
-    sr_eps: float
-    num_heads: int
-    sr_ratio: int
-
-
-@dataclasses.dataclass
-class _MLP:
-    fc1_weight: torch.Tensor
-    fc1_bias: torch.Tensor
-    dw_weight: torch.Tensor
-    dw_bias: torch.Tensor
-    fc2_weight: torch.Tensor
-    fc2_bias: torch.Tensor
-
-
-def _prepare_attention_torch(q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, sr_w, sr_b, sr_ln_w, sr_ln_b, sr_eps,
-                             num_heads, dtype, device) -> _Attention:
-    scale = (q_w.shape[0] // num_heads) ** -0.5
-
-    def cast(t):
-        return None if t is None else t.detach().to(device=device, dtype=dtype).contiguous()
-
-    return _Attention(
-        q_weight=cast(q_w.detach().double() * scale), q_bias=cast(q_b.detach().double() * scale),
-        kv_weight=cast(torch.cat([k_w, v_w])), kv_bias=cast(torch.cat([k_b, v_b])),
-        o_weight=cast(o_w), o_bias=cast(o_b), sr_bias=cast(sr_b), sr_ln_weight=cast(sr_ln_w),
-        sr_ln_bias=cast(sr_ln_b), sr_eps=float(sr_eps), num_heads=int(num_heads),
-        sr_ratio=1 if sr_w is None else int(sr_w.shape[-1]),
-    )
-
-
-def _attention_torch(h, height, width, params, sr_conv_weight):
+def _attention_torch(h, height, width, params):
     """Attention branch (without the residual) on (B, N, C) normalized tokens with PyTorch ops."""
     batch, tokens, channels = h.shape
     heads = params.num_heads
@@ -435,13 +385,17 @@ def _attention_torch(h, height, width, params, sr_conv_weight):
     ratio = params.sr_ratio
     q = F.linear(h, params.q_weight, params.q_bias).view(batch, tokens, heads, head_dim).transpose(1, 2)
     if ratio > 1:
-        grid = h.view(batch, height, width, channels).permute(0, 3, 1, 2)  # channels-last view
+        grid = h.view(batch, height, width, channels)
         pad_h, pad_w = max(0, ratio - height), max(0, ratio - width)
         if pad_h or pad_w:  # as the reference: grids smaller than R are zero-padded to R
-            grid = F.pad(grid, (0, pad_w, 0, pad_h))
-        reduced = F.conv2d(grid, sr_conv_weight, params.sr_bias, stride=ratio)
-        kv_tokens = F.layer_norm(reduced.flatten(2).transpose(1, 2), (channels,), params.sr_ln_weight,
-                                 params.sr_ln_bias, params.sr_eps)
+            grid = F.pad(grid, (0, 0, 0, pad_w, 0, pad_h))
+        rows, cols = grid.shape[1] // ratio, grid.shape[2] // ratio
+        # The SR conv as the kernels compute it: non-overlapping R x R patches (the conv floors: the remainder
+        # rows/columns are dropped) flattened in (ky, kx, c) order, times sr_weight (C, R*R*C).
+        patches = grid[:, :rows * ratio, :cols * ratio].reshape(batch, rows, ratio, cols, ratio, channels)
+        patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(batch, rows * cols, ratio * ratio * channels)
+        reduced = F.linear(patches, params.sr_weight, params.sr_bias)
+        kv_tokens = F.layer_norm(reduced, (channels,), params.sr_ln_weight, params.sr_ln_bias, params.sr_eps)
     else:
         kv_tokens = h
     kv = F.linear(kv_tokens, params.kv_weight, params.kv_bias).view(batch, -1, 2, heads, head_dim)
