@@ -36,13 +36,16 @@ def _median_ms(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _copy_ms(device: torch.device, copy_bytes: int, repeats: int) -> float:
+    source = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    return _median_ms(lambda: target.copy_(source), device, repeats)
+
+
 def measure(device: torch.device, repeats: int = 5) -> dict:
     gib = 1 << 30
     copy_bytes = 4 * gib if device.type == "cuda" else gib // 4
-    source = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    copy_ms = _median_ms(lambda: target.copy_(source), device, repeats)
-    del source, target
+    copy_ms = _copy_ms(device, copy_bytes, repeats)  # buffers freed before the GEMM allocates
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     size = 8192 if device.type == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
