@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .inference import ENGINES
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -68,7 +70,7 @@ def cmd_segment(args) -> int:
 
     from .checkpoints import load
     from .fileio import atomic_path, find_images, load_image
-    from .inference import resolve_window, segment_images
+    from .inference import build_forward, resolve_window, segment_images
     from .palettes import overlay, palette_for
 
     device = resolve_device(args.device)
@@ -110,26 +112,11 @@ def cmd_segment(args) -> int:
         resize = {"size": None}
     else:
         resize = {"size": tuple(args.size) if args.size else (512, 512)}
-    options = dict(mode=args.mode, crop=crop, stride=stride, **resize)
-    if args.engine == "fast":
-        from .engine import optimize
+    forward, whole_labels = build_forward(model, args.engine, dtype)
 
-        engine = optimize(model, dtype=dtype)
-
-        def segment(image):
-            return engine.segment(image, **options)
-    else:
-        if args.engine == "transformers":
-            hf_model = model.to(dtype=dtype).to_transformers()
-
-            def forward(pixel_values):
-                return hf_model(pixel_values=pixel_values).logits
-        else:
-            forward = model.to(dtype=dtype)
-
-        def segment(image):
-            return segment_images(image, forward, num_labels=model.config.num_labels, device=device, dtype=dtype,
-                                  **options)
+    def segment(image):
+        return segment_images(image, forward, num_labels=model.config.num_labels, device=device, dtype=dtype,
+                              mode=args.mode, crop=crop, stride=stride, whole_labels=whole_labels, **resize)
 
     failures = []
     with torch.inference_mode():
@@ -197,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--out", required=True, help="output folder (mirrors the input folders' layout)")
     segment.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     segment.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    segment.add_argument("--engine", default="fast", choices=["fast", "reference", "transformers"],
+    segment.add_argument("--engine", default="fast", choices=ENGINES,
                          help="fast: segformer_fast.optimize (default); reference: the eager reference model; "
                               "transformers: transformers' model with the same weights")
     resize = segment.add_mutually_exclusive_group()

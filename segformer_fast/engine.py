@@ -333,10 +333,10 @@ class SegformerEngine:
         return segment_images(
             images, self.logits, num_labels=self.config.num_labels, device=self.device, dtype=self.dtype,
             size=size, mode=mode, crop=crop, stride=stride, short_side=short_side, max_long_side=max_long_side,
-            whole_labels=self._whole_labels,
+            whole_labels=self.whole_labels,
         )
 
-    def _whole_labels(self, pixel_values, sizes):
+    def whole_labels(self, pixel_values, sizes):
         """Whole-image labels of a preprocessed batch: one forward, then per image the fused upsample + argmax."""
         logits = self.logits(pixel_values)
         return [ops.upsample_argmax(logits[i:i + 1], h, w)[0] for i, (h, w) in enumerate(sizes)]

@@ -25,8 +25,7 @@ Datasets (``open_dataset``):
 Prediction is one injectable callable, ``predict(image: PIL.Image) -> (H, W) integer labels`` at the image's own
 resolution; ``make_predictor`` builds it from a model and an engine choice (``fast``, ``reference``,
 ``transformers``) and an inference mode (``whole``: resize, one forward, upsample the logits to the image size and
-argmax; ``slide``: ``segformer_fast.inference.segment_images`` sliding windows; more modes can be registered with
-``register_mode``).
+argmax; ``slide``: sliding windows), both through ``segformer_fast.inference.segment_images``.
 
 Default resizing (``default_resize``): ADE20K uses mmseg's test pipeline, keep ratio with short side 512 and long side
 at most 2048 (``img_scale=(2048, 512)``); Cityscapes keep ratio with short side 1024 and long side at most 2048
@@ -47,7 +46,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .cli import DTYPES, resolve_device
 from .fileio import atomic_write_text, load_image
+from .inference import ENGINES
 from .palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES
 
 IGNORE_INDEX = 255
@@ -56,8 +57,7 @@ IGNORE_INDEX = 255
 Predictor = Callable[[Image.Image], np.ndarray]
 
 FORMATS = ("ade20k", "cityscapes")
-ENGINES = ("fast", "reference", "transformers")
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+MODES = ("whole", "slide")
 
 #: Cityscapes labelIds -> trainIds for the 19 evaluated classes (cityscapesScripts ``labels.py``); all other ids,
 #: including "unlabeled" (0), the void classes, and the classes not evaluated (parking, rail track, guard rail,
@@ -540,70 +540,6 @@ def default_resize(format: str) -> dict:
     raise ValueError(f"unknown dataset format {format!r}; expected one of {FORMATS}")
 
 
-def whole_image_predictor(forward, *, resize: dict, device, dtype, fused_argmax: bool = False) -> Predictor:
-    """Whole-image inference: ``preprocess(image, **resize)``, ``forward`` (pixel_values -> logits at 1/4), then
-    bilinear upsampling of the logits to the image's size and argmax (``ops.upsample_argmax`` when
-    ``fused_argmax``, else ``processing.postprocess``, which is transformers' post-processing)."""
-    import torch
-
-    from .ops import upsample_argmax
-    from .processing import postprocess, preprocess
-
-    def predict(image: Image.Image) -> np.ndarray:
-        with torch.inference_mode():
-            pixel_values = preprocess(image, device=device, dtype=dtype, **resize)
-            logits = forward(pixel_values)
-            if fused_argmax:
-                labels = upsample_argmax(logits, image.height, image.width)[0]
-            else:
-                labels = postprocess(logits, (image.height, image.width))[0]
-            return labels.cpu().numpy()
-
-    return predict
-
-
-#: Inference modes: name -> factory(forward, *, resize, device, dtype, fused_argmax, num_classes, engine,
-#: **options) -> Predictor. "whole" is built in; sliding-window inference registers "slide".
-_MODES: dict = {}
-
-
-def register_mode(name: str, factory) -> None:
-    """Make ``make_predictor(..., mode=name)`` use ``factory`` (signature: see ``_MODES``)."""
-    _MODES[name] = factory
-
-
-def _whole_mode(forward, *, resize, device, dtype, fused_argmax=False, **_unused):
-    return whole_image_predictor(forward, resize=resize, device=device, dtype=dtype, fused_argmax=fused_argmax)
-
-
-def _slide_mode(forward, *, resize, device, dtype, num_classes, crop=None, stride=None, windows_per_call=1,
-                **_unused):
-    """Sliding-window inference (mmseg ``mode='slide'``) through ``segformer_fast.inference.segment_images``: the
-    image is resized as in whole mode, covered by ``crop`` windows ``stride`` apart, the averaged full-size logits
-    are resized to the image's size and argmaxed."""
-    import torch
-
-    try:
-        from .inference import segment_images
-    except ImportError as err:
-        raise ValueError(
-            f"--mode slide needs sliding-window inference (segformer_fast.inference), which is not available "
-            f"({err}); use --mode whole"
-        ) from None
-
-    def predict(image: Image.Image) -> np.ndarray:
-        with torch.inference_mode():
-            labels = segment_images(image, forward, num_labels=num_classes, device=device, dtype=dtype, mode="slide",
-                                    crop=crop, stride=stride, windows_per_call=windows_per_call, **resize)
-        return labels.cpu().numpy()
-
-    return predict
-
-
-register_mode("whole", _whole_mode)
-register_mode("slide", _slide_mode)
-
-
 def default_window(format: str) -> dict:
     """Sliding-window crop and stride of the SegFormer test configs: Cityscapes 1024x1024 windows 768 apart; ADE20K
     512x512 windows 341 apart (mmseg's slide setting for 512 crops)."""
@@ -614,29 +550,6 @@ def default_window(format: str) -> dict:
     raise ValueError(f"unknown dataset format {format!r}; expected one of {FORMATS}")
 
 
-def model_forward(model, engine: str = "fast", dtype=None):
-    """(forward, fused_argmax) for a reference ``Segformer`` run by ``engine``: "fast" (``optimize``, whose logits
-    go through the fused ``upsample_argmax``), "reference" (the eager model) or "transformers" (transformers' model
-    with the same weights). ``model`` is cast to ``dtype`` in place for the reference engine."""
-    import torch
-
-    dtype = dtype or torch.float32
-    if engine == "fast":
-        from .engine import optimize
-
-        return optimize(model, dtype=dtype).logits, True
-    if engine == "reference":
-        return model.to(dtype=dtype).eval(), False
-    if engine == "transformers":
-        hf_model = model.to_transformers().to(device=model.device, dtype=dtype).eval()
-
-        def forward(pixel_values):
-            return hf_model(pixel_values=pixel_values).logits
-
-        return forward, False
-    raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
-
-
 def make_predictor(
     model,
     engine: str = "fast",
@@ -645,28 +558,34 @@ def make_predictor(
     resize: dict | None = None,
     device=None,
     dtype=None,
-    **mode_options,
+    crop=None,
+    stride=None,
+    windows_per_call: int = 1,
 ) -> Predictor:
-    """A ``Predictor`` for a reference ``Segformer`` (already on ``device``): ``engine`` as in ``model_forward``,
-    ``mode`` an inference mode ("whole", or one registered with ``register_mode`` such as "slide"), ``resize`` the
-    ``preprocess`` resize arguments (default: fixed 512x512), extra ``mode_options`` passed to the mode's factory."""
+    """A ``Predictor`` for a reference ``Segformer`` (already on ``device``) through
+    :func:`segformer_fast.inference.segment_images`: ``engine`` as in ``inference.build_forward`` ("fast",
+    "reference", "transformers"), ``mode`` "whole" (resize, one forward, upsample the logits to the image size and
+    argmax) or "slide" (sliding windows of ``crop`` every ``stride``), ``resize`` the resize arguments
+    (``size`` or ``short_side``/``max_long_side``; default: fixed 512x512)."""
     import torch
 
-    if mode not in _MODES:
-        raise ValueError(f"unknown inference mode {mode!r}; available: {sorted(_MODES)}")
+    from .inference import build_forward, segment_images
+
+    if mode not in MODES:
+        raise ValueError(f"unknown inference mode {mode!r}; available: {list(MODES)}")
     dtype = dtype or torch.float32
     device = torch.device(device) if device is not None else model.device
-    forward, fused = model_forward(model, engine, dtype)
-    return _MODES[mode](
-        forward,
-        resize=dict(resize) if resize else {"size": (512, 512)},
-        device=device,
-        dtype=dtype,
-        fused_argmax=fused,
-        num_classes=model.config.num_labels,
-        engine=engine,
-        **mode_options,
-    )
+    forward, whole_labels = build_forward(model, engine, dtype)
+    options = dict(resize) if resize else {"size": (512, 512)}
+
+    def predict(image: Image.Image) -> np.ndarray:
+        with torch.inference_mode():
+            labels = segment_images(image, forward, num_labels=model.config.num_labels, device=device, dtype=dtype,
+                                    mode=mode, crop=crop, stride=stride, whole_labels=whole_labels,
+                                    windows_per_call=windows_per_call, **options)
+        return labels.cpu().numpy()
+
+    return predict
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -678,7 +597,7 @@ def add_eval_arguments(parser) -> None:
                         help="ade20k: DIR/images/validation + DIR/annotations/validation (or DIR/images + "
                              "DIR/annotations); cityscapes: DIR/leftImg8bit/val + DIR/gtFine/val")
     parser.add_argument("--engine", default="fast", choices=ENGINES, help="model to evaluate (default fast)")
-    parser.add_argument("--mode", default="whole", choices=["whole", "slide"],
+    parser.add_argument("--mode", default="whole", choices=MODES,
                         help="whole: one forward per image (default); slide: sliding-window inference")
     resize = parser.add_mutually_exclusive_group()
     resize.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
@@ -764,8 +683,6 @@ def run_eval(args) -> int:
                         "stride": tuple(args.stride) if args.stride else window["stride"]}
     elif args.crop or args.stride:
         raise ValueError("--crop and --stride apply to --mode slide only")
-    from .cli import resolve_device
-
     device = resolve_device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype])
     dataset = open_dataset(args.format, args.data, args.limit)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .config import MLP_RATIO, NUM_HEADS, SR_RATIOS, VARIANTS
 
 MODES = ("whole", "slide", "auto")
+ENGINES = ("fast", "reference", "transformers")
 #: Default sliding-window crop (SegFormer's Cityscapes test config); the default stride is 2/3 of the crop.
 DEFAULT_CROP = (1024, 1024)
 
@@ -193,12 +194,36 @@ def _as_rgb_images(images) -> tuple[list, bool]:
 
 
 def _default_whole_labels(forward):
+    """Whole-image labels with transformers' post-processing (each image's logits upsampled on their own)."""
+    from .processing import postprocess
+
     def whole_labels(pixel_values, sizes):
-        logits = forward(pixel_values)
-        return [F.interpolate(logits[i:i + 1], size=s, mode="bilinear", align_corners=False)[0].argmax(0)
-                for i, s in enumerate(sizes)]
+        labels = postprocess(forward(pixel_values), sizes)
+        return list(labels)
 
     return whole_labels
+
+
+def build_forward(model, engine: str = "fast", dtype: torch.dtype = torch.float32):
+    """(forward, whole_labels) to run a reference ``Segformer`` with ``engine`` in ``dtype``, for
+    :func:`segment_images`: "fast" (``optimize``; its fused ``upsample_argmax`` does the whole-image labels),
+    "reference" (the eager model, cast to ``dtype`` in place) or "transformers" (transformers' model with the same
+    weights). ``whole_labels`` is None where the default (transformers' post-processing) applies."""
+    if engine == "fast":
+        from .engine import optimize
+
+        fast = optimize(model, dtype=dtype)
+        return fast.logits, fast.whole_labels
+    if engine == "reference":
+        return model.to(dtype=dtype).eval(), None
+    if engine == "transformers":
+        hf_model = model.to(dtype=dtype).to_transformers()
+
+        def forward(pixel_values):
+            return hf_model(pixel_values=pixel_values).logits
+
+        return forward, None
+    raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
 
 
 def _slide_labels(forward, pixel_values, sizes, num_labels, crop, stride, windows_per_call):

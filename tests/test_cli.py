@@ -202,7 +202,7 @@ def test_segment_out_of_memory_whole_fails_auto_slides(checkpoint, image_folder,
     def out_of_memory(self, pixel_values, sizes):
         raise RuntimeError("CUDA out of memory. Tried to allocate 64.00 GiB")
 
-    monkeypatch.setattr(SegformerEngine, "_whole_labels", out_of_memory)
+    monkeypatch.setattr(SegformerEngine, "whole_labels", out_of_memory)
     common = [str(image_folder / "a.jpg"), "--model", str(checkpoint), "--quiet", "--crop", "64", "64"]
     assert main(["segment", *common, "--out", str(tmp_path / "whole"), "--mode", "whole"]) == 1
     captured = capsys.readouterr()

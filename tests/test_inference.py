@@ -171,7 +171,7 @@ def test_auto_mode_moves_to_slide_on_out_of_memory(engine, image, monkeypatch, e
         calls.append(tuple(pixel_values.shape))
         raise error
 
-    monkeypatch.setattr(engine, "_whole_labels", out_of_memory)
+    monkeypatch.setattr(engine, "whole_labels", out_of_memory)
     with pytest.warns(RuntimeWarning, match=r"sliding windows with crop 64x64 and stride 48x48"):
         got = engine.segment(image, size=None, mode="auto", crop=(64, 64), stride=(48, 48))
     assert calls == [(1, 3, 90, 130)]
@@ -186,7 +186,7 @@ def test_auto_mode_whole_when_it_fits_and_other_errors_propagate(engine, image, 
     def broken(pixel_values, sizes):
         raise RuntimeError("something else went wrong")
 
-    monkeypatch.setattr(engine, "_whole_labels", broken)
+    monkeypatch.setattr(engine, "whole_labels", broken)
     with pytest.raises(RuntimeError, match="something else"):
         engine.segment(image, mode="auto", size=(64, 64))
 
