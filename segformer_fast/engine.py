@@ -202,7 +202,12 @@ class SegformerEngine:
     def _patch_embed(self, image, stage: _Stage):
         features = F.conv2d(image, stage.patch_weight, stage.patch_bias, stride=stage.stride, padding=stage.padding)
         batch, channels, height, width = features.shape
-        if self.kernels == "triton":
+        if self.kernels == "triton" and features.is_contiguous(memory_format=torch.channels_last):
+            # stages 2-4 read the previous stage's tokens as a channels-last image, and the conv keeps that
+            # layout: its output already is (B, h*w, C) tokens, so normalize that view (no transpose, no copy)
+            tokens = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+            tokens = self._layer_norm(tokens, stage.patch_norm)
+        elif self.kernels == "triton":
             self.launch_counts["patch_embed_layer_norm"] += 1
             tokens = _kernels_module().patch_embed_layer_norm(
                 features.contiguous(), stage.patch_norm.weight, stage.patch_norm.bias, stage.patch_norm.eps
