@@ -26,7 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import ops, torch_ops
 from .checkpoints import from_family
 from .config import PATCH_SIZES, STRIDES, SegformerConfig
 from .decoder_fold import FoldedDecodeHead, fold_decode_head
@@ -229,10 +229,10 @@ class SegformerEngine:
             self.launch_counts["mixffn"] += 1
             return kernels.mixffn(h, height, width, block.mlp, residual=x)
         # torch path (also the Triton path's fallback for stage grids smaller than the SR ratio)
-        h = F.layer_norm(x, (x.shape[-1],), block.norm1.weight, block.norm1.bias, block.norm1.eps)
-        x = x + _attention_torch(h, height, width, block.attn)
-        h = F.layer_norm(x, (x.shape[-1],), block.norm2.weight, block.norm2.bias, block.norm2.eps)
-        return x + _mixffn_torch(h, height, width, block.mlp)
+        h = torch_ops.layer_norm(x, block.norm1.weight, block.norm1.bias, block.norm1.eps)
+        x = torch_ops.sr_attention(h, x, height, width, block.attn)
+        h = torch_ops.layer_norm(x, block.norm2.weight, block.norm2.bias, block.norm2.eps)
+        return torch_ops.mixffn(h, height, width, block.mlp, residual=x)
 
     def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         image = pixel_values
@@ -379,45 +379,6 @@ def _copy_to(reference: Segformer, dtype: torch.dtype) -> Segformer:
     copy = Segformer(reference.config).to(reference.device)
     copy.load_state_dict(reference.state_dict())
     return copy.to(dtype).eval()
-
-
-# ----------------------------------------------------------------------------------------------- torch ops path
-def _attention_torch(h, height, width, params):
-    """Attention branch (without the residual) on (B, N, C) normalized tokens with PyTorch ops."""
-    batch, tokens, channels = h.shape
-    heads = params.num_heads
-    head_dim = channels // heads
-    ratio = params.sr_ratio
-    q = F.linear(h, params.q_weight, params.q_bias).view(batch, tokens, heads, head_dim).transpose(1, 2)
-    if ratio > 1:
-        grid = h.view(batch, height, width, channels)
-        pad_h, pad_w = max(0, ratio - height), max(0, ratio - width)
-        if pad_h or pad_w:  # as the reference: grids smaller than R are zero-padded to R
-            grid = F.pad(grid, (0, 0, 0, pad_w, 0, pad_h))
-        rows, cols = grid.shape[1] // ratio, grid.shape[2] // ratio
-        # The SR conv as the kernels compute it: non-overlapping R x R patches (the conv floors: the remainder
-        # rows/columns are dropped) flattened in (ky, kx, c) order, times sr_weight (C, R*R*C).
-        patches = grid[:, :rows * ratio, :cols * ratio].reshape(batch, rows, ratio, cols, ratio, channels)
-        patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(batch, rows * cols, ratio * ratio * channels)
-        reduced = F.linear(patches, params.sr_weight, params.sr_bias)
-        kv_tokens = F.layer_norm(reduced, (channels,), params.sr_ln_weight, params.sr_ln_bias, params.sr_eps)
-    else:
-        kv_tokens = h
-    kv = F.linear(kv_tokens, params.kv_weight, params.kv_bias).view(batch, -1, 2, heads, head_dim)
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    attended = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # the scale is folded into q
-    return F.linear(attended.transpose(1, 2).reshape(batch, tokens, channels), params.o_weight, params.o_bias)
-
-
-def _mixffn_torch(h, height, width, params):
-    """Mix-FFN branch (without the residual) on (B, N, C) normalized tokens with PyTorch ops."""
-    batch, tokens, _ = h.shape
-    hidden = F.linear(h, params.fc1_weight, params.fc1_bias)
-    hidden_channels = hidden.shape[-1]
-    grid = hidden.view(batch, height, width, hidden_channels).permute(0, 3, 1, 2)  # channels-last view
-    grid = F.gelu(F.conv2d(grid, params.dw_weight, params.dw_bias, padding=1, groups=hidden_channels))
-    hidden = grid.permute(0, 2, 3, 1).reshape(batch, tokens, hidden_channels)
-    return F.linear(hidden, params.fc2_weight, params.fc2_bias)
 
 
 def optimize(model, *, dtype=None, kernels="auto", cuda_graphs=True, verify=True, graph_cache_size=8):

@@ -13,9 +13,9 @@ torch.export trace the ops.
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from . import torch_ops
+from .runtime import COMPUTE_DTYPES as _SUPPORTED_DTYPES
 _MAP_NAMES = ("p1", "p2", "p3", "p4")
 
 try:
@@ -156,23 +156,14 @@ if extension_available():
 
 def fused_decode_eager(p1, p2, p3, p4, bias, cls_weight, cls_bias) -> torch.Tensor:
     """Eager PyTorch version of :func:`fused_decode` (fp32 arithmetic, result in the inputs' dtype)."""
-    maps = (p1, p2, p3, p4)
-    _check_fused_decode(maps, bias, cls_weight, cls_bias)
-    size = p1.shape[1:3]
-    hidden = p1.float() + bias.float()
-    for p in maps[1:]:
-        image = p.float().permute(0, 3, 1, 2)
-        if image.shape[2:] != size:
-            image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-        hidden = hidden + image.permute(0, 2, 3, 1)
-    logits = torch.relu(hidden) @ cls_weight.float().t() + cls_bias.float()
-    return logits.permute(0, 3, 1, 2).contiguous().to(p1.dtype)
+    _check_fused_decode((p1, p2, p3, p4), bias, cls_weight, cls_bias)
+    return torch_ops.fused_decode(p1, p2, p3, p4, bias, cls_weight, cls_bias)
 
 
 def upsample_argmax_eager(logits, height: int, width: int) -> torch.Tensor:
     """Eager PyTorch version of :func:`upsample_argmax`: ``F.interpolate(...).argmax(1)`` in the logits' dtype."""
     _check_upsample_argmax(logits, height, width)
-    return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False).argmax(1)
+    return torch_ops.upsample_argmax(logits, height, width)
 
 
 def fused_decode(p1, p2, p3, p4, bias, cls_weight, cls_bias) -> torch.Tensor:
