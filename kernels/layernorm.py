@@ -11,11 +11,13 @@ inputs of magnitude 1e4 do not overflow (x² would in fp16). One program normali
 BLOCK_C = next_power_of_2(C) channels; any C up to 8192 works in one pass (SegFormer uses 32...512).
 """
 
-import torch
 import triton
 import triton.language as tl
 
-from .linear import check_compute_dtype, check_device, check_out, check_tensor
+from segformer_fast import torch_ops
+from segformer_fast.prepared import check_tensor
+
+from .common import check_compute_dtype, check_device, check_out, ref_dtype
 
 MAX_CHANNELS = 8192
 
@@ -120,16 +122,17 @@ def patch_embed_layer_norm(x, weight, bias, eps, out=None):
 
 
 def layer_norm_ref(x, weight, bias, eps, residual=None, upcast=True):
-    """Eager reference of ``layer_norm``: in fp32 (fp64 inputs stay fp64) when ``upcast``, else in x's dtype.
+    """``torch_ops.layer_norm`` in fp32 (fp64 inputs stay fp64) when ``upcast``, else in x's dtype.
 
     Returns y, or (y, s) with s = x + residual. With ``upcast`` the sum is not rounded to x's dtype.
     """
-    dt = (torch.float64 if x.dtype == torch.float64 else torch.float32) if upcast else x.dtype
-    s = x.to(dt) if residual is None else x.to(dt) + residual.to(dt)
-    y = torch.nn.functional.layer_norm(s, (s.shape[-1],), weight.to(dt), bias.to(dt), eps)
-    return (y, s) if residual is not None else y
+    dt = ref_dtype(x.dtype, upcast)
+    return torch_ops.layer_norm(x.to(dt), weight.to(dt), bias.to(dt), eps,
+                                residual=None if residual is None else residual.to(dt))
 
 
 def patch_embed_layer_norm_ref(x, weight, bias, eps, upcast=True):
-    """Eager reference of ``patch_embed_layer_norm``: (B, C, H, W) -> LN over C of (B, H*W, C) tokens."""
-    return layer_norm_ref(x.flatten(2).transpose(1, 2), weight, bias, eps, upcast=upcast)
+    """``torch_ops.patch_embed_layer_norm`` ((B, C, H, W) -> LN over C of (B, H*W, C) tokens), in fp32 (fp64 stays
+    fp64) when ``upcast``, else in x's dtype."""
+    dt = ref_dtype(x.dtype, upcast)
+    return torch_ops.patch_embed_layer_norm(x.to(dt), weight.to(dt), bias.to(dt), eps)

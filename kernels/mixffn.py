@@ -2,23 +2,24 @@
 
 Tokens are channels-last, row-major over (H, W): h[b, y*W + x, c].
 
-- ``dwconv_gelu(h, H, W, dw_weight, dw_bias)``: depthwise 3x3 conv + bias + erf GELU in one pass (one read and
-  one write of the 4C-wide tensor).
 - ``mixffn_fc2(h, H, W, dw_weight, dw_bias, fc2_weight, fc2_bias, residual)``: fc2 whose A operand is computed on
   the fly as GELU(dwconv(h)) (nine shifted tile loads, served mostly by L1/L2), plus bias and residual in the
   epilogue; the GELU output never exists in memory.
 - ``mixffn(x_norm, H, W, params, residual)``: ``linear`` (fc1) then ``mixffn_fc2``: the 4C-wide activation is
   written once (by fc1) and read by fc2. Two launches.
 
-All accumulation in fp32; the GELU output is rounded to the activation dtype before fc2 (as eager does).
+All accumulation in fp32; the GELU output is rounded to the activation dtype before fc2 (as eager does). The
+references (``dwconv_gelu_ref``, ``mixffn_ref``) are ``segformer_fast.torch_ops``'s ops in the reference dtype.
 """
 
-import torch
 import triton
 import triton.language as tl
 
-from segformer_fast.prepared import MixFFNParams, prepare_mixffn_params  # noqa: F401  (re-exported)
-from .linear import check_compute_dtype, check_device, check_out, check_tensor, linear, mma, upcast_dot
+from segformer_fast import torch_ops
+from segformer_fast.prepared import MixFFNParams, check_tensor
+
+from .common import check_compute_dtype, check_device, check_out, mma, ref_dtype, upcast_dot
+from .linear import linear
 
 
 @triton.jit
@@ -39,20 +40,6 @@ def _dwconv_gelu_tile(h_ptr, w_ptr, b_ptr, g, g_mask, c, c_mask, H, W, N, C4,
         acc += v.to(tl.float32) * wt.to(tl.float32)[None, :]
     acc += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     return 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-
-
-@triton.jit
-def _dwconv_gelu_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, M, H, W, N, C4,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    g = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    g_mask = g < M
-    c_mask = c < C4
-    act = _dwconv_gelu_tile(h_ptr, w_ptr, b_ptr, g, g_mask, c, c_mask, H, W, N, C4, BLOCK_T, BLOCK_C)
-    tl.store(y_ptr + g[:, None] * C4 + c[None, :], act.to(y_ptr.dtype.element_ty),
-             mask=g_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit
@@ -92,23 +79,6 @@ def _check_hidden(h, H, W, dw_weight, dw_bias):
     check_tensor("dw_weight", dw_weight, shape=(C4, 1, 3, 3), dtype=h.dtype, device=h.device)
     check_tensor("dw_bias", dw_bias, shape=(C4,), dtype=h.dtype, device=h.device)
     return B, N, C4
-
-
-def dwconv_gelu(h, H, W, dw_weight, dw_bias, out=None):
-    """GELU(depthwise 3x3 conv(h) + bias), zero padding 1.
-
-    h: (B, N = H*W, C4) channels-last tokens; dw_weight: (C4, 1, 3, 3); dw_bias: (C4,); out: optional (B, N, C4).
-    Returns (B, N, C4) in h's dtype.
-    """
-    B, N, C4 = _check_hidden(h, H, W, dw_weight, dw_bias)
-    y = check_out(out, (B, N, C4), h)
-    M = B * N
-    if M and C4:
-        BLOCK_T, BLOCK_C = 32, max(16, min(128, triton.next_power_of_2(C4)))
-        _dwconv_gelu_kernel[(triton.cdiv(M, BLOCK_T), triton.cdiv(C4, BLOCK_C))](
-            h, dw_weight, dw_bias, y, M, H, W, N, C4, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=4,
-        )
-    return y
 
 
 def mixffn_fc2(h, H, W, dw_weight, dw_bias, fc2_weight, fc2_bias, residual=None, out=None):
@@ -152,36 +122,19 @@ def mixffn(x_norm, H, W, params, residual=None, out=None):
                       residual=residual, out=out)
 
 
-def _ref_dtype(dtype, upcast):
-    if not upcast:
-        return dtype
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def dwconv_gelu_ref(h, H, W, dw_weight, dw_bias, upcast=True):
-    """Eager ``dwconv_gelu``: conv2d(groups=C4) + exact GELU, in fp32 (fp64 stays fp64) or h's dtype."""
-    dt = _ref_dtype(h.dtype, upcast)
-    B, N, C4 = h.shape
-    img = h.to(dt).reshape(B, H, W, C4)
-    if dt == torch.float64:
-        # the same sum as nine shifted slices: CPU conv2d in fp64 can take seconds per call
-        padded = torch.nn.functional.pad(img, (0, 0, 1, 1, 1, 1))
-        taps = dw_weight.to(dt).reshape(C4, 9)
-        conv = dw_bias.to(dt) + sum(padded[:, i // 3:i // 3 + H, i % 3:i % 3 + W] * taps[:, i] for i in range(9))
-    else:
-        conv = torch.nn.functional.conv2d(img.permute(0, 3, 1, 2), dw_weight.to(dt), dw_bias.to(dt), padding=1,
-                                          groups=C4).permute(0, 2, 3, 1)
-    return torch.nn.functional.gelu(conv.reshape(B, N, C4))
+    """``torch_ops.dwconv_gelu`` (the A operand ``mixffn_fc2`` computes on the fly) in fp32 (fp64 stays fp64) when
+    ``upcast``, else in h's dtype. h: (B, H*W, C4) -> (B, H*W, C4)."""
+    dt = ref_dtype(h.dtype, upcast)
+    return torch_ops.dwconv_gelu(h.to(dt), H, W, dw_weight.to(dt), dw_bias.to(dt))
 
 
 def mixffn_ref(x_norm, H, W, params, residual=None, upcast=True):
-    """Eager ``mixffn`` (fc1, conv2d groups=4C, GELU, fc2, + residual), in fp32 (fp64 stays fp64) or x's dtype."""
-    dt = _ref_dtype(x_norm.dtype, upcast)
-    p = params.to(dtype=dt)
-    h = torch.nn.functional.linear(x_norm.to(dt), p.fc1_weight, p.fc1_bias)
-    act = dwconv_gelu_ref(h, H, W, p.dw_weight, p.dw_bias, upcast=False)
-    y = torch.nn.functional.linear(act, p.fc2_weight, p.fc2_bias)
-    return y if residual is None else y + residual.to(dt)
+    """``torch_ops.mixffn`` (fc1, depthwise conv, GELU, fc2, + residual) in fp32 (fp64 stays fp64) when ``upcast``,
+    else in x's dtype."""
+    dt = ref_dtype(x_norm.dtype, upcast)
+    return torch_ops.mixffn(x_norm.to(dt), H, W, params.to(dtype=dt),
+                            residual=None if residual is None else residual.to(dt))
 
 
 def mixffn_flops(B, N, C, C4):

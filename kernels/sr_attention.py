@@ -23,6 +23,8 @@ Kernels:
 
 Constraints: head_dim d = C / num_heads a power of two in [16, 128] (SegFormer: 32 for B0, 64 for B1-B5);
 R > 1 needs H >= R and W >= R (at least one reduced token), and C <= 512 for the fused KV kernel.
+
+The references (``sr_kv_ref``, ``sr_attention_ref``) are ``segformer_fast.torch_ops``'s ops in the reference dtype.
 """
 
 import dataclasses
@@ -31,9 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
-from segformer_fast.prepared import SRAttentionParams, prepare_sr_attention_params  # noqa: F401  (re-exported)
-from .layernorm import layer_norm_ref
-from .linear import check_compute_dtype, check_device, check_out, check_tensor, linear, mma, upcast_dot
+from segformer_fast import torch_ops
+from segformer_fast.prepared import SRAttentionParams, check_tensor
+
+from .common import check_compute_dtype, check_device, check_out, mma, ref_dtype, upcast_dot
+from .linear import linear
 
 #: Widest C whose output projection is fused into the attention epilogue (accumulator BLOCK_M x 256 in fp32).
 MAX_FUSED_OUT_CHANNELS = 256
@@ -268,50 +272,19 @@ def sr_attention(x_norm, residual, H, W, params, out=None):
     return flash_sr_attention(x_norm, kv, params, residual=residual, out=out)
 
 
-def _ref_params(x_norm, params, upcast):
-    dt = (torch.float64 if x_norm.dtype == torch.float64 else torch.float32) if upcast else x_norm.dtype
-    return x_norm.to(dt), params.to(dtype=dt)
-
-
 def sr_kv_ref(x_norm, H, W, params, upcast=True):
-    """Eager reference of ``sr_kv`` (conv2d stride R + layer_norm + linear), in fp32 (fp64 stays fp64) when
+    """``torch_ops.sr_kv`` (patchify GEMM + SR LayerNorm + k/v projection) in fp32 (fp64 stays fp64) when
     ``upcast``, else in x_norm's dtype. Returns (B, Nkv, 2C)."""
-    x, p = _ref_params(x_norm, params, upcast)
-    B, N, C = x.shape
-    R = p.sr_ratio
-    kv_in = x
-    if R > 1:
-        if x.dtype == torch.float64:
-            # the same conv as a patchify matmul: CPU conv2d in fp64 can take seconds per call
-            Hkv, Wkv = reduced_size(H, W, R)
-            patches = x.reshape(B, H, W, C)[:, :Hkv * R, :Wkv * R].reshape(B, Hkv, R, Wkv, R, C)
-            patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv * Wkv, R * R * C)
-            red = torch.nn.functional.linear(patches, p.sr_weight, p.sr_bias)
-        else:
-            img = x.transpose(1, 2).reshape(B, C, H, W)
-            conv_w = p.sr_weight.reshape(C, R, R, C).permute(0, 3, 1, 2)
-            red = torch.nn.functional.conv2d(img, conv_w, p.sr_bias, stride=R).flatten(2).transpose(1, 2)
-        kv_in = layer_norm_ref(red, p.sr_ln_weight, p.sr_ln_bias, p.sr_eps, upcast=False)
-    return torch.nn.functional.linear(kv_in, p.kv_weight, p.kv_bias)
+    dt = ref_dtype(x_norm.dtype, upcast)
+    return torch_ops.sr_kv(x_norm.to(dt), H, W, params.to(dtype=dt))
 
 
 def sr_attention_ref(x_norm, residual, H, W, params, upcast=True):
-    """Eager reference of ``sr_attention`` (conv2d, layer_norm, linear, softmax; the score matrix materialized).
-
-    Computes in fp32 (fp64 inputs stay fp64) when ``upcast``, else in x_norm's dtype (the eager composition for
-    the tolerance rule and the benchmark). Same arguments and shapes as ``sr_attention``.
-    """
-    x, p = _ref_params(x_norm, params, upcast)
-    B, N, C = x.shape
-    nh, d = p.num_heads, p.head_dim
-    q = torch.nn.functional.linear(x, p.q_weight, p.q_bias).reshape(B, N, nh, d).transpose(1, 2)
-    kv = sr_kv_ref(x, H, W, p, upcast=False).reshape(B, -1, 2, nh, d)
-    k = kv[:, :, 0].transpose(1, 2)
-    v = kv[:, :, 1].transpose(1, 2)
-    scores = q @ k.transpose(-1, -2)  # the scale d^-0.5 is already in q
-    attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C)
-    y = torch.nn.functional.linear(attn, p.o_weight, p.o_bias)
-    return y if residual is None else y + residual.to(x.dtype)
+    """``torch_ops.sr_attention`` in fp32 (fp64 inputs stay fp64) when ``upcast``, else in x_norm's dtype (the eager
+    composition for the tolerance rule and the benchmark). Same arguments and shapes as ``sr_attention``."""
+    dt = ref_dtype(x_norm.dtype, upcast)
+    return torch_ops.sr_attention(x_norm.to(dt), None if residual is None else residual.to(dt), H, W,
+                                  params.to(dtype=dt))
 
 
 def sr_attention_flops(B, N, C, sr_ratio, H, W):
@@ -323,6 +296,6 @@ def sr_attention_flops(B, N, C, sr_ratio, H, W):
 
 
 __all__ = [
-    "SRAttentionParams", "prepare_sr_attention_params", "reduced_size", "sr_kv", "flash_sr_attention",
+    "reduced_size", "sr_kv", "flash_sr_attention",
     "sr_attention", "sr_kv_ref", "sr_attention_ref", "sr_attention_flops",
 ]

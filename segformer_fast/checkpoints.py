@@ -447,8 +447,25 @@ def to_transformers(model: Segformer):
     for field in ("architectures", "model_type", "segformer_fast_eps_convention"):
         config_dict.pop(field)
     hf_model = SegformerForSemanticSegmentation(HFConfig(**config_dict))
-    hf_keys = set(hf_model.state_dict())
-    family = "transformers5" if any(k.startswith("segformer.stages.") for k in hf_keys) else "hub"
+    family = detect_family(hf_model.state_dict().keys(), "transformers SegformerForSemanticSegmentation")
     tensors = to_family(model.state_dict(), family)
     hf_model.load_state_dict(tensors, strict=True)
     return hf_model.to(device=model.device, dtype=model.dtype).eval()
+
+
+def is_transformers_segformer(model) -> bool:
+    """Whether ``model`` is a transformers ``SegformerForSemanticSegmentation`` (checked by name: transformers is
+    optional)."""
+    return type(model).__name__ == "SegformerForSemanticSegmentation" and hasattr(model, "segformer")
+
+
+def reference_from_transformers(hf_model) -> Segformer:
+    """Our reference Segformer (fp32, eval mode, on hf_model's device) with the weights of a transformers
+    ``SegformerForSemanticSegmentation``, which is read, never modified."""
+    source = type(hf_model).__name__
+    config = SegformerConfig.from_transformers_dict(hf_model.config.to_dict(), source)
+    reference = Segformer(config)
+    state = {key: tensor.detach() for key, tensor in hf_model.state_dict().items()}
+    reference.load_state_dict(from_family(state, detect_family(state.keys(), source), reference, source), strict=False)
+    param = next(hf_model.parameters())
+    return reference.to(device=param.device, dtype=torch.float32).eval()

@@ -18,7 +18,8 @@ and the (B, 4D, H/4, W/4) concat never exists.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from . import ops, torch_ops
 
 
 @dataclass
@@ -111,27 +112,17 @@ def project_features(features, folded: FoldedDecodeHead) -> list:
 def folded_decode_ref(features, folded: FoldedDecodeHead) -> torch.Tensor:
     """The eager composition of the folded head: features (B, C_i, h_i, w_i) -> logits (B, K, h_1, w_1).
 
-    P_i = F_i W'_i^T at each stage's own resolution, y = ReLU(sum_i up_i(P_i) + b'), logits = y W_cls^T + b_cls,
-    with up_i = ``F.interpolate(size=(h_1, w_1), mode="bilinear", align_corners=False)``.
+    :func:`project_features`, then :func:`segformer_fast.torch_ops.fused_decode` (y = ReLU(sum_i up_i(P_i) + b'),
+    logits = y W_cls^T + b_cls, with up_i bilinear, align_corners=False), in fp32 or, for fp64 inputs, in fp64.
     """
-    target = features[0].shape[2:]
-    total = None
-    for feature, weight in zip(features, folded.weights):
-        projected = torch.einsum("bchw,dc->bdhw", feature, weight)
-        if projected.shape[2:] != target:
-            projected = F.interpolate(projected, size=target, mode="bilinear", align_corners=False)
-        total = projected if total is None else total + projected
-    hidden = F.relu(total + folded.bias[:, None, None])
-    return torch.einsum("bdhw,kd->bkhw", hidden, folded.cls_weight) + folded.cls_bias[:, None, None]
+    return torch_ops.fused_decode(*project_features(features, folded), folded.bias, folded.cls_weight,
+                                  folded.cls_bias)
 
 
 def folded_decode(features, folded: FoldedDecodeHead) -> torch.Tensor:
-    """The fast path: projections at own resolution, then the fused upsample-sum-ReLU-classifier op.
+    """The fast path: :func:`project_features`, then the fused upsample-sum-ReLU-classifier op.
 
     features: four (B, C_i, h_i, w_i) maps -> logits (B, K, h_1, w_1). Uses the ``segformer_fast._C`` kernels when
-    built, their eager fallbacks otherwise.
+    built, their eager fallbacks otherwise (:func:`segformer_fast.ops.fused_decode`).
     """
-    from .ops import fused_decode
-
-    p1, p2, p3, p4 = project_features(features, folded)
-    return fused_decode(p1, p2, p3, p4, folded.bias, folded.cls_weight, folded.cls_bias)
+    return ops.fused_decode(*project_features(features, folded), folded.bias, folded.cls_weight, folded.cls_bias)

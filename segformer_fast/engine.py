@@ -1,78 +1,46 @@
 """``segformer_fast.optimize``: the reference SegFormer's forward rebuilt from prepared weights and fused ops.
 
-Weights are prepared once (decoder fold, attention scale folded into q, k/v merged, SR conv laid out as a GEMM,
-casts). Per device the forward runs:
+Weights are prepared once (``prepared.prepare_stages``: attention scale folded into q, k/v merged, SR conv laid out
+as a GEMM, casts; ``decoder_fold.fold_decode_head``: the decode head folded). ``SegformerEngine._forward`` is
+SegFormer's forward pass, each step run by the ops object of the backend chosen once at construction:
 
-- ``kernels="triton"`` (default on CUDA): the patch-embed conv (cuDNN) + Triton patch-embed LayerNorm, Triton
-  LayerNorms, the fused SR-attention kernels (KV side + flash attention with q/out projections and residual) and
-  the Mix-FFN kernels (fc1, then fc2 with depthwise conv + GELU in its operand load), then the folded decoder:
-  per-stage projections at their own resolution and the fused upsample-sum-ReLU-classifier op of the extension.
-  On CUDA the whole forward is replayed from a CUDA graph per (batch, H, W, dtype).
-- ``kernels="torch"`` (default on CPU): the same prepared graph with PyTorch's best CPU ops
-  (``scaled_dot_product_attention``, channels-last convolutions) and the extension's fused decoder.
-- ``kernels="eager"``: plain PyTorch ops throughout, the decoder included (a debugging aid).
+- ``kernels="triton"`` (default on CUDA, ``triton_backend.TritonOps``): the patch-embed conv (cuDNN) + Triton
+  patch-embed LayerNorm, Triton LayerNorms, the fused SR-attention kernels (KV side + flash attention with q/out
+  projections and residual) and the Mix-FFN kernels (fc1, then fc2 with depthwise conv + GELU in its operand
+  load), then the folded decoder: per-stage projections at their own resolution and the fused
+  upsample-sum-ReLU-classifier op of the extension. On CUDA the whole forward is replayed from a CUDA graph per
+  (batch, H, W, dtype) (``graph_cache.CUDAGraphCache``).
+- ``kernels="torch"`` (default on CPU, ``backends.TorchOps``): the same prepared graph with PyTorch's best CPU ops
+  (``torch_ops``: ``scaled_dot_product_attention``, channels-last convolutions) and the extension's fused decoder.
+- ``kernels="eager"`` (``backends.EagerOps``): plain PyTorch ops throughout, the decoder included (a debugging aid).
 
 The engine is checked against the reference when it is built (``verify=True``): a random input runs through both
 and the build fails with :class:`VerificationError`, giving the measured error and the tolerance, if they differ
 beyond the tolerance rule of DESIGN.md section 5.
 """
 
-import collections
-import dataclasses
 import os
-import threading
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from . import ops, torch_ops
-from .checkpoints import from_family
-from .config import PATCH_SIZES, STRIDES, SegformerConfig
+from . import ops
+from .backends import EagerOps, TorchOps
+from .checkpoints import is_transformers_segformer, reference_from_transformers
 from .decoder_fold import FoldedDecodeHead, fold_decode_head
+from .graph_cache import CUDAGraphCache
+from .inference import segment_images
 from .model import Segformer, check_pixel_values
-from .prepared import MixFFNParams, SRAttentionParams, prepare_mixffn_params, prepare_sr_attention_params
+from .prepared import StageParams, prepare_stages
+from .runtime import COMPUTE_DTYPES
 from .testing import max_abs_error, tolerance
 
 KERNEL_CHOICES = ("auto", "triton", "torch", "eager")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class VerificationError(RuntimeError):
     """The engine's output differs from the reference's beyond the tolerance rule."""
-
-
-@dataclasses.dataclass
-class _Norm:
-    weight: torch.Tensor
-    bias: torch.Tensor
-    eps: float
-
-
-@dataclasses.dataclass
-class _Block:
-    norm1: _Norm
-    attn: SRAttentionParams
-    norm2: _Norm
-    mlp: MixFFNParams
-
-
-@dataclasses.dataclass
-class _Stage:
-    patch_weight: torch.Tensor
-    patch_bias: torch.Tensor
-    stride: int
-    padding: int
-    patch_norm: _Norm
-    blocks: list
-    norm: _Norm
-
-
-def _kernels_module():
-    """The Triton kernels (imported lazily: triton is optional for the torch/eager paths)."""
-    from . import kernels
-
-    return kernels
 
 
 def _triton_available() -> bool:
@@ -81,24 +49,18 @@ def _triton_available() -> bool:
         import triton  # noqa: F401
     except ImportError as err:
         warnings.warn(f"triton is not importable ({err}); the engine uses PyTorch ops instead of the fused kernels",
-                      stacklevel=3)
+                      stacklevel=4)
         return False
     return True
 
 
-def _reference_from_transformers(hf_model) -> Segformer:
-    """Our reference Segformer with the weights of a transformers SegformerForSemanticSegmentation."""
-    config = SegformerConfig.from_transformers_dict(hf_model.config.to_dict(), type(hf_model).__name__)
-    reference = Segformer(config)
-    state = {k: v.detach() for k, v in hf_model.state_dict().items()}
-    family = "transformers5" if any(k.startswith("segformer.stages.") for k in state) else "hub"
-    reference.load_state_dict(from_family(state, family, reference, type(hf_model).__name__), strict=False)
-    param = next(hf_model.parameters())
-    return reference.to(device=param.device, dtype=torch.float32).eval()
+def _make_ops(kernels: str):
+    """The ops object of a resolved backend name ("triton", "torch" or "eager")."""
+    if kernels == "triton":
+        from .triton_backend import TritonOps  # triton is optional: imported only when chosen
 
-
-def _is_transformers_segformer(model) -> bool:
-    return type(model).__name__ == "SegformerForSemanticSegmentation" and hasattr(model, "segformer")
+        return TritonOps()
+    return EagerOps() if kernels == "eager" else TorchOps()
 
 
 class SegformerEngine:
@@ -115,9 +77,9 @@ class SegformerEngine:
     def __init__(self, model, *, dtype=None, kernels="auto", cuda_graphs=True, verify=True, graph_cache_size=8):
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
-        if _is_transformers_segformer(model):
+        if is_transformers_segformer(model):
             self._transformers_output = True
-            reference = _reference_from_transformers(model)
+            reference = reference_from_transformers(model)
         elif isinstance(model, Segformer):
             self._transformers_output = False
             reference = model
@@ -129,8 +91,8 @@ class SegformerEngine:
         self.config = reference.config
         self.device = reference.device
         self.dtype = dtype if dtype is not None else reference.dtype
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {self.dtype}")
         if kernels == "auto":
             kernels = "triton" if self.device.type == "cuda" and _triton_available() else "torch"
         if kernels == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -139,157 +101,41 @@ class SegformerEngine:
                 "before triton is imported (or use kernels='auto' / 'torch' on CPU)"
             )
         self.kernels = kernels
+        self.ops = _make_ops(kernels)
         self.use_cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
-        if graph_cache_size < 1:
-            raise ValueError(f"graph_cache_size must be >= 1, got {graph_cache_size}")
-        self.graph_cache_size = graph_cache_size
-        self._graphs = collections.OrderedDict()
-        self._lock = threading.Lock()
-        self._graph_warning_given = False
-        self.launch_counts = collections.Counter()
-        self._prepare(reference)
+        self.graph_cache = CUDAGraphCache(self._forward, graph_cache_size)
+        self.stages: list[StageParams] = prepare_stages(reference, self.dtype, self.device)
+        self.decoder: FoldedDecodeHead = fold_decode_head(reference.decode_head, dtype=self.dtype, device=self.device)
         self.last_verification = None
         if verify:
             self.verify(reference)
 
-    # ----------------------------------------------------------------------------------------------- preparation
-    @torch.no_grad()
-    def _prepare(self, reference: Segformer) -> None:
-        dtype, device = self.dtype, self.device
-
-        def cast(t):
-            return t.detach().to(device=device, dtype=dtype).contiguous()
-
-        def norm(module):
-            return _Norm(cast(module.weight), cast(module.bias), float(module.eps))
-
-        self.stages = []
-        for index, stage in enumerate(reference.stages):
-            blocks = []
-            for block in stage.blocks:
-                attn = block.attn
-                has_sr = attn.sr_ratio > 1
-                attn_args = (
-                    attn.q.weight, attn.q.bias, attn.k.weight, attn.k.bias, attn.v.weight, attn.v.bias,
-                    attn.proj.weight, attn.proj.bias,
-                    attn.sr.weight if has_sr else None, attn.sr.bias if has_sr else None,
-                    attn.sr_norm.weight if has_sr else None, attn.sr_norm.bias if has_sr else None,
-                    attn.sr_norm.eps if has_sr else 0.0, attn.num_heads,
-                )
-                mlp = block.mlp
-                mlp_args = (mlp.fc1.weight, mlp.fc1.bias, mlp.dwconv.weight, mlp.dwconv.bias, mlp.fc2.weight,
-                            mlp.fc2.bias)
-                blocks.append(_Block(
-                    norm1=norm(block.norm1),
-                    attn=prepare_sr_attention_params(*attn_args, dtype=dtype, device=device),
-                    norm2=norm(block.norm2),
-                    mlp=prepare_mixffn_params(*mlp_args, dtype=dtype, device=device),
-                ))
-            self.stages.append(_Stage(
-                patch_weight=cast(stage.patch_embed.proj.weight), patch_bias=cast(stage.patch_embed.proj.bias),
-                stride=STRIDES[index], padding=PATCH_SIZES[index] // 2, patch_norm=norm(stage.patch_embed.norm),
-                blocks=blocks, norm=norm(stage.norm),
-            ))
-        self.decoder: FoldedDecodeHead = fold_decode_head(reference.decode_head, dtype=dtype, device=device)
+    @property
+    def graph_cache_size(self) -> int:
+        """The most CUDA graphs kept (one per input shape, least recently used evicted)."""
+        return self.graph_cache.size
 
     # ------------------------------------------------------------------------------------------------- forward
-    def _layer_norm(self, x, norm: _Norm):
-        if self.kernels == "triton":
-            self.launch_counts["layer_norm"] += 1
-            return _kernels_module().layer_norm(x, norm.weight, norm.bias, norm.eps)
-        return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
-
-    def _patch_embed(self, image, stage: _Stage):
-        features = F.conv2d(image, stage.patch_weight, stage.patch_bias, stride=stage.stride, padding=stage.padding)
-        batch, channels, height, width = features.shape
-        if self.kernels == "triton" and features.is_contiguous(memory_format=torch.channels_last):
-            # stages 2-4 read the previous stage's tokens as a channels-last image, and the conv keeps that
-            # layout: its output already is (B, h*w, C) tokens, so normalize that view (no transpose, no copy)
-            tokens = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-            tokens = self._layer_norm(tokens, stage.patch_norm)
-        elif self.kernels == "triton":
-            self.launch_counts["patch_embed_layer_norm"] += 1
-            tokens = _kernels_module().patch_embed_layer_norm(
-                features.contiguous(), stage.patch_norm.weight, stage.patch_norm.bias, stage.patch_norm.eps
-            )
-        else:
-            tokens = F.layer_norm(features.flatten(2).transpose(1, 2), (channels,), stage.patch_norm.weight,
-                                  stage.patch_norm.bias, stage.patch_norm.eps)
-        return tokens, height, width
-
-    def _block(self, x, height, width, block: _Block):
-        sr_ratio = block.attn.sr_ratio
-        use_triton = self.kernels == "triton" and height >= sr_ratio and width >= sr_ratio
-        if use_triton:
-            kernels = _kernels_module()
-            h = self._layer_norm(x, block.norm1)
-            self.launch_counts["sr_attention"] += 1
-            x = kernels.sr_attention(h, x, height, width, block.attn)
-            h = self._layer_norm(x, block.norm2)
-            self.launch_counts["mixffn"] += 1
-            return kernels.mixffn(h, height, width, block.mlp, residual=x)
-        # torch path (also the Triton path's fallback for stage grids smaller than the SR ratio)
-        h = torch_ops.layer_norm(x, block.norm1.weight, block.norm1.bias, block.norm1.eps)
-        x = torch_ops.sr_attention(h, x, height, width, block.attn)
-        h = torch_ops.layer_norm(x, block.norm2.weight, block.norm2.bias, block.norm2.eps)
-        return torch_ops.mixffn(h, height, width, block.mlp, residual=x)
-
     def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """SegFormer's forward on the prepared weights: (B, 3, H, W) -> logits (B, K, ceil(H/4), ceil(W/4))."""
         image = pixel_values
-        projected = []
-        for index, stage in enumerate(self.stages):
-            tokens, height, width = self._patch_embed(image, stage)
+        features = []
+        for stage in self.stages:
+            # overlapping patch embedding: strided conv, then LayerNorm of the tokens
+            embedded = F.conv2d(image, stage.patch_weight, stage.patch_bias, stride=stage.stride,
+                                padding=stage.padding)
+            batch, channels, height, width = embedded.shape
+            tokens = self.ops.patch_embed_norm(embedded, stage.patch_norm)
             for block in stage.blocks:
-                tokens = self._block(tokens, height, width, block)
-            tokens = self._layer_norm(tokens, stage.norm)
-            batch, _, channels = tokens.shape
-            # P_i = F_i W'_i^T at the stage's own resolution, channels-last (B, h_i, w_i, D).
-            projected.append(F.linear(tokens, self.decoder.weights[index]).view(batch, height, width, -1))
-            # channels-last view of the stage output: the next patch-embed conv reads it without a copy
+                tokens = self.ops.attention(self.ops.layer_norm(tokens, block.norm1), tokens, height, width, block.attn)
+                tokens = self.ops.mixffn(self.ops.layer_norm(tokens, block.norm2), tokens, height, width, block.mlp)
+            tokens = self.ops.layer_norm(tokens, stage.norm)
+            # channels-last (B, C, h, w) view of the stage output: the next patch-embed conv and the decoder's
+            # projection read it without a copy
             image = tokens.view(batch, height, width, channels).permute(0, 3, 1, 2)
-        decode = ops.fused_decode_eager if self.kernels == "eager" else ops.fused_decode
-        return decode(*projected, self.decoder.bias, self.decoder.cls_weight, self.decoder.cls_bias)
-
-    def _run(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if not self.use_cuda_graphs:
-            return self._forward(pixel_values)
-        key = (tuple(pixel_values.shape), pixel_values.dtype, pixel_values.device)
-        with self._lock:
-            if key in self._graphs:
-                self._graphs.move_to_end(key)
-                entry = self._graphs[key]
-            else:
-                entry = self._capture(pixel_values)  # None (remembered) when this shape cannot be captured
-                self._graphs[key] = entry
-                while len(self._graphs) > self.graph_cache_size:
-                    self._graphs.popitem(last=False)
-            if entry is None:
-                return self._forward(pixel_values)
-            graph, static_input, static_output = entry
-            static_input.copy_(pixel_values)
-            graph.replay()
-            return static_output.clone()
-
-    def _capture(self, pixel_values: torch.Tensor):
-        """A CUDA graph of the whole forward for this input shape, or None (plain launches) if capture fails."""
-        try:
-            static_input = pixel_values.clone()
-            stream = torch.cuda.Stream(device=pixel_values.device)
-            stream.wait_stream(torch.cuda.current_stream(pixel_values.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: Triton compiles, cuDNN picks algorithms, allocator settles
-                    self._forward(static_input)
-            torch.cuda.current_stream(pixel_values.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_output = self._forward(static_input)
-            return graph, static_input, static_output
-        except Exception as err:  # capture is an optimization: never fail a call because of it
-            if not self._graph_warning_given:
-                self._graph_warning_given = True
-                warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {err}); using plain launches",
-                              stacklevel=3)
-            return None
+            features.append(image)
+        # folded All-MLP head: per-stage projections at their own resolution, then upsample-sum-ReLU-classifier
+        return self.ops.decode(features, self.decoder)
 
     @torch.no_grad()
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -298,7 +144,8 @@ class SegformerEngine:
         batch, _, height, width = pixel_values.shape
         if batch == 0:
             return pixel_values.new_empty(0, self.config.num_labels, -(-height // 4), -(-width // 4))
-        return self._run(pixel_values.contiguous())
+        pixel_values = pixel_values.contiguous()
+        return self.graph_cache(pixel_values) if self.use_cuda_graphs else self._forward(pixel_values)
 
     def __call__(self, pixel_values=None, **kwargs):
         if pixel_values is None:
@@ -333,8 +180,6 @@ class SegformerEngine:
         each image's size and argmaxed) or "auto" (whole; where that runs out of memory, a ``RuntimeWarning``
         naming the crop and stride and then slide). Returns one (H, W) tensor for a single image, else a list.
         """
-        from .inference import segment_images
-
         return segment_images(
             images, self.logits, num_labels=self.config.num_labels, device=self.device, dtype=self.dtype,
             size=size, mode=mode, crop=crop, stride=stride, short_side=short_side, max_long_side=max_long_side,

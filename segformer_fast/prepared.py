@@ -1,7 +1,11 @@
-"""Weights of one block prepared once for the fused paths, and the argument checks they share.
+"""The encoder's weights prepared once for the fused paths, and the argument checks they share.
+
+``SRAttentionParams`` / ``MixFFNParams`` hold one block's attention and Mix-FFN weights; ``NormParams``,
+``BlockParams`` and ``StageParams`` assemble them into the engine's stages (``prepare_stages``).
 
 Triton-free on purpose: the engine's CPU path and the Triton kernels (``segformer_fast.kernels``) use the same
 prepared parameters, so both compute from one set of folds (attention scale in q, merged k/v, SR conv as a GEMM).
+It imports torch only (a reference model is read through its modules' attributes).
 """
 
 import dataclasses
@@ -166,3 +170,78 @@ def prepare_mixffn_params(fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, dtype=None, de
     check_tensor("fc2_b", fc2_b, shape=(C,), contiguous=False)
     return MixFFNParams(fc1_w.detach(), fc1_b.detach(), dw_w.detach(), dw_b.detach(), fc2_w.detach(),
                         fc2_b.detach()).to(dtype=dtype or fc1_w.dtype, device=device or fc1_w.device)
+
+
+@dataclasses.dataclass
+class NormParams:
+    """One LayerNorm: weight, bias (C,) in the compute dtype; eps: float."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+
+@dataclasses.dataclass
+class BlockParams:
+    """One encoder block: ``x = x + attn(norm1(x))``, then ``x = x + mlp(norm2(x))``."""
+
+    norm1: NormParams
+    attn: SRAttentionParams
+    norm2: NormParams
+    mlp: MixFFNParams
+
+
+@dataclasses.dataclass
+class StageParams:
+    """One encoder stage: the overlapping patch-embed conv + its LayerNorm, the blocks, the stage-final LayerNorm.
+
+    patch_weight (C, C_in, k, k), patch_bias (C,): the conv, applied with ``stride`` and ``padding`` (ints).
+    blocks: list of ``BlockParams``.
+    """
+
+    patch_weight: torch.Tensor
+    patch_bias: torch.Tensor
+    stride: int
+    padding: int
+    patch_norm: NormParams
+    blocks: list
+    norm: NormParams
+
+
+@torch.no_grad()
+def prepare_stages(reference, dtype: torch.dtype, device) -> list:
+    """The four ``StageParams`` of a reference ``Segformer`` (read through its modules' attributes), in ``dtype``
+    on ``device``: attention weights folded and laid out by ``prepare_sr_attention_params``, Mix-FFN weights by
+    ``prepare_mixffn_params``, the rest cast."""
+
+    def cast(tensor):
+        return tensor.detach().to(device=device, dtype=dtype).contiguous()
+
+    def norm(module):
+        return NormParams(cast(module.weight), cast(module.bias), float(module.eps))
+
+    stages = []
+    for stage in reference.stages:
+        blocks = []
+        for block in stage.blocks:
+            attn, mlp = block.attn, block.mlp
+            has_sr = attn.sr_ratio > 1
+            blocks.append(BlockParams(
+                norm1=norm(block.norm1),
+                attn=prepare_sr_attention_params(
+                    attn.q.weight, attn.q.bias, attn.k.weight, attn.k.bias, attn.v.weight, attn.v.bias,
+                    attn.proj.weight, attn.proj.bias,
+                    attn.sr.weight if has_sr else None, attn.sr.bias if has_sr else None,
+                    attn.sr_norm.weight if has_sr else None, attn.sr_norm.bias if has_sr else None,
+                    attn.sr_norm.eps if has_sr else 0.0, attn.num_heads, dtype=dtype, device=device,
+                ),
+                norm2=norm(block.norm2),
+                mlp=prepare_mixffn_params(mlp.fc1.weight, mlp.fc1.bias, mlp.dwconv.weight, mlp.dwconv.bias,
+                                          mlp.fc2.weight, mlp.fc2.bias, dtype=dtype, device=device),
+            ))
+        conv = stage.patch_embed.proj
+        stages.append(StageParams(
+            patch_weight=cast(conv.weight), patch_bias=cast(conv.bias), stride=conv.stride[0],
+            padding=conv.padding[0], patch_norm=norm(stage.patch_embed.norm), blocks=blocks, norm=norm(stage.norm),
+        ))
+    return stages

@@ -93,19 +93,21 @@ def mixffn(x_norm, H, W, params: MixFFNParams, residual=None):
 
 
 def fused_decode(p1, p2, p3, p4, bias, cls_weight, cls_bias):
-    """The folded decoder tail: logits = ReLU(sum_i up_i(P_i) + bias) W_clsᵀ + b_cls, in fp32, cast back.
+    """The folded decoder tail: logits = ReLU(sum_i up_i(P_i) + bias) W_clsᵀ + b_cls, in fp32 (fp64 for fp64
+    inputs), cast back.
 
     p1..p4: (B, h_i, w_i, D) channels-last stage projections (p1 on the output grid); up_i is bilinear
     (align_corners=False) resizing to (h_1, w_1). Returns logits (B, K, h_1, w_1) contiguous in p1's dtype.
     """
+    compute = torch.float64 if p1.dtype == torch.float64 else torch.float32
     size = p1.shape[1:3]
-    hidden = p1.float() + bias.float()
+    hidden = p1.to(compute) + bias.to(compute)
     for projected in (p2, p3, p4):
-        image = projected.float().permute(0, 3, 1, 2)
+        image = projected.to(compute).permute(0, 3, 1, 2)
         if image.shape[2:] != size:
             image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
         hidden = hidden + image.permute(0, 2, 3, 1)
-    logits = torch.relu(hidden) @ cls_weight.float().t() + cls_bias.float()
+    logits = torch.relu(hidden) @ cls_weight.to(compute).t() + cls_bias.to(compute)
     return logits.permute(0, 3, 1, 2).contiguous().to(p1.dtype)
 
 

@@ -1,5 +1,8 @@
 """Shared test utilities: random transformers models with non-default norms, and comparisons."""
 
+import collections
+import contextlib
+
 import torch
 
 from segformer_fast.testing import max_abs_error
@@ -39,3 +42,28 @@ def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, rtol: fl
     error = max_abs_error(actual, expected)
     scale = float(expected.abs().max())
     assert error <= rtol * scale, f"{what}: max abs error {error:.3e} > {rtol:g} x max |ref| {scale:.3e}"
+
+
+@contextlib.contextmanager
+def counting_calls(owner, *names):
+    """Replace the functions ``names`` of ``owner`` (a module or object) by counting wrappers for the block.
+
+    Yields a Counter {name: calls}; the originals are put back on exit.
+    """
+    counts = collections.Counter()
+    originals = {name: getattr(owner, name) for name in names}
+
+    def spy(name):
+        def counted(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return counted
+
+    for name in names:
+        setattr(owner, name, spy(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(owner, name, original)

@@ -11,7 +11,7 @@ from segformer_fast import Segformer, postprocess, preprocess
 from segformer_fast.engine import VerificationError, optimize
 from segformer_fast.testing import assert_within_tolerance
 
-from helpers import assert_relative_close, random_transformers_model
+from helpers import assert_relative_close, counting_calls, random_transformers_model
 
 CUDA = torch.cuda.is_available()
 ODD_SIZES = [(67, 93), (45, 101)]
@@ -77,9 +77,11 @@ def test_triton_kernels_in_interpreter_match_reference(monkeypatch):
 
 
 def test_triton_engine_small_grids_fall_back_per_block():
-    """Below 29 px the stage-1 grid is smaller than the SR ratio: those blocks run the torch path (padded SR conv)
-    while the others still run the Triton kernels; the result equals the reference."""
+    """Below 29 px the stage-1 grid is smaller than the SR ratio: those blocks' attention runs the torch path
+    (padded SR conv) while the others still run the Triton kernels; the result equals the reference."""
     pytest.importorskip("triton")
+    from segformer_fast import kernels
+
     model = Segformer.from_config("b0", num_labels=5, seed=2)
     device = "cuda" if CUDA else "cpu"
     model = model.to(device)
@@ -87,8 +89,10 @@ def test_triton_engine_small_grids_fall_back_per_block():
     pixels = torch.randn(2, 3, 20, 44, generator=torch.Generator().manual_seed(8)).to(device)
     with torch.no_grad():
         expected = model.double()(pixels.double())
-    assert_within_tolerance(engine(pixels), expected, torch.float32, what="Triton engine at 20x44")
-    assert engine.launch_counts["sr_attention"] > 0
+    with counting_calls(kernels, "sr_attention") as calls:
+        got = engine(pixels)
+    assert_within_tolerance(got, expected, torch.float32, what="Triton engine at 20x44")
+    assert calls["sr_attention"] > 0
 
 
 def test_verify_catches_corrupted_prepared_weight():
@@ -207,7 +211,7 @@ def test_cuda_graph_replay_equals_plain_launch_and_recaptures():
     for shape in [(1, 3, 512, 512), (2, 3, 256, 320), (1, 3, 512, 512)]:
         pixels = torch.randn(shape, device="cuda")
         assert torch.equal(graphed(pixels), plain(pixels))
-    assert len(graphed._graphs) == 2
+    assert len(graphed.graph_cache.graphs) == 2
 
 
 def test_graph_cache_remembers_failed_captures_and_evicts_lru(monkeypatch):
@@ -217,7 +221,7 @@ def test_graph_cache_remembers_failed_captures_and_evicts_lru(monkeypatch):
     engine = optimize(model, verify=False, graph_cache_size=2)
     engine.use_cuda_graphs = True
     captured = []
-    monkeypatch.setattr(engine, "_capture", lambda pixels: captured.append(tuple(pixels.shape)))
+    monkeypatch.setattr(engine.graph_cache, "capture", lambda pixels: captured.append(tuple(pixels.shape)))
     shapes = [(1, 3, 32, 32), (1, 3, 32, 32), (1, 3, 40, 32), (1, 3, 48, 32), (1, 3, 32, 32)]
     for shape in shapes:
         pixels = torch.randn(shape)
@@ -225,5 +229,5 @@ def test_graph_cache_remembers_failed_captures_and_evicts_lru(monkeypatch):
             assert_relative_close(engine(pixels), model(pixels), 1e-5, f"plain launches for {shape}")
     # 32x32 captured once, then evicted by 40 and 48 (cache of 2), so captured again at the end
     assert captured == [(1, 3, 32, 32), (1, 3, 40, 32), (1, 3, 48, 32), (1, 3, 32, 32)]
-    assert list(engine._graphs) == [((1, 3, 48, 32), torch.float32, torch.device("cpu")),
+    assert list(engine.graph_cache.graphs) == [((1, 3, 48, 32), torch.float32, torch.device("cpu")),
                                     ((1, 3, 32, 32), torch.float32, torch.device("cpu"))]

@@ -1,10 +1,9 @@
-"""Mix-FFN (dwconv_gelu, mixffn_fc2, mixffn) against the fp64 reference."""
+"""Mix-FFN (mixffn_fc2 with the dwconv + GELU in its operand load, mixffn) against the fp64 reference."""
 
 import pytest
 import torch
 
 from segformer_fast.kernels import (
-    dwconv_gelu,
     dwconv_gelu_ref,
     mixffn,
     mixffn_fc2,
@@ -49,15 +48,6 @@ def test_mixffn_awkward_shapes(randn, device, B, H, W, C):
     run_mixffn(randn, device, torch.float16, B, H, W, C)
 
 
-@pytest.mark.parametrize("B, H, W, C4", [(2, 7, 9, 128), (3, 5, 4, 640), (1, 1, 3, 256), (2, 9, 1, 96)])
-def test_dwconv_gelu(randn, device, dtype, B, H, W, C4):
-    h = randn(B, H * W, C4, scale=2.0, dtype=dtype)
-    w, b = randn(C4, 1, 3, 3, scale=0.5, dtype=dtype), randn(C4, scale=0.5, dtype=dtype)
-    y = dwconv_gelu(h, H, W, w, b, out=poison_(torch.empty_like(h)))
-    assert_within_tolerance(y, dwconv_gelu_ref(h.double(), H, W, w.double(), b.double()), dtype,
-                            eager=dwconv_gelu_ref(h, H, W, w, b, upcast=False), what="dwconv_gelu")
-
-
 @pytest.mark.parametrize("C", [32, 160])
 def test_mixffn_fc2_without_residual(randn, device, dtype, C):
     params, params64 = make_params(randn, C, dtype)
@@ -93,9 +83,10 @@ def test_mixffn_input_checks(randn, device, other_device):
     with pytest.raises(ValueError, match=r"x: expected a (cpu|cuda) tensor, got device"):
         mixffn(x.to(other_device), 3, 4, params)
     with pytest.raises(ValueError, match=r"dw_weight: expected shape \(64, 1, 3, 3\), got \(128, 1, 3, 3\)"):
-        dwconv_gelu(h[..., :64].contiguous(), 3, 4, params.dw_weight, params.dw_bias)
+        mixffn_fc2(h[..., :64].contiguous(), 3, 4, params.dw_weight, params.dw_bias, params.fc2_weight,
+                   params.fc2_bias)
     with pytest.raises(ValueError, match=r"h: expected 3 dims with shape \(\*, \*, \*\), got 2 dims"):
-        dwconv_gelu(h[0], 3, 4, params.dw_weight, params.dw_bias)
+        mixffn_fc2(h[0], 3, 4, params.dw_weight, params.dw_bias, params.fc2_weight, params.fc2_bias)
     with pytest.raises(ValueError, match=r"residual: expected shape \(1, 12, 32\), got \(1, 12, 16\)"):
         mixffn_fc2(h, 3, 4, params.dw_weight, params.dw_bias, params.fc2_weight, params.fc2_bias,
                    residual=x[..., :16].contiguous())
@@ -110,7 +101,6 @@ def test_mixffn_compiles_for_sm90(record_launches, compile_for_sm90, device):
                                            torch.empty(4 * C), torch.empty(C, 4 * C), torch.empty(C), dtype=dtype)
             x = torch.empty(1, 64, C, dtype=dtype)
             mixffn(x, 8, 8, params, residual=x)
-            dwconv_gelu(torch.empty(1, 64, 4 * C, dtype=dtype), 8, 8, params.dw_weight, params.dw_bias)
     compile_for_sm90(record_launches)
 
 

@@ -1,0 +1,69 @@
+"""Helpers every kernel file shares: input checks, the interpreter's dot workaround, the reference dtype.
+
+- ``check_compute_dtype`` / ``check_device`` / ``check_out`` (and ``check_tensor`` from
+  ``segformer_fast.prepared``): input validation with messages that carry the expected and the actual values.
+- ``upcast_dot``: whether a kernel must feed ``tl.dot`` fp32 operands. The Triton CPU interpreter stores bf16 as
+  raw uint16 and multiplies those integers in ``tl.dot``, so under ``TRITON_INTERPRET=1`` bf16 operands are
+  upcast (exact: a bf16 x bf16 product fits in fp32) before the dot. On a GPU the flag is always False.
+- ``mma``: ``acc + a @ b`` with fp32 accumulation and IEEE fp32 products (fp32 inputs never go through TF32, so
+  fp32 results stay within the fp32 tolerance floor of 1e-4).
+- ``ref_dtype``: the dtype every ``*_ref`` computes in (the kernels' references are ``segformer_fast.torch_ops``
+  run in that dtype).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from segformer_fast.prepared import check_tensor
+from segformer_fast.runtime import COMPUTE_DTYPES
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether ``tl.dot`` operands of ``dtype`` must be upcast to fp32 (the interpreter's bf16 dot is wrong)."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+def check_compute_dtype(name, tensor):
+    """Kernels take fp32, fp16 or bf16 activations (fp32 accumulation inside)."""
+    if tensor.dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {tensor.dtype}")
+
+
+def check_device(name, tensor):
+    """Triton kernels need CUDA tensors, or CPU tensors under the interpreter."""
+    want = "cpu" if interpreting() else "cuda"
+    if tensor.device.type != want:
+        hint = "" if interpreting() else " (set TRITON_INTERPRET=1 before importing triton to run on the CPU)"
+        raise ValueError(f"{name}: expected a {want} tensor, got device {tensor.device}{hint}")
+
+
+def check_out(out, shape, like):
+    """Return ``out`` after checking it, or a fresh ``torch.empty`` of ``shape`` like ``like``."""
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    check_tensor("out", out, shape=shape, dtype=like.dtype, device=like.device)
+    return out
+
+
+def ref_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    """The dtype of a ``*_ref``: fp32 (fp64 inputs stay fp64) when ``upcast``, else the input's own dtype."""
+    if not upcast:
+        return dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b`` in fp32 (IEEE products for fp32 operands; see ``upcast_dot`` for UPCAST)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")

@@ -1,0 +1,49 @@
+"""The engine's ops objects: one per backend, each method one step of SegFormer's forward pass.
+
+Every backend takes the same prepared weights (``segformer_fast.prepared``) and the same token layout:
+channels-last tokens (B, H*W, C), row-major over the stage grid.
+
+- :class:`TorchOps` (the CPU default): ``segformer_fast.torch_ops`` (PyTorch's best CPU ops: channels-last
+  convolutions, ``scaled_dot_product_attention``) and the extension's fused decoder (``ops.fused_decode``).
+- :class:`EagerOps`: plain PyTorch everywhere, the decoder included (a debugging aid).
+- ``TritonOps`` (``segformer_fast.triton_backend``, the CUDA default): the fused Triton kernels.
+"""
+
+from . import torch_ops
+from .decoder_fold import FoldedDecodeHead, folded_decode, folded_decode_ref
+from .prepared import MixFFNParams, NormParams, SRAttentionParams
+
+
+class TorchOps:
+    """The prepared forward's steps in plain PyTorch, with the extension's fused decode head."""
+
+    name = "torch"
+
+    def patch_embed_norm(self, features, norm: NormParams):
+        """The patch-embed conv output (B, C, h, w), any layout -> LayerNorm-ed tokens (B, h*w, C)."""
+        return torch_ops.patch_embed_layer_norm(features, norm.weight, norm.bias, norm.eps)
+
+    def layer_norm(self, tokens, norm: NormParams):
+        """LayerNorm over the channels of tokens (B, N, C)."""
+        return torch_ops.layer_norm(tokens, norm.weight, norm.bias, norm.eps)
+
+    def attention(self, x_norm, residual, height, width, params: SRAttentionParams):
+        """residual + SR attention of the normalized tokens x_norm (B, h*w, C) on an h x w grid."""
+        return torch_ops.sr_attention(x_norm, residual, height, width, params)
+
+    def mixffn(self, x_norm, residual, height, width, params: MixFFNParams):
+        """residual + Mix-FFN of the normalized tokens x_norm (B, h*w, C) on an h x w grid."""
+        return torch_ops.mixffn(x_norm, height, width, params, residual=residual)
+
+    def decode(self, features, decoder: FoldedDecodeHead):
+        """The folded decode head: four stage maps (B, C_i, h_i, w_i) -> logits (B, K, h_1, w_1)."""
+        return folded_decode(features, decoder)
+
+
+class EagerOps(TorchOps):
+    """Plain PyTorch ops throughout: the decoder's tail too (``torch_ops.fused_decode`` instead of the extension)."""
+
+    name = "eager"
+
+    def decode(self, features, decoder: FoldedDecodeHead):
+        return folded_decode_ref(features, decoder)
