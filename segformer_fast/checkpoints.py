@@ -10,18 +10,17 @@ Key families (DESIGN.md section 3):
 Every family is mapped onto the reference model's own parameter names (``stages.0.blocks.0.attn.q.weight``).
 """
 
+import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
 import warnings
 from pathlib import Path
 
 import torch
 
 from .config import SegformerConfig, variant_from_shapes
+from .fileio import atomic_path
 from .model import Segformer
 
 FAMILIES = ("hub", "transformers5", "official")
@@ -190,7 +189,7 @@ def from_family(state_dict: dict, family: str, model: Segformer, source: str) ->
     Decode-head keys may all be missing (backbone-only files): the caller warns.
     """
     expected = model.state_dict()
-    out, used, missing, misshaped = {}, set(), [], []
+    out, used, missing, misshaped, mistyped = {}, set(), [], [], []
     for name, target in expected.items():
         key = family_key(name, family)
         if key not in state_dict:
@@ -210,6 +209,9 @@ def from_family(state_dict: dict, family: str, model: Segformer, source: str) ->
         if tuple(tensor.shape) != tuple(target.shape):
             misshaped.append(f"{key}: checkpoint {tuple(tensor.shape)}, expected {tuple(target.shape)}")
             continue
+        if target.is_floating_point() and not tensor.is_floating_point():
+            mistyped.append(f"{key}: checkpoint dtype {tensor.dtype}, expected a floating-point tensor")
+            continue
         out[name] = tensor
     ignorable = re.compile(r"^(decode_head\.conv_seg\.|head\.|classifier\.)")
     unexpected = sorted(k for k in state_dict if k not in used and not ignorable.match(k))
@@ -225,6 +227,8 @@ def from_family(state_dict: dict, family: str, model: Segformer, source: str) ->
         problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
     if misshaped:
         problems.append(f"mis-shaped keys ({len(misshaped)}): " + "; ".join(misshaped[:20]))
+    if mistyped:
+        problems.append(f"non-float tensors in float slots ({len(mistyped)}): " + "; ".join(mistyped[:20]))
     if problems:
         raise ValueError(f"{source}: checkpoint does not match a SegFormer-{model.config.variant.upper()} "
                          f"({family} keys): " + " | ".join(problems))
@@ -282,15 +286,39 @@ def _folder_state_dict(folder: Path) -> tuple:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = folder / index_name
         if index_path.is_file():
-            try:
-                shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
-            except (ValueError, KeyError) as err:
-                raise ValueError(f"{index_path}: not a valid weight index ({err})") from None
             state_dict = {}
-            for shard in shards:
-                state_dict.update(read_state_dict(folder / shard))
+            for shard in _index_shards(index_path):
+                state_dict.update(read_state_dict(shard))
             return state_dict, index_path
     raise FileNotFoundError(f"{folder}: no weights found; looked for {', '.join(_WEIGHT_FILES)} (or a sharded index)")
+
+
+def _index_shards(index_path: Path) -> list:
+    """The shard files a sharded-checkpoint index names, each checked to lie inside the index's folder.
+
+    ValueError naming the index for invalid JSON, a missing or mistyped ``weight_map``, or a shard path that
+    leaves the folder (absolute, ``..``, or a symbolic link pointing outside).
+    """
+    try:
+        index = json.loads(index_path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{index_path}: not a valid weight index ({err})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path}: not a valid weight index (expected a non-empty 'weight_map' object)")
+    names = set()
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise ValueError(f"{index_path}: weight_map[{key!r}] must be a shard file name, got {shard!r}")
+        names.add(shard)
+    folder = index_path.parent.resolve()
+    shards = []
+    for name in sorted(names):
+        shard = (index_path.parent / name).resolve()
+        if not shard.is_relative_to(folder):
+            raise ValueError(f"{index_path}: shard {name!r} lies outside the checkpoint folder {folder}; refused")
+        shards.append(shard)
+    return shards
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -388,42 +416,35 @@ def load(
 
 
 def save_pretrained(model: Segformer, folder) -> None:
-    """Write config.json + model.safetensors (hub key names) to ``folder`` atomically.
+    """Write config.json + model.safetensors (hub key names) into ``folder``, creating it if needed.
 
-    Everything is written to a temporary folder beside the target and renamed into place: an interrupted save
-    leaves the previous content (or nothing), never a half-written folder.
+    Nothing else in the folder is touched. Both files are written completely under hidden temporary names first
+    and then renamed over their final names one right after the other, so a failed save leaves the previous files
+    (or nothing; a folder it created is removed again), never a half-written one.
     """
     from safetensors.torch import save_file
 
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder; save_pretrained writes a folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tensors = to_family(
         {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}, "hub"
     )
-    # mkdir (not mkdtemp, whose 0o700 the final folder would keep) so that the folder gets the umask's permissions.
-    staging = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
+    config = model.config.to_transformers_dict()
+    config["dtype"] = str(model.dtype).replace("torch.", "")
+    config_text = json.dumps(config, indent=2) + "\n"
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        config = model.config.to_transformers_dict()
-        config["dtype"] = str(model.dtype).replace("torch.", "")
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if folder.exists():
-            previous = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, previous / folder.name)
-            try:
-                os.replace(staging, folder)
-            except BaseException:
-                os.replace(previous / folder.name, folder)
-                shutil.rmtree(previous, ignore_errors=True)
-                raise
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
+        with atomic_path(folder / "model.safetensors") as weights_tmp, atomic_path(folder / "config.json") as config_tmp:
+            umask_mode = weights_tmp.stat().st_mode & 0o777  # atomic_path created it with the umask's mode
+            save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
+            os.chmod(weights_tmp, umask_mode)  # safetensors re-creates the file private (0o600)
+            config_tmp.write_text(config_text)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when still empty
         raise
 
 

@@ -109,31 +109,71 @@ class SegformerConfig:
 
     @classmethod
     def from_transformers_dict(cls, cfg: dict, source: str = "config.json") -> "SegformerConfig":
-        """Build from a hub config.json; the variant is matched from hidden_sizes, depths and decoder size."""
-        try:
-            dims = tuple(cfg["hidden_sizes"])
-            depths = tuple(cfg["depths"])
-        except KeyError as err:
-            raise ValueError(f"{source}: not a SegFormer config (missing {err.args[0]!r})") from None
-        decoder = cfg.get("decoder_hidden_size", 256)
-        for checks, expected, name in (
-            (tuple(cfg.get("num_attention_heads", NUM_HEADS)), NUM_HEADS, "num_attention_heads"),
-            (tuple(cfg.get("sr_ratios", SR_RATIOS)), SR_RATIOS, "sr_ratios"),
-            (tuple(cfg.get("mlp_ratios", (MLP_RATIO,) * 4)), (MLP_RATIO,) * 4, "mlp_ratios"),
-            (tuple(cfg.get("patch_sizes", PATCH_SIZES)), PATCH_SIZES, "patch_sizes"),
-            (tuple(cfg.get("strides", STRIDES)), STRIDES, "strides"),
+        """Build from a hub config.json; the variant is matched from hidden_sizes, depths and decoder size.
+
+        Raises ValueError naming ``source`` and the field for a missing, null or mistyped field.
+        """
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+        for name in ("hidden_sizes", "depths"):
+            if name not in cfg:
+                raise ValueError(f"{source}: not a SegFormer config (missing {name!r})")
+        dims = _int_list(cfg, "hidden_sizes", None, source)
+        depths = _int_list(cfg, "depths", None, source)
+        decoder = _int_field(cfg, "decoder_hidden_size", 256, source)
+        for name, expected in (
+            ("num_attention_heads", NUM_HEADS),
+            ("sr_ratios", SR_RATIOS),
+            ("mlp_ratios", (MLP_RATIO,) * 4),
+            ("patch_sizes", PATCH_SIZES),
+            ("strides", STRIDES),
         ):
-            if checks != expected:
+            checks = _int_list(cfg, name, expected, source)
+            if checks != tuple(expected):
                 raise ValueError(f"{source}: unsupported {name} {list(checks)}; released SegFormers use {list(expected)}")
         variant = variant_from_shapes(dims, depths, decoder, source)
         id2label = cfg.get("id2label") or {}
-        num_labels = cfg.get("num_labels") or (len(id2label) if id2label else 2)
-        return cls(
-            variant=variant,
-            num_labels=int(num_labels),
-            eps_convention=cfg.get("segformer_fast_eps_convention", "transformers"),
-            id2label=id2label,
-        )
+        if not isinstance(id2label, dict):
+            raise ValueError(f"{source}: id2label must be an object of id -> name, got {type(id2label).__name__}")
+        labels = {}
+        for key, value in id2label.items():
+            try:
+                label_id = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"{source}: id2label keys must be integer class ids, got {key!r}") from None
+            if not isinstance(value, str):
+                raise ValueError(f"{source}: id2label[{key!r}] must be a string, got {value!r}")
+            labels[label_id] = value
+        num_labels = _int_field(cfg, "num_labels", len(labels) if labels else 2, source)
+        eps_convention = cfg.get("segformer_fast_eps_convention", "transformers")
+        if eps_convention not in EPS_CONVENTIONS:
+            raise ValueError(f"{source}: segformer_fast_eps_convention must be one of {sorted(EPS_CONVENTIONS)}, "
+                             f"got {eps_convention!r}")
+        if num_labels < 1:
+            raise ValueError(f"{source}: num_labels must be a positive integer, got {num_labels}")
+        return cls(variant=variant, num_labels=num_labels, eps_convention=eps_convention, id2label=labels)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_field(cfg: dict, name: str, default, source: str) -> int:
+    """cfg[name] as an int (``default`` when absent or null); ValueError naming the field otherwise."""
+    value = cfg.get(name)
+    if value is None:
+        return default
+    if not _is_int(value):
+        raise ValueError(f"{source}: {name} must be an integer, got {value!r}")
+    return value
+
+
+def _int_list(cfg: dict, name: str, default, source: str) -> tuple:
+    """cfg[name] as a tuple of ints (``default`` when absent); ValueError naming the field otherwise."""
+    value = cfg.get(name, default)
+    if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
+        raise ValueError(f"{source}: {name} must be a list of integers, got {value!r}")
+    return tuple(value)
 
 
 def variant_from_shapes(embed_dims, depths, decoder_dim, source: str = "checkpoint") -> str:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import stat
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -106,7 +108,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _apply_exif_orientation(image: Image.Image) -> Image.Image:
+def apply_exif_orientation(image: Image.Image) -> Image.Image:
     """``image`` turned upright per its EXIF orientation tag; as it is when the EXIF data cannot be parsed."""
     try:
         return ImageOps.exif_transpose(image)
@@ -117,18 +119,22 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image file; return it as an 8-bit RGB ``PIL.Image`` (EXIF orientation applied).
 
-    Raises ``FileNotFoundError`` for a missing path, ``IsADirectoryError`` for a folder, and ``ValueError`` naming the
-    file and the reason when the file is not an image, is truncated or corrupt, or cannot be converted to RGB.
+    Raises ``FileNotFoundError`` for a missing path, and ``ValueError`` naming the file and the reason for a folder
+    or another non-regular file (a named pipe would block the read forever), and when the file is not an image, is
+    truncated or corrupt, or cannot be converted to RGB.
     """
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"image file not found: {path}")
     if path.is_dir():
-        raise IsADirectoryError(f"expected an image file, got a folder: {path}")
+        raise ValueError(f"expected an image file, got a folder: {path}")
+    reason = _not_regular_reason(path)
+    if reason is not None:
+        raise ValueError(f"cannot read image {path}: it {reason}")
     try:
         with Image.open(path) as opened:
             opened.load()
-            rgb = to_rgb(_apply_exif_orientation(opened))
+            rgb = to_rgb(apply_exif_orientation(opened))
             if rgb is opened:
                 rgb = opened.copy()
     except (FileNotFoundError, PermissionError):
@@ -149,39 +155,117 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+#: Names ``atomic_path`` gives its temporaries: "." + stem + "." + 12 hex digits + ".tmp" + suffix.
+_TEMPORARY_NAME = re.compile(r"^\..*\.[0-9a-f]{12}\.tmp(\.[^./]*)?$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the hidden temporaries that an interrupted ``atomic_path`` write left under ``folder``.
+
+    Only files named as ``atomic_path`` names them are removed (a killed process cannot clean up after itself);
+    returns the removed paths. Call it only on a folder no other writer is using at the same time.
+    """
+    removed = []
+    for parent, dirnames, filenames in os.walk(folder):
+        for name in filenames:
+            if _TEMPORARY_NAME.match(name):
+                path = Path(parent) / name
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
+def _not_regular_reason(path: Path) -> str | None:
+    """None for a regular file (or a link to one); else why ``path`` cannot be an image file."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:  # a dangling link, a symbolic-link loop, no permission to look
+        return f"cannot be opened ({error.strerror or type(error).__name__})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe, not a regular file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a regular file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a regular file"
+    return "is not a regular file"
+
+
+def find_images(
+    inputs: str | os.PathLike | Iterable[str | os.PathLike],
+    *,
+    exclude: Iterable[str | os.PathLike] = (),
+    skipped: list | None = None,
+) -> list[Path]:
     """Expand files and folders into a list of image files.
 
     ``inputs`` is one path or several. A named file is included whatever its extension. A folder is searched
     recursively (symbolic links to folders are not followed) for files whose extension, ignoring case, is in
     ``IMAGE_EXTENSIONS``; hidden files and folders (names starting with ".", such as the temporaries of
-    ``atomic_path``) are skipped. Each folder's images are sorted by path; the inputs keep the order they were given
-    in, and a file reached twice is listed once. A missing input raises ``FileNotFoundError``.
+    ``atomic_path``) are skipped, and so is everything under a folder in ``exclude`` (an output folder inside an
+    input folder is never read as input). Only regular files (or links to them) are images: named pipes, sockets,
+    devices, dangling links and link loops are left out, each appended to ``skipped`` as ``(path, reason)`` when a
+    list is given. Each folder's images are sorted by path; the inputs keep the order they were given in, and a
+    file reached twice is listed once. A missing input raises ``FileNotFoundError``. (An ``exclude`` folder that is
+    an input folder itself, or holds one, excludes nothing: :func:`check_output_folder` refuses that case.)
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    excluded = [Path(folder).resolve() for folder in exclude]
     found: list[Path] = []
     seen: set[Path] = set()
 
-    def add(p: Path) -> None:
-        key = p.resolve()
+    def is_excluded(path: Path) -> bool:
+        resolved = Path(os.path.realpath(path))  # realpath, unlike Path.resolve, does not raise on a link loop
+        return any(resolved == folder or resolved.is_relative_to(folder) for folder in excluded)
+
+    def add(path: Path) -> None:
+        reason = _not_regular_reason(path)
+        if reason is not None:
+            if skipped is not None:
+                skipped.append((path, reason))
+            return
+        key = path.resolve()
         if key not in seen:
             seen.add(key)
-            found.append(p)
+            found.append(path)
 
     for item in inputs:
         root = Path(item)
         if root.is_dir():
             in_folder = []
             for folder, dirnames, filenames in os.walk(root):
-                dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+                dirnames[:] = [d for d in dirnames if not _is_hidden(d) and not is_excluded(Path(folder) / d)]
                 for name in filenames:
                     if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                         in_folder.append(Path(folder) / name)
-            for p in sorted(in_folder, key=lambda q: q.parts):
-                add(p)
-        elif root.exists():
-            add(root)
+            for path in sorted(in_folder, key=lambda q: q.parts):
+                add(path)
+        elif root.exists() or root.is_symlink():
+            if not is_excluded(root):
+                add(root)
         else:
             raise FileNotFoundError(f"input not found: {root}")
     return found
+
+
+def check_output_folder(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+    """ValueError when writing into ``out_dir`` would mix outputs with inputs beyond telling them apart.
+
+    An output folder strictly inside an input folder is fine (:func:`find_images` leaves it out with ``exclude``);
+    the output folder being an input folder, or holding one, is refused: a second run would read the first run's
+    outputs as images.
+    """
+    out = Path(out_dir).resolve()
+    for item in inputs:
+        root = Path(item)
+        if not root.is_dir():
+            continue
+        resolved = root.resolve()
+        if resolved == out or resolved.is_relative_to(out):
+            raise ValueError(
+                f"the output folder {out_dir} is (or holds) the input folder {item}: outputs would be read as inputs "
+                "on the next run; choose an output folder outside the inputs, or a subfolder of them"
+            )

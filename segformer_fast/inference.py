@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import MLP_RATIO, NUM_HEADS, SR_RATIOS, VARIANTS
+from .runtime import parse_dtype
 
 MODES = ("whole", "slide", "auto")
 ENGINES = ("fast", "reference", "transformers")
@@ -226,16 +227,132 @@ def build_forward(model, engine: str = "fast", dtype: torch.dtype = torch.float3
     raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
 
 
-def _slide_labels(forward, pixel_values, sizes, num_labels, crop, stride, windows_per_call):
-    from .ops import upsample_argmax
+def _row_weights(out_rows: torch.Tensor, in_size: int, out_size: int):
+    """Source rows (i0, i1) and weight of i1 of bilinear (align_corners=False) resizing in_size -> out_size rows,
+    for the output rows ``out_rows`` (int64): PyTorch's ``upsample_bilinear2d`` index arithmetic, one axis."""
+    scale = in_size / out_size
+    source = ((out_rows.double() + 0.5) * scale - 0.5).clamp_(min=0.0)
+    i0 = source.floor().long().clamp_(max=in_size - 1)
+    i1 = (i0 + 1).clamp_(max=in_size - 1)
+    return i0, i1, (source - i0).float()
 
-    logits = slide_logits(forward, pixel_values, num_labels, crop, stride, windows_per_call=windows_per_call)
-    labels = []
-    for i, (h, w) in enumerate(sizes):
-        if (h, w) == tuple(logits.shape[2:]):
-            labels.append(logits[i].argmax(0))
-        else:
-            labels.append(upsample_argmax(logits[i:i + 1], h, w)[0])
+
+def _resize_rows(values: torch.Tensor, rows: torch.Tensor, in_height: int, out_height: int, out_width: int,
+                 first_row: int = 0) -> torch.Tensor:
+    """Rows ``rows`` of the bilinear (align_corners=False) resize of a (B, K, in_height, W) map to
+    (out_height, out_width), given only its rows from ``first_row`` on (``values`` (B, K, n, W)): the rows are
+    blended first, then the columns are resized (the separable form of the same interpolation)."""
+    i0, i1, weight = _row_weights(rows, in_height, out_height)
+    i0, i1 = i0 - first_row, i1 - first_row
+    weight = weight.to(values.device)[None, None, :, None]
+    blended = values[:, :, i0] * (1 - weight) + values[:, :, i1] * weight
+    if blended.shape[3] != out_width:  # a height-preserving resize copies rows exactly, so only columns move
+        blended = F.interpolate(blended, size=(blended.shape[2], out_width), mode="bilinear", align_corners=False)
+    return blended
+
+
+def slide_labels(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    pixel_values: torch.Tensor,
+    sizes: Sequence[tuple[int, int]],
+    num_labels: int,
+    crop=DEFAULT_CROP,
+    stride=None,
+    *,
+    pad_to_crop: bool = False,
+    windows_per_call: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+    chunk_bytes: int = 64 * 2**20,
+) -> list[torch.Tensor]:
+    """Label maps of mmseg's slide mode, streamed: int64 (h_i, w_i) per image, for ``sizes`` [(h_i, w_i)].
+
+    The result is argmax over classes of :func:`slide_logits` resized (bilinear, align_corners=False) to each
+    image's size, without ever holding the full-resolution logits: each window's logits stay at the model's 1/4
+    resolution, only while a row still to be labelled lies in their window row, and the labels are produced in
+    chunks of rows (each chunk's window-upsampled, averaged and resized logits at most ``chunk_bytes`` of float32).
+    Peak memory is proportional to a row of windows at 1/4 resolution plus one chunk, not to classes x image size.
+    Equal to the full-buffer computation up to float rounding (the interpolation is computed in its separable form,
+    rows then columns). ``progress(done, total)`` is called after each forward call, with windows counted.
+    """
+    _check_batch(pixel_values)
+    if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 1:
+        raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
+    if isinstance(windows_per_call, bool) or not isinstance(windows_per_call, int) or windows_per_call < 1:
+        raise ValueError(f"windows_per_call must be a positive integer, got {windows_per_call!r}")
+    crop, stride = resolve_window(crop, stride)
+    batch, _, height, width = pixel_values.shape
+    if len(sizes) != batch:
+        raise ValueError(f"sizes must give one (height, width) per image: {batch} images, {len(sizes)} sizes")
+    windows = window_grid(height, width, crop, stride)
+    row_spans = sorted({(y1, y2) for y1, y2, _, _ in windows})
+    device = pixel_values.device
+    window_logits: dict = {}  # (y1, y2, x1, x2) -> (B, K, h', w') float32 at the model's resolution
+    computed = 0
+
+    def compute_window_row(span):
+        nonlocal computed
+        row = [window for window in windows if window[:2] == span]
+        for start in range(0, len(row), windows_per_call):
+            group = row[start:start + windows_per_call]
+            crops = []
+            for y1, y2, x1, x2 in group:
+                window = pixel_values[:, :, y1:y2, x1:x2]
+                if pad_to_crop and (y2 - y1 < crop[0] or x2 - x1 < crop[1]):
+                    window = F.pad(window, (0, crop[1] - (x2 - x1), 0, crop[0] - (y2 - y1)))
+                crops.append(window)
+            logits = forward(torch.cat(crops) if len(crops) > 1 else crops[0].contiguous())
+            _check_logits(logits, batch * len(group), num_labels,
+                          f"a {crops[0].shape[2]}x{crops[0].shape[3]} window")
+            for index, window in enumerate(group):
+                window_logits[window] = logits[index * batch:(index + 1) * batch].float()
+            computed += len(group)
+            if progress is not None:
+                progress(computed, len(windows))
+
+    def averaged_rows(image: int, first: int, last: int) -> torch.Tensor:
+        """Rows [first, last] of slide_logits for one image, (1, K, n, width), from the windows covering them."""
+        rows = torch.arange(first, last + 1)
+        total = torch.zeros(1, int(num_labels), len(rows), width, dtype=torch.float32, device=device)
+        count = torch.zeros(len(rows), width, dtype=torch.float32, device=device)
+        for (y1, y2, x1, x2), logits in window_logits.items():
+            lo, hi = max(first, y1), min(last, y2 - 1)
+            if lo > hi:
+                continue
+            up_h, up_w = (crop if pad_to_crop and (y2 - y1 < crop[0] or x2 - x1 < crop[1]) else (y2 - y1, x2 - x1))
+            local = torch.arange(lo - y1, hi - y1 + 1)
+            upsampled = _resize_rows(logits[image:image + 1], local, logits.shape[2], up_h, up_w)[:, :, :, : x2 - x1]
+            total[:, :, lo - first:hi - first + 1, x1:x2] += upsampled
+            count[lo - first:hi - first + 1, x1:x2] += 1
+        return total.div_(count)
+
+    # every image's output rows in chunks, each needing a band [first, last] of the slide rows; processed in the
+    # order of their bands so that window rows are computed once and dropped once no band below needs them
+    tasks = []
+    for image, (out_h, out_w) in enumerate(sizes):
+        rows_per_chunk = max(1, chunk_bytes // (4 * int(num_labels) * max(width, out_w) * 3))
+        for start in range(0, out_h, rows_per_chunk):
+            out_rows = torch.arange(start, min(start + rows_per_chunk, out_h))
+            if (out_h, out_w) == (height, width):
+                first, last = int(out_rows[0]), int(out_rows[-1])
+            else:
+                i0, i1, _ = _row_weights(out_rows, height, out_h)
+                first, last = int(i0.min()), int(i1.max())
+            tasks.append((first, last, image, out_rows))
+    tasks.sort(key=lambda task: (task[1], task[0]))
+    labels = [torch.empty(h, w, dtype=torch.int64, device=device) for h, w in sizes]
+    next_span = 0
+    for number, (first, last, image, out_rows) in enumerate(tasks):
+        while next_span < len(row_spans) and row_spans[next_span][0] <= last:
+            compute_window_row(row_spans[next_span])
+            next_span += 1
+        lowest_needed = min(task[0] for task in tasks[number:])
+        for window in [w for w in window_logits if w[1] <= lowest_needed]:
+            del window_logits[window]
+        band = averaged_rows(image, first, last)
+        out_h, out_w = sizes[image]
+        if (out_h, out_w) != (height, width):
+            band = _resize_rows(band, out_rows, height, out_h, out_w, first_row=first)
+        labels[image][out_rows[0]:out_rows[-1] + 1] = band[0].argmax(0)
     return labels
 
 
@@ -254,6 +371,7 @@ def segment_images(
     max_long_side: int | None = None,
     whole_labels: Callable | None = None,
     windows_per_call: int = 1,
+    progress: Callable[[int, int], None] | None = None,
 ):
     """Label maps (int64, (H_i, W_i) at each image's own size) for PIL images, HWC uint8 arrays or paths.
 
@@ -261,8 +379,9 @@ def segment_images(
     resize to the same size run as one batch. mode "whole": one forward per batch, then bilinear upsampling to
     each image's size and argmax (``whole_labels(pixel_values, sizes)`` if given, e.g. the engine's fused op);
     "slide": :func:`slide_logits` with ``crop`` (default 1024x1024) and ``stride`` (default 2/3 of the crop),
-    resized to each image's size, argmax; "auto": whole, and where that runs out of memory a warning and slide.
-    Returns one tensor for a single image, else a list.
+    resized to each image's size, argmax, streamed by :func:`slide_labels` (``progress(done, total)`` after each
+    forward call, windows counted per group of same-size images); "auto": whole, and where that runs out of memory
+    a warning and slide. Returns one tensor for a single image, else a list.
     """
     from .processing import output_size, preprocess
 
@@ -290,7 +409,8 @@ def segment_images(
         pixel_values, sizes = preprocess(group, size=target, size_divisor=None, device=device, dtype=dtype,
                                          return_sizes=True)
         if mode == "slide":
-            out = _slide_labels(forward, pixel_values, sizes, num_labels, *window, windows_per_call)
+            out = slide_labels(forward, pixel_values, sizes, num_labels, *window,
+                               windows_per_call=windows_per_call, progress=progress)
         elif mode == "whole":
             out = whole_labels(pixel_values, sizes)
         else:
@@ -311,7 +431,8 @@ def segment_images(
                     RuntimeWarning,
                     stacklevel=3,
                 )
-                out = _slide_labels(forward, pixel_values, sizes, num_labels, *window, windows_per_call)
+                out = slide_labels(forward, pixel_values, sizes, num_labels, *window, windows_per_call=windows_per_call,
+                                   progress=progress)
         for i, label in zip(indices, out):
             labels[i] = label
     return labels[0] if single else labels
@@ -319,8 +440,6 @@ def segment_images(
 
 # ------------------------------------------------------------------------------------------- memory model
 _BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
-_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-                "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 #: Fixed allowance for library workspaces (cuBLAS, cuDNN convolution) and small tensors.
 WORKSPACE_BYTES = 32 * 2**20
 _MAX_FUSED_OUT_CHANNELS = 256  # kernels.sr_attention: wider stages write the attention output to a temporary
@@ -370,8 +489,21 @@ def estimate_peak_memory_bytes(
     kernels: str = "triton",
     labels: bool = True,
     workspace_bytes: int = WORKSPACE_BYTES,
+    mode: str = "whole",
+    crop=None,
+    stride=None,
+    windows_per_call: int = 1,
+    chunk_bytes: int = 64 * 2**20,
 ) -> int:
-    """Peak device memory (bytes) of whole-image inference of a (batch, 3, height, width) input, modelled.
+    """Peak device memory (bytes) of inference of a (batch, 3, height, width) input, modelled.
+
+    ``mode="whole"`` (default): one forward over the whole image (below). ``mode="slide"``: the engine's streamed
+    sliding windows (:func:`slide_labels` with ``crop``, ``stride``, ``windows_per_call``, ``chunk_bytes``):
+    weights + input + the int64 labels + the window logits kept at 1/4 resolution (the window rows that cover a
+    row still to be labelled: at most ceil(crop_h / stride_h) + 1 rows of windows, each B K ceil(c_h/4) ceil(c_w/4)
+    float32) + the larger of one forward over ``windows_per_call`` windows (the whole-image model at the crop size,
+    without its labels) and one chunk of rows (``chunk_bytes``). It grows with the crop and the image width, not
+    with classes x image area.
 
     ``engine=True`` (default): the engine (``optimize``) with plain launches; ``kernels`` "triton" (the CUDA
     default) or "torch". ``reference=True`` (or ``engine=False``): the reference ``Segformer``, whose attention
@@ -417,20 +549,32 @@ def estimate_peak_memory_bytes(
     """
     if engine is False:
         reference = True
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     variant = str(variant).lower()
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    if isinstance(dtype, str):
-        if dtype not in _DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)} or a torch dtype, got {dtype!r}")
-        dtype = _DTYPE_NAMES[dtype]
-    if dtype not in _BYTES:
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    dtype = parse_dtype(dtype)
     for name, value in (("batch", batch), ("height", height), ("width", width), ("num_labels", num_labels)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if kernels not in ("triton", "torch"):
         raise ValueError(f"kernels must be 'triton' or 'torch', got {kernels!r}")
+    if mode == "slide":
+        if reference:
+            raise ValueError("mode='slide' is modelled for the engine only")
+        (crop_h, crop_w), (stride_h, stride_w) = resolve_window(crop, stride)
+        crop_h, crop_w = min(crop_h, height), min(crop_w, width)
+        window_rows = len({span[:2] for span in window_grid(height, width, (crop_h, crop_w), (stride_h, stride_w))})
+        window_cols = len({span[2:] for span in window_grid(height, width, (crop_h, crop_w), (stride_h, stride_w))})
+        rows_alive = min(window_rows, -(-crop_h // stride_h) + 1)
+        window_logits = batch * num_labels * (-(-crop_h // 4)) * (-(-crop_w // 4)) * 4
+        calls = min(windows_per_call, window_rows * window_cols)
+        no_workspace = estimate_peak_memory_bytes(variant, batch * calls, crop_h, crop_w, dtype, num_labels,
+                                                  kernels=kernels, labels=False, workspace_bytes=0)
+        # the window's own input crop counts in its forward; the whole image is held as well
+        return int(no_workspace + 3 * batch * height * width * _BYTES[dtype] + 8 * batch * height * width
+                   + rows_alive * window_cols * window_logits + chunk_bytes + workspace_bytes)
     s = _BYTES[dtype]
     dims, _, decoder = VARIANTS[variant]
     grids = _grids(height, width)
@@ -484,6 +628,7 @@ __all__ = [
     "is_out_of_memory",
     "resolve_window",
     "segment_images",
+    "slide_labels",
     "slide_logits",
     "whole_logits",
     "window_grid",

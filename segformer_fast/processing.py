@@ -17,6 +17,11 @@ resolution. Two resize modes:
   The image is resized once, straight to that final size, with PIL bilinear; the official code resizes twice with
   OpenCV (keep-ratio, then align), and OpenCV's bilinear does not antialias, so its pixel values differ slightly.
 
+Orientation: every input kind is taken upright as an image viewer shows it. A file (``load_image``) and a PIL image
+that carries an EXIF orientation tag (as ``Image.open`` of a phone JPEG does) are turned by the tag, as
+transformers' ``load_image`` does; label maps come back at that upright size. Arrays have no tag and are taken as
+they are.
+
 ``postprocess`` is transformers' ``post_process_semantic_segmentation``: each image's logits are upsampled on their
 own with bilinear interpolation (align_corners=False) to the target size, then argmax over the classes.
 """
@@ -31,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .fileio import load_image, to_rgb
+from .fileio import apply_exif_orientation, load_image, to_rgb
 
 #: ImageNet statistics for pixel values in [0, 1] (transformers' IMAGENET_DEFAULT_MEAN / STD).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,7 +105,8 @@ def _as_rgb_image(image: ImageInput, index: int) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, Image.Image):
-        return to_rgb(image)
+        # upright as a viewer shows it, the same rule as for a path (load_image) and transformers' load_image
+        return to_rgb(apply_exif_orientation(image))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise ValueError(f"image {index}: expected a uint8 array, got dtype {image.dtype}")

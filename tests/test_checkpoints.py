@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from segformer_fast import checkpoints
+from segformer_fast import checkpoints, fileio
 from segformer_fast.model import Segformer
 
 from helpers import assert_relative_close, random_transformers_model, randomize_norms_
@@ -507,6 +507,96 @@ def test_config_json_not_an_object(tmp_path, content):
         Segformer.from_pretrained(folder)
 
 
+@pytest.mark.parametrize(
+    "change,what",
+    [
+        ({"hidden_sizes": None, "_keep_none": True}, "hidden_sizes must be a list of integers, got None"),
+        ({"depths": "2,2,2,2"}, "depths must be a list of integers"),
+        ({"hidden_sizes": [32, 64, 160.0, 256]}, "hidden_sizes must be a list of integers"),
+        ({"num_labels": "2"}, "num_labels must be an integer, got '2'"),
+        ({"num_labels": True}, "num_labels must be an integer, got True"),
+        ({"num_labels": 0, "id2label": {}}, "num_labels must be a positive integer, got 0"),
+        ({"decoder_hidden_size": [256]}, "decoder_hidden_size must be an integer"),
+        ({"id2label": ["wall", "floor"]}, "id2label must be an object"),
+        ({"id2label": {"zero": "wall", "1": "floor"}}, "id2label keys must be integer class ids, got 'zero'"),
+        ({"id2label": {"0": None, "1": "floor"}}, "id2label['0'] must be a string"),
+        ({"sr_ratios": None, "_keep_none": True}, "sr_ratios must be a list of integers, got None"),
+        ({"segformer_fast_eps_convention": 3}, "segformer_fast_eps_convention must be one of"),
+    ],
+    ids=["null-dims", "str-depths", "float-dim", "str-labels", "bool-labels", "zero-labels", "list-decoder",
+         "list-id2label", "non-int-id", "null-name", "null-sr", "int-eps"],
+)
+def test_config_json_malformed_fields_name_the_file_and_field(tmp_path, change, what):
+    folder = _hub_folder(tmp_path / "m", Segformer.from_config("b0", num_labels=2))
+    config = json.loads((folder / "config.json").read_text())
+    keep_none = change.pop("_keep_none", False)
+    config.update(change)
+    if not keep_none:
+        config = {k: v for k, v in config.items() if v is not None}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(str(folder / "config.json"))) as info:
+        Segformer.from_pretrained(folder)
+    assert what in str(info.value), str(info.value)
+
+
+def _sharded_folder(folder: Path, model: Segformer, shard_names: list) -> Path:
+    """A hub folder whose weights are split over ``shard_names`` (paths relative to ``folder``) by an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model.config.to_transformers_dict()))
+    state = _clone(_hub_state(model))
+    keys = sorted(state)
+    weight_map = {}
+    for number, name in enumerate(shard_names):
+        part = keys[number::len(shard_names)]
+        shard = folder / name
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: state[k] for k in part}, str(shard))
+        weight_map.update({k: name for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def test_sharded_index_loads_shards_inside_the_folder(tmp_path):
+    source = Segformer.from_config("b0", num_labels=3, seed=61)
+    folder = _sharded_folder(tmp_path / "m", source, ["part-1.safetensors", "sub/part-2.safetensors"])
+    _assert_same_logits(Segformer.from_pretrained(folder), source, 62, "sharded checkpoint")
+
+
+@pytest.mark.parametrize("escape", ["../elsewhere/part-2.safetensors", "ABSOLUTE", "link/part-2.safetensors"])
+def test_sharded_index_refuses_shards_outside_the_folder(tmp_path, escape):
+    source = Segformer.from_config("b0", num_labels=3, seed=63)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    if escape == "ABSOLUTE":
+        escape = str(outside / "part-2.safetensors")
+    if escape.startswith("link/"):
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "link").symlink_to(outside)
+    folder = _sharded_folder(tmp_path / "m", source, ["part-1.safetensors", escape])
+    assert (outside / "part-2.safetensors").is_file()  # the file exists: only the location is wrong
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json.*outside the checkpoint folder"):
+        Segformer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": null}', '{"weight_map": {"a": 3}}', "[]", '{"weight_map": {}}'])
+def test_sharded_index_malformed(tmp_path, index):
+    folder = _hub_folder(tmp_path / "m", Segformer.from_config("b0", num_labels=2))
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: .*(weight index|shard file name)"):
+        Segformer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
+def test_integer_tensor_in_a_float_slot_is_refused_by_name(tmp_path, dtype):
+    state = _hub_state(Segformer.from_config("b0", num_labels=2, seed=64))
+    key = "segformer.encoder.block.1.0.attention.self.query.weight"
+    state[key] = torch.ones_like(state[key], dtype=dtype)
+    path = _write(tmp_path / "w.safetensors", state)
+    with pytest.raises(ValueError, match=re.escape(key) + r".*expected a floating-point tensor"):
+        Segformer.from_pretrained(path)
+
+
 class _Payload:
     """Unpickling this would run ``marker.touch()``: weights_only=True must refuse it before that."""
 
@@ -662,8 +752,8 @@ def test_save_pretrained_failure_leaves_target_unchanged(tmp_path, monkeypatch, 
         assert sorted(p.name for p in parent.iterdir()) == ["neighbour.txt"]
 
 
-def test_save_pretrained_failure_during_swap_restores_old_folder(tmp_path, monkeypatch):
-    """The last step (renaming the new folder into place) fails: the old folder is back, nothing else is left."""
+def test_save_pretrained_failure_during_rename_keeps_old_files(tmp_path, monkeypatch):
+    """The last step (renaming config.json into place) fails: the old files are intact, no temporary is left."""
     target = tmp_path / "b0"
     old = Segformer.from_config("b0", num_labels=3, seed=54)
     old.save_pretrained(target)
@@ -673,30 +763,34 @@ def test_save_pretrained_failure_during_swap_restores_old_folder(tmp_path, monke
 
     def flaky_replace(src, dst, *args, **kwargs):
         calls.append((Path(src), Path(dst)))
-        if Path(dst) == target and ".tmp-" in Path(src).name:
+        if Path(dst) == target / "config.json":
             raise OSError("rename failed (simulated)")
         return real_replace(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoints.os, "replace", flaky_replace)
+    monkeypatch.setattr(fileio.os, "replace", flaky_replace)
     with pytest.raises(OSError, match="simulated"):
         Segformer.from_config("b0", num_labels=4, seed=55).save_pretrained(target)
     monkeypatch.undo()
-    assert any(dst == target for _, dst in calls)
+    assert any(dst == target / "config.json" for _, dst in calls)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b0"]
     assert _snapshot_tree(target) == before
 
 
-def test_save_pretrained_replaces_existing_folder(tmp_path):
+def test_save_pretrained_keeps_other_files_in_the_folder(tmp_path):
     target = tmp_path / "out"
     Segformer.from_config("b0", num_labels=3, seed=56).save_pretrained(target)
-    (target / "pytorch_model.bin").write_bytes(b"stale")  # a leftover of some other tool: replaced with the rest
+    (target / "notes.txt").write_text("my training notes")
+    (target / "pytorch_model.bin").write_bytes(b"another tool's file")
     new = Segformer.from_config("b0", num_labels=4, seed=57)
     new.save_pretrained(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "notes.txt",
+                                                          "pytorch_model.bin"]
+    assert (target / "notes.txt").read_text() == "my training notes"
+    assert (target / "pytorch_model.bin").read_bytes() == b"another tool's file"
     model = Segformer.from_pretrained(target)
     assert model.config.num_labels == 4
-    _assert_same_logits(model, new, 58, "saved over an existing folder")
+    _assert_same_logits(model, new, 58, "saved into an existing folder")
 
 
 def test_save_pretrained_creates_parents_and_normal_permissions(tmp_path):
@@ -705,7 +799,10 @@ def test_save_pretrained_creates_parents_and_normal_permissions(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["model"]
     plain = tmp_path / "plain"
     plain.mkdir()
+    (plain / "file").write_bytes(b"x")
     assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkdtemp's 0o700
+    for name in ("model.safetensors", "config.json"):  # not mkstemp's 0o600
+        assert (target / name).stat().st_mode & 0o777 == (plain / "file").stat().st_mode & 0o777, name
 
 
 def test_save_pretrained_refuses_to_replace_a_file(tmp_path):

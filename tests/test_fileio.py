@@ -11,8 +11,10 @@ from segformer_fast.fileio import (
     atomic_path,
     atomic_write_bytes,
     atomic_write_text,
+    check_output_folder,
     find_images,
     load_image,
+    remove_stale_temporaries,
     to_rgb,
 )
 
@@ -173,7 +175,7 @@ def test_load_not_an_image_missing_and_folder(tmp_path):
         load_image(empty)
     with pytest.raises(FileNotFoundError, match=r"image file not found: .*missing\.jpg"):
         load_image(tmp_path / "missing.jpg")
-    with pytest.raises(IsADirectoryError, match=r"got a folder"):
+    with pytest.raises(ValueError, match=r"got a folder"):
         load_image(tmp_path)
 
 
@@ -219,3 +221,80 @@ def test_find_images_nested(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"input not found: .*nothing"):
         find_images([tmp_path / "nothing"])
     assert {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"} <= IMAGE_EXTENSIONS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a hostile input folder holds: special files, link loops, the output tree, stale temporaries
+
+
+def _image(path, color=(10, 20, 30)):
+    Image.new("RGB", (8, 6), color).save(path)
+    return path
+
+
+def test_find_images_reports_special_files_and_goes_on(tmp_path):
+    good = _image(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "missing.png")
+    (tmp_path / "link.png").symlink_to(good)
+    skipped = []
+    found = find_images(tmp_path, skipped=skipped)
+    assert found == [good]  # the link to a.png is the same file: listed once
+    reasons = {path.name: reason for path, reason in skipped}
+    assert sorted(reasons) == ["dangling.png", "loop.jpg", "pipe.png"]
+    assert "named pipe" in reasons["pipe.png"]
+    assert "cannot be opened" in reasons["loop.jpg"] and "cannot be opened" in reasons["dangling.png"]
+
+
+def test_find_images_named_special_file_is_skipped_not_raised(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    skipped = []
+    assert find_images([tmp_path / "pipe.png", tmp_path / "loop.png"], skipped=skipped) == []
+    assert [path.name for path, _ in skipped] == ["pipe.png", "loop.png"]
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        find_images(tmp_path / "nothing.png")
+
+
+def test_load_image_refuses_a_named_pipe_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ValueError, match="named pipe"):
+        load_image(tmp_path / "pipe.png")
+
+
+def test_find_images_leaves_out_the_output_folder_inside_an_input(tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "out" / "deeper").mkdir(parents=True)
+    image = _image(photos / "a.png")
+    _image(photos / "out" / "a_labels.png")
+    _image(photos / "out" / "deeper" / "b_labels.png")
+    assert find_images(photos) == [image, photos / "out" / "a_labels.png", photos / "out" / "deeper" / "b_labels.png"]
+    assert find_images(photos, exclude=[photos / "out"]) == [image]
+    assert find_images([photos, photos / "out" / "a_labels.png"], exclude=[photos / "out"]) == [image]
+
+
+def test_check_output_folder_refuses_an_input_folder_or_its_parent(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    check_output_folder(photos / "out", [photos])  # inside: fine, find_images leaves it out
+    check_output_folder(tmp_path / "elsewhere", [photos])
+    with pytest.raises(ValueError, match="outputs would be read as inputs"):
+        check_output_folder(photos, [photos])
+    with pytest.raises(ValueError, match="outputs would be read as inputs"):
+        check_output_folder(tmp_path, [photos])
+
+
+def test_remove_stale_temporaries_removes_only_atomic_leftovers(tmp_path):
+    (tmp_path / "sub").mkdir()
+    keep = [_image(tmp_path / "a_labels.png"), _image(tmp_path / ".hidden.png"), _image(tmp_path / "x.tmp.png")]
+    stale = [tmp_path / ".a_labels.0123456789ab.tmp.png", tmp_path / "sub" / ".r.fedcba987654.tmp.json"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert all(path.exists() for path in keep) and not any(path.exists() for path in stale)
+    with atomic_path(tmp_path / "written.png") as tmp:  # a real temporary name matches the pattern
+        tmp.write_bytes(b"x")
+        assert remove_stale_temporaries(tmp_path) == [tmp]
+        tmp.write_bytes(b"x")  # recreate it so the rename at the end of the block succeeds
+    assert (tmp_path / "written.png").exists()

@@ -353,3 +353,21 @@ def test_postprocess_bad_inputs():
         postprocess(torch.zeros(1, 0, 4, 4), (8, 8))
     with pytest.raises(TypeError, match=r"logits must be a torch.Tensor, got ndarray"):
         postprocess(np.zeros((1, 3, 4, 4)), (8, 8))
+
+
+def test_exif_rotated_photo_is_taken_upright_whether_passed_as_path_or_pil_image(tmp_path):
+    """One rule for every input kind: the orientation a viewer shows (transformers' load_image does the same)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    stored = Image.fromarray(np.random.default_rng(3).integers(0, 256, (12, 20, 3), dtype=np.uint8), "RGB")
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif, quality=95)
+    with Image.open(path) as opened:
+        decoded = np.asarray(opened.convert("RGB"))  # the stored orientation, 12 x 20
+        from_pil, pil_sizes = preprocess(opened, size=(16, 16), return_sizes=True)
+    from_path, path_sizes = preprocess(str(path), size=(16, 16), return_sizes=True)
+    upright = np.ascontiguousarray(np.rot90(decoded, k=-1))  # turned clockwise by hand: 20 x 12
+    from_array, array_sizes = preprocess(upright, size=(16, 16), return_sizes=True)
+    assert decoded.shape == (12, 20, 3)
+    assert pil_sizes == path_sizes == array_sizes == [(20, 12)]
+    assert torch.equal(from_pil, from_path) and torch.equal(from_pil, from_array)
