@@ -7,11 +7,12 @@
     engine = segformer_fast.optimize(model)  # same logits, fused kernels, checked against the reference
 """
 
-from .checkpoints import load as load_checkpoint
 from .config import SegformerConfig
 from .engine import SegformerEngine, VerificationError, optimize
 from .inference import estimate_peak_memory_bytes
 from .model import Segformer
+
+load_checkpoint = Segformer.from_pretrained
 from .processing import postprocess, preprocess
 
 __version__ = "0.1.0"

@@ -21,7 +21,6 @@ import torch
 
 from .config import SegformerConfig, variant_from_shapes
 from .fileio import atomic_path
-from .model import Segformer
 
 FAMILIES = ("hub", "transformers5", "official")
 
@@ -182,13 +181,13 @@ def infer_config(state_dict: dict, family: str, source: str) -> SegformerConfig:
     return SegformerConfig(variant=variant, num_labels=num_labels, eps_convention=eps_convention)
 
 
-def from_family(state_dict: dict, family: str, model: Segformer, source: str) -> dict:
-    """Family-named tensors -> reference-named tensors for ``model``.
+def from_family(state_dict: dict, family: str, expected: dict, variant: str, source: str) -> dict:
+    """Family-named tensors -> reference-named tensors matching ``expected`` (a reference model's state dict of the
+    SegFormer ``variant``; its names, shapes and dtypes are what is checked).
 
     Raises ValueError naming ``source`` and listing missing, unexpected and mis-shaped keys (with shapes).
     Decode-head keys may all be missing (backbone-only files): the caller warns.
     """
-    expected = model.state_dict()
     out, used, missing, misshaped, mistyped = {}, set(), [], [], []
     for name, target in expected.items():
         key = family_key(name, family)
@@ -230,7 +229,7 @@ def from_family(state_dict: dict, family: str, model: Segformer, source: str) ->
     if mistyped:
         problems.append(f"non-float tensors in float slots ({len(mistyped)}): " + "; ".join(mistyped[:20]))
     if problems:
-        raise ValueError(f"{source}: checkpoint does not match a SegFormer-{model.config.variant.upper()} "
+        raise ValueError(f"{source}: checkpoint does not match a SegFormer-{variant.upper()} "
                          f"({family} keys): " + " | ".join(problems))
     return out
 
@@ -263,7 +262,7 @@ def read_state_dict(path: Path) -> dict:
     return dict(data)
 
 
-def _check_finite(state_dict: dict, source: str, family: str | None = None) -> None:
+def check_finite(state_dict: dict, source: str, family: str | None = None) -> None:
     """ValueError naming ``source`` and the non-finite tensors (by their ``family`` key when given)."""
     bad = []
     for name, tensor in state_dict.items():
@@ -353,17 +352,14 @@ def resolve_hub_id(repo_id: str) -> Path:
     ) from None
 
 
-def load(
-    source,
-    num_labels: int | None = None,
-    eps_convention: str | None = None,
-    map_location="cpu",
-) -> Segformer:
-    """Load a SegFormer from ``source``: a hub-layout folder, a weights file, or a hub id.
+def read_checkpoint(source, num_labels: int | None = None, eps_convention: str | None = None) -> tuple:
+    """Read ``source`` (a hub-layout folder, a weights file, or a hub id): (config, tensors, family, source name).
 
-    Without a config.json, variant, num_labels and eps convention are inferred from the tensors and the key
-    family. ``num_labels`` sets the head size of backbone-only files; ``eps_convention`` overrides the inferred
-    convention. Raises FileNotFoundError (nothing at ``source``) or ValueError (unreadable, mismatched, NaN).
+    ``tensors`` are the checkpoint's tensors with family prefixes normalized (still in the family's key names;
+    :func:`from_family` maps them onto the reference's names). Without a config.json, variant, num_labels and eps
+    convention are inferred from the tensors and the key family. ``num_labels`` sets the head size of backbone-only
+    files; ``eps_convention`` overrides the inferred convention. Raises FileNotFoundError (nothing at ``source``)
+    or ValueError (unreadable, malformed). ``Segformer.from_pretrained`` builds the model from these.
     """
     path = Path(os.fspath(source)).expanduser()
     config_dict = None
@@ -380,7 +376,7 @@ def load(
     elif path.is_file():
         raw, weights_path = read_state_dict(path), path
     elif not path.exists() and _HUB_ID.match(str(source)) and not str(source).startswith((".", "/")):
-        return load(resolve_hub_id(str(source)), num_labels, eps_convention, map_location)
+        return read_checkpoint(resolve_hub_id(str(source)), num_labels, eps_convention)
     else:
         raise FileNotFoundError(f"checkpoint not found: {source} (not a file, a folder or a hub id)")
     source_name = str(weights_path)
@@ -395,27 +391,10 @@ def load(
         config.id2label = {}  # the names described the other head
     if eps_convention is not None:
         config.eps_convention = eps_convention
-    config = SegformerConfig(**config.to_dict())
-    model = Segformer(config)
-    tensors = from_family(state_dict, family, model, source_name)
-    _check_finite(tensors, source_name, family)
-    head_loaded = any(name.startswith("decode_head.") for name in tensors)
-    if not head_loaded:
-        warnings.warn(
-            f"{source_name}: backbone-only checkpoint ({family} keys): the encoder is loaded, the decode head "
-            f"({config.num_labels} classes) is randomly initialized",
-            stacklevel=2,
-        )
-        generator_model = Segformer.from_config(config.variant, config.num_labels, 0, config.eps_convention)
-        for name, tensor in generator_model.state_dict().items():
-            if name.startswith("decode_head."):
-                tensors[name] = tensor
-    model.load_state_dict(tensors, strict=False)
-    model.source_family = family
-    return model.to(map_location)
+    return SegformerConfig(**config.to_dict()), state_dict, family, source_name
 
 
-def save_pretrained(model: Segformer, folder) -> None:
+def save_pretrained(model, folder) -> None:
     """Write config.json + model.safetensors (hub key names) into ``folder``, creating it if needed.
 
     Nothing else in the folder is touched. Both files are written completely under hidden temporary names first
@@ -448,7 +427,7 @@ def save_pretrained(model: Segformer, folder) -> None:
         raise
 
 
-def to_transformers(model: Segformer):
+def to_transformers(model):
     """A transformers SegformerForSemanticSegmentation with ``model``'s weights, in eval mode, on its device.
 
     transformers uses LayerNorm eps 1e-5 everywhere, so a model with the official eps convention cannot be
@@ -480,13 +459,10 @@ def is_transformers_segformer(model) -> bool:
     return type(model).__name__ == "SegformerForSemanticSegmentation" and hasattr(model, "segformer")
 
 
-def reference_from_transformers(hf_model) -> Segformer:
-    """Our reference Segformer (fp32, eval mode, on hf_model's device) with the weights of a transformers
-    ``SegformerForSemanticSegmentation``, which is read, never modified."""
+def transformers_checkpoint(hf_model) -> tuple:
+    """(config, tensors, family, source name) of a transformers ``SegformerForSemanticSegmentation``, as
+    :func:`read_checkpoint` gives them for a file; the model is read, never modified."""
     source = type(hf_model).__name__
     config = SegformerConfig.from_transformers_dict(hf_model.config.to_dict(), source)
-    reference = Segformer(config)
     state = {key: tensor.detach() for key, tensor in hf_model.state_dict().items()}
-    reference.load_state_dict(from_family(state, detect_family(state.keys(), source), reference, source), strict=False)
-    param = next(hf_model.parameters())
-    return reference.to(device=param.device, dtype=torch.float32).eval()
+    return config, state, detect_family(state.keys(), source), source

@@ -68,7 +68,7 @@ def cmd_segment(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from .checkpoints import load
+    from .model import Segformer
     from .fileio import atomic_path, find_images, load_image
     from .inference import build_forward, resolve_window, segment_images
     from .palettes import overlay, palette_for
@@ -102,7 +102,7 @@ def cmd_segment(args) -> int:
         print(f"segmented {len(images)} of {len(images)} images into {out_dir} ({skipped} already done, skipped)")
         return 0
 
-    model = load(args.model).to(device=device)
+    model = Segformer.from_pretrained(args.model).to(device=device)
     palette = palette_for(model.config.num_labels)
     # Resizing: --short-side (keep ratio), --size H W, --no-resize; by default 512 x 512 in whole mode and the
     # images' own resolution in slide and auto modes (huge images are what those modes are for).
@@ -156,9 +156,9 @@ def cmd_segment(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .checkpoints import load
+    from .model import Segformer
 
-    model = load(args.source)
+    model = Segformer.from_pretrained(args.source)
     config = model.config
     parameters = sum(p.numel() for p in model.parameters())
     labels = config.id2label

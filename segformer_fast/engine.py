@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .backends import EagerOps, TorchOps
-from .checkpoints import is_transformers_segformer, reference_from_transformers
+from .checkpoints import is_transformers_segformer
 from .decoder_fold import FoldedDecodeHead, fold_decode_head
 from .graph_cache import CUDAGraphCache
 from .inference import segment_images
@@ -79,7 +79,7 @@ class SegformerEngine:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
         if is_transformers_segformer(model):
             self._transformers_output = True
-            reference = reference_from_transformers(model)
+            reference = Segformer.from_transformers(model)
         elif isinstance(model, Segformer):
             self._transformers_output = False
             reference = model

@@ -671,7 +671,7 @@ def run_eval(args) -> int:
     """``segformer-fast eval``: evaluate a checkpoint on a dataset, print a summary, optionally write the report."""
     import torch
 
-    from .checkpoints import load
+    from .model import Segformer
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive integer, got {args.limit}")
@@ -686,7 +686,7 @@ def run_eval(args) -> int:
     device = resolve_device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype])
     dataset = open_dataset(args.format, args.data, args.limit)
-    model = load(args.model).to(device=device).eval()
+    model = Segformer.from_pretrained(args.model).to(device=device).eval()
     num_classes = model.config.num_labels
     if num_classes != dataset.num_classes:
         raise ValueError(

@@ -9,11 +9,13 @@ row-major order of the stage grid (h, w).
 
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checkpoints
 from .config import BATCH_NORM_EPS, MLP_RATIO, PATCH_SIZES, STRIDES, SegformerConfig
 
 
@@ -194,24 +196,53 @@ class Segformer(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, source, **kwargs) -> "Segformer":
+    def from_pretrained(
+        cls, source, num_labels: int | None = None, eps_convention: str | None = None, map_location="cpu"
+    ) -> "Segformer":
         """Load a checkpoint: a hub-layout folder, a single .safetensors/.bin/.pth/.pt file in any supported key
-        family, or a hub id resolved through huggingface_hub's cache. See :func:`segformer_fast.checkpoints.load`."""
-        from .checkpoints import load
+        family, or a hub id resolved through huggingface_hub's cache (see :func:`checkpoints.read_checkpoint`).
 
-        return load(source, **kwargs)
+        Raises FileNotFoundError (nothing at ``source``) or ValueError naming the file (unreadable, malformed,
+        mismatched keys or shapes, NaN/Inf weights). A backbone-only file gets a deterministic random head, with
+        a warning.
+        """
+        config, state_dict, family, source_name = checkpoints.read_checkpoint(source, num_labels, eps_convention)
+        model = cls(config)
+        tensors = checkpoints.from_family(state_dict, family, model.state_dict(), config.variant, source_name)
+        checkpoints.check_finite(tensors, source_name, family)
+        if not any(name.startswith("decode_head.") for name in tensors):
+            warnings.warn(
+                f"{source_name}: backbone-only checkpoint ({family} keys): the encoder is loaded, the decode head "
+                f"({config.num_labels} classes) is randomly initialized",
+                stacklevel=2,
+            )
+            random_head = cls.from_config(config.variant, config.num_labels, 0, config.eps_convention)
+            for name, tensor in random_head.state_dict().items():
+                if name.startswith("decode_head."):
+                    tensors[name] = tensor
+        model.load_state_dict(tensors, strict=False)
+        model.source_family = family
+        return model.to(map_location)
+
+    @classmethod
+    def from_transformers(cls, hf_model) -> "Segformer":
+        """The reference (fp32, eval mode, on hf_model's device) with the weights of a transformers
+        ``SegformerForSemanticSegmentation``, which is read, never modified."""
+        config, state_dict, family, source_name = checkpoints.transformers_checkpoint(hf_model)
+        model = cls(config)
+        tensors = checkpoints.from_family(state_dict, family, model.state_dict(), config.variant, source_name)
+        model.load_state_dict(tensors, strict=False)
+        device = next(hf_model.parameters()).device
+        return model.to(device=device, dtype=torch.float32).eval()
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write the hub layout (config.json + model.safetensors with the hub's key names), atomically."""
-        from .checkpoints import save_pretrained
-
-        save_pretrained(self, folder)
+        """Write the hub layout (config.json + model.safetensors with the hub's key names) into ``folder``,
+        atomically per file, leaving anything else in the folder alone."""
+        checkpoints.save_pretrained(self, folder)
 
     def to_transformers(self):
         """A transformers ``SegformerForSemanticSegmentation`` with this model's weights (needs transformers)."""
-        from .checkpoints import to_transformers
-
-        return to_transformers(self)
+        return checkpoints.to_transformers(self)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -499,9 +499,9 @@ def test_run_eval_slide_mode(tmp_path, random_b0, capsys):
 
 
 def test_mode_errors_and_class_mismatch(tmp_path, random_b0):
-    from segformer_fast.checkpoints import load
+    from segformer_fast.model import Segformer
 
-    model = load(random_b0)
+    model = Segformer.from_pretrained(random_b0)
     with pytest.raises(ValueError, match="unknown inference mode"):
         evaluation.make_predictor(model, "reference", "tiles")
     make_cityscapes(tmp_path / "cs")
