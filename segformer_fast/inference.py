@@ -1,7 +1,5 @@
-"""Huge-image inference: whole-image and sliding-window logits, the ``segment`` driver, and a peak-memory model.
+"""Huge-image inference: sliding-window logits, the ``segment`` driver, and a peak-memory model.
 
-- :func:`whole_logits`: one forward over the whole image, logits bilinearly upsampled to the input size (mmseg's
-  ``mode='whole'``).
 - :func:`slide_logits`: mmseg's ``mode='slide'``. A grid of ``crop``-sized windows ``stride`` apart covers the
   image; windows are clamped to the image (the last row/column of windows ends on the image border), a window
   larger than the image is the whole image. Each window's logits (at 1/4) are upsampled (bilinear,
@@ -9,7 +7,8 @@
   each pixel. The SegFormer configs use crop 1024x1024, stride 768 for Cityscapes.
 - :func:`segment_images`: images -> label maps with ``mode`` "whole", "slide" or "auto" (whole, and on
   out-of-memory a warning and sliding windows), for any ``forward`` (the engine's ``logits``, the reference model,
-  transformers' model). ``SegformerEngine.segment`` and the CLI use it.
+  transformers' model; ``segformer_fast.predictors.build_forward`` builds them). ``SegformerEngine.segment``, the
+  CLI and the evaluation use it.
 - :func:`estimate_peak_memory_bytes`: an analytic model of the peak memory of whole-image inference (see there).
 """
 
@@ -23,9 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from .config import MLP_RATIO, NUM_HEADS, SR_RATIOS, VARIANTS
+from .ops import upsample_argmax
+from .processing import _as_rgb_image, output_size, postprocess, preprocess
+from .runtime import is_out_of_memory, parse_dtype
 
 MODES = ("whole", "slide", "auto")
-ENGINES = ("fast", "reference", "transformers")
 #: Default sliding-window crop (SegFormer's Cityscapes test config); the default stride is 2/3 of the crop.
 DEFAULT_CROP = (1024, 1024)
 
@@ -99,16 +100,6 @@ def _check_logits(logits, batch: int, num_labels: int | None, what: str) -> None
         raise ValueError(f"forward returned {logits.shape[1]} classes for {what}, expected num_labels={num_labels}")
 
 
-def whole_logits(forward: Callable[[torch.Tensor], torch.Tensor], pixel_values: torch.Tensor) -> torch.Tensor:
-    """mmseg's whole mode: ``forward(pixel_values)`` (logits at 1/4) upsampled bilinearly (align_corners=False)
-    to the input size. Returns float32 logits (B, K, H, W)."""
-    _check_batch(pixel_values)
-    batch, _, height, width = pixel_values.shape
-    logits = forward(pixel_values)
-    _check_logits(logits, batch, None, f"the {height}x{width} input")
-    return F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
-
-
 def slide_logits(
     forward: Callable[[torch.Tensor], torch.Tensor],
     pixel_values: torch.Tensor,
@@ -125,7 +116,7 @@ def slide_logits(
     window). crop, stride: (h, w) or an int; stride defaults to 2/3 of the crop. Windows come from
     :func:`window_grid`; each window's logits are upsampled (bilinear, align_corners=False) to the window's size in
     float32, summed into a zero buffer and divided by the per-pixel window count. When one window covers the image
-    the result is exactly :func:`whole_logits`.
+    the result is exactly mmseg's whole mode: ``forward(pixel_values)`` upsampled to the input size in float32.
 
     pad_to_crop: as the official SegFormer code, zero-pad a window smaller than ``crop`` (only when the image is
     smaller than the crop) at the bottom/right to the crop size, and keep the window's part of the padded window's
@@ -165,22 +156,8 @@ def slide_logits(
 
 
 # ------------------------------------------------------------------------------------------------ segment
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for CUDA out-of-memory errors, ``MemoryError`` and PyTorch's CPU allocation failures."""
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
-    if isinstance(error, MemoryError) or (oom_types and isinstance(error, oom_types)):
-        return True
-    if isinstance(error, RuntimeError):
-        message = str(error).lower()
-        return "out of memory" in message or "can't allocate memory" in message
-    return False
-
-
 def _as_rgb_images(images) -> tuple[list, bool]:
     """(list of 8-bit RGB PIL images, single?) with the package's input contract and errors."""
-    from .processing import _as_rgb_image
-
     single = not isinstance(images, (list, tuple))
     batch = [images] if single else list(images)
     if not batch:
@@ -195,8 +172,6 @@ def _as_rgb_images(images) -> tuple[list, bool]:
 
 def _default_whole_labels(forward):
     """Whole-image labels with transformers' post-processing (each image's logits upsampled on their own)."""
-    from .processing import postprocess
-
     def whole_labels(pixel_values, sizes):
         labels = postprocess(forward(pixel_values), sizes)
         return list(labels)
@@ -204,31 +179,7 @@ def _default_whole_labels(forward):
     return whole_labels
 
 
-def build_forward(model, engine: str = "fast", dtype: torch.dtype = torch.float32):
-    """(forward, whole_labels) to run a reference ``Segformer`` with ``engine`` in ``dtype``, for
-    :func:`segment_images`: "fast" (``optimize``; its fused ``upsample_argmax`` does the whole-image labels),
-    "reference" (the eager model, cast to ``dtype`` in place) or "transformers" (transformers' model with the same
-    weights). ``whole_labels`` is None where the default (transformers' post-processing) applies."""
-    if engine == "fast":
-        from .engine import optimize
-
-        fast = optimize(model, dtype=dtype)
-        return fast.logits, fast.whole_labels
-    if engine == "reference":
-        return model.to(dtype=dtype).eval(), None
-    if engine == "transformers":
-        hf_model = model.to(dtype=dtype).to_transformers()
-
-        def forward(pixel_values):
-            return hf_model(pixel_values=pixel_values).logits
-
-        return forward, None
-    raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
-
-
 def _slide_labels(forward, pixel_values, sizes, num_labels, crop, stride, windows_per_call):
-    from .ops import upsample_argmax
-
     logits = slide_logits(forward, pixel_values, num_labels, crop, stride, windows_per_call=windows_per_call)
     labels = []
     for i, (h, w) in enumerate(sizes):
@@ -264,8 +215,6 @@ def segment_images(
     resized to each image's size, argmax; "auto": whole, and where that runs out of memory a warning and slide.
     Returns one tensor for a single image, else a list.
     """
-    from .processing import output_size, preprocess
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     window = resolve_window(crop, stride)
@@ -318,9 +267,6 @@ def segment_images(
 
 
 # ------------------------------------------------------------------------------------------- memory model
-_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
-_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-                "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 #: Fixed allowance for library workspaces (cuBLAS, cuDNN convolution) and small tensors.
 WORKSPACE_BYTES = 32 * 2**20
 _MAX_FUSED_OUT_CHANNELS = 256  # kernels.sr_attention: wider stages write the attention output to a temporary
@@ -420,18 +366,13 @@ def estimate_peak_memory_bytes(
     variant = str(variant).lower()
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    if isinstance(dtype, str):
-        if dtype not in _DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)} or a torch dtype, got {dtype!r}")
-        dtype = _DTYPE_NAMES[dtype]
-    if dtype not in _BYTES:
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    dtype = parse_dtype(dtype)
     for name, value in (("batch", batch), ("height", height), ("width", width), ("num_labels", num_labels)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if kernels not in ("triton", "torch"):
         raise ValueError(f"kernels must be 'triton' or 'torch', got {kernels!r}")
-    s = _BYTES[dtype]
+    s = dtype.itemsize
     dims, _, decoder = VARIANTS[variant]
     grids = _grids(height, width)
     tokens = [h * w for h, w in grids]
@@ -481,10 +422,8 @@ __all__ = [
     "MODES",
     "default_stride",
     "estimate_peak_memory_bytes",
-    "is_out_of_memory",
     "resolve_window",
     "segment_images",
     "slide_logits",
-    "whole_logits",
     "window_grid",
 ]
