@@ -1,101 +1,37 @@
 """The ``segformer-fast`` command: ``segment`` images, ``info`` about a checkpoint, ``eval`` mIoU on a dataset,
-``bench`` the models."""
+``bench`` the models. Parsing, printing and exit codes; the work is done by the package's modules."""
 
 import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
+from .datasets import FORMATS, default_resize, default_window, open_dataset
+from .evaluation import evaluate, format_summary, write_report
+from .fileio import find_images
+from .inference import resolve_window
+from .model import Segformer
+from .outputs import outputs_exist, segment_files
+from .palettes import palette_for
+from .predictors import ENGINES, make_predictor
+from .runtime import DTYPES, parse_dtype, resolve_device
 
-from .inference import ENGINES
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def resolve_device(name: str):
-    """``auto`` (cuda when available, else cpu) or a torch device name; ValueError for CUDA without a GPU."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} requested but CUDA is not available")
-    return device
-
-
-def _output_stem(image_path: Path, roots: list) -> Path:
-    """Output path (without suffix) for an input: its path relative to the folder it was found in, else its name."""
-    resolved = image_path.resolve()
-    for root in roots:
-        if root.is_dir():
-            try:
-                return resolved.relative_to(root.resolve()).with_suffix("")
-            except ValueError:
-                continue
-    return Path(image_path.stem)
-
-
-def save_label_png(labels: np.ndarray, palette: np.ndarray, path: Path) -> None:
-    """Write a label map atomically: a palette PNG (pixel values are class ids, shown in the palette's colors) for
-    up to 256 classes, a 16-bit grayscale PNG of class ids above that."""
-    from PIL import Image
-
-    from .fileio import atomic_path
-
-    if len(palette) <= 256:
-        image = Image.fromarray(labels.astype(np.uint8), "P")
-        image.putpalette(palette.astype(np.uint8).reshape(-1).tolist())
-    else:
-        image = Image.fromarray(labels.astype(np.uint16))
-    with atomic_path(path) as temporary:
-        image.save(temporary, format="PNG")
-
-
-def _label_paths(out_dir: Path, image_path: Path, roots: list) -> tuple:
-    stem = out_dir / _output_stem(image_path, roots)
-    return stem.with_name(stem.name + "_labels.png"), stem.with_name(stem.name + "_overlay.png")
-
-
-def _describe_error(err: BaseException) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+#: ``eval``'s inference modes: a score comes from one known mode, so the fallback mode "auto" is not offered.
+EVAL_MODES = ("whole", "slide")
 
 
 def cmd_segment(args) -> int:
-    import warnings
-
-    import torch
-    from tqdm import tqdm
-
-    from .model import Segformer
-    from .fileio import atomic_path, find_images, load_image
-    from .inference import build_forward, resolve_window, segment_images
-    from .palettes import overlay, palette_for
-
+    """``segformer-fast segment``: label and overlay PNGs for every input image; exit 1 when any image failed."""
     device = resolve_device(args.device)
-    dtype = getattr(torch, DTYPES[args.dtype])
-    try:
-        crop, stride = resolve_window(args.crop, args.stride)
-    except ValueError as err:
-        print(f"segformer-fast: {err}", file=sys.stderr)
-        return 2
-    try:
-        images = find_images(args.inputs)
-    except FileNotFoundError as err:
-        print(f"segformer-fast: {err}", file=sys.stderr)
-        return 2
+    dtype = parse_dtype(args.dtype)
+    crop, stride = resolve_window(args.crop, args.stride)
+    images = find_images(args.inputs)
     if not images:
         print("segformer-fast: no images found in " + ", ".join(args.inputs), file=sys.stderr)
         return 2
     out_dir = Path(args.out)
     roots = [Path(p) for p in args.inputs]
-    todo, skipped = [], 0
-    for image_path in images:
-        if args.skip_existing and all(p.is_file() for p in _label_paths(out_dir, image_path, roots)):
-            skipped += 1
-        else:
-            todo.append(image_path)
+    todo = [path for path in images if not (args.skip_existing and outputs_exist(out_dir, path, roots))]
+    skipped = len(images) - len(todo)
     if skipped:
         print(f"skipped {skipped} of {len(images)} images whose outputs already exist in {out_dir}")
     if not todo:
@@ -103,7 +39,6 @@ def cmd_segment(args) -> int:
         return 0
 
     model = Segformer.from_pretrained(args.model).to(device=device)
-    palette = palette_for(model.config.num_labels)
     # Resizing: --short-side (keep ratio), --size H W, --no-resize; by default 512 x 512 in whole mode and the
     # images' own resolution in slide and auto modes (huge images are what those modes are for).
     if args.short_side:
@@ -112,38 +47,10 @@ def cmd_segment(args) -> int:
         resize = {"size": None}
     else:
         resize = {"size": tuple(args.size) if args.size else (512, 512)}
-    forward, whole_labels = build_forward(model, args.engine, dtype)
-
-    def segment(image):
-        return segment_images(image, forward, num_labels=model.config.num_labels, device=device, dtype=dtype,
-                              mode=args.mode, crop=crop, stride=stride, whole_labels=whole_labels, **resize)
-
-    failures = []
-    with torch.inference_mode():
-        for image_path in tqdm(todo, desc="segment", unit="img", disable=args.quiet):
-            try:
-                image = load_image(image_path)
-            except (ValueError, OSError) as err:
-                failures.append(f"{image_path}: {err}")
-                tqdm.write(f"cannot read {image_path}: {err}", file=sys.stderr)
-                continue
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    labels = segment(image).cpu().numpy()
-                for warning in caught:
-                    tqdm.write(f"{image_path}: {warning.message}", file=sys.stderr)
-                labels_path, overlay_path = _label_paths(out_dir, image_path, roots)
-                labels_path.parent.mkdir(parents=True, exist_ok=True)
-                save_label_png(labels, palette, labels_path)
-                with atomic_path(overlay_path) as temporary:
-                    overlay(image, labels, palette, alpha=args.alpha).save(temporary, format="PNG")
-            except Exception as err:  # one bad image (out of memory, unwritable output, ...) must not stop the run
-                failures.append(f"{image_path}: {_describe_error(err)}")
-                tqdm.write(f"failed {image_path}: {_describe_error(err)}", file=sys.stderr)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
+    predict = make_predictor(model, args.engine, args.mode, resize=resize, device=device, dtype=dtype, crop=crop,
+                             stride=stride)
+    failures = segment_files(todo, predict, palette_for(model.config.num_labels), out_dir, roots, alpha=args.alpha,
+                             progress=not args.quiet)
     done = len(images) - len(failures)
     note = f" ({skipped} already done, skipped)" if skipped else ""
     print(f"segmented {done} of {len(images)} images into {out_dir}{note}")
@@ -156,8 +63,6 @@ def cmd_segment(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .model import Segformer
-
     model = Segformer.from_pretrained(args.source)
     config = model.config
     parameters = sum(p.numel() for p in model.parameters())
@@ -171,6 +76,110 @@ def cmd_info(args) -> int:
     print(f"labels:          {shown}{more}")
     print(f"key family:      {getattr(model, 'source_family', 'unknown')}")
     print(f"eps convention:  {config.eps_convention} {config.eps}")
+    return 0
+
+
+def add_eval_arguments(parser) -> None:
+    """The ``segformer-fast eval`` options (``cmd_eval`` takes the parsed namespace)."""
+    parser.add_argument("--model", required=True, metavar="SRC", help="checkpoint: folder, weights file or hub id")
+    parser.add_argument("--data", required=True, metavar="DIR", help="dataset root folder")
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="ade20k: DIR/images/validation + DIR/annotations/validation (or DIR/images + "
+                             "DIR/annotations); cityscapes: DIR/leftImg8bit/val + DIR/gtFine/val")
+    parser.add_argument("--engine", default="fast", choices=ENGINES, help="model to evaluate (default fast)")
+    parser.add_argument("--mode", default="whole", choices=EVAL_MODES,
+                        help="whole: one forward per image (default); slide: sliding-window inference")
+    resize = parser.add_mutually_exclusive_group()
+    resize.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
+                        help="resize every image to H x W (transformers' processor)")
+    resize.add_argument("--short-side", type=int, metavar="N",
+                        help="keep-ratio resize to short side N (long side capped by --max-long-side, default 2048), "
+                             "sides rounded up to multiples of 32. Default without --size / --short-side: mmseg's "
+                             "test resize, ade20k short side 512, cityscapes short side 1024 (native 1024x2048 "
+                             "images are not resized), long side at most 2048")
+    parser.add_argument("--max-long-side", type=int, metavar="N", help="with --short-side: cap the long side "
+                        "(default 2048)")
+    parser.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"),
+                        help="--mode slide window size (default: cityscapes 1024 1024, ade20k 512 512)")
+    parser.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"),
+                        help="--mode slide window step (default: cityscapes 768 768, ade20k 341 341)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--compare", choices=["reference", "transformers"],
+                        help="also evaluate this model (same device, dtype, resize and mode) and report both mIoUs "
+                             "and the pixel agreement")
+    parser.add_argument("--out", metavar="JSON", help="write the full report (per-class IoU/Acc) to this file")
+    parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images (quick checks)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def resize_from_args(args) -> dict:
+    """The ``preprocess`` resize arguments the eval options select (see ``add_eval_arguments``)."""
+    if getattr(args, "max_long_side", None) is not None and getattr(args, "short_side", None) is None:
+        raise ValueError("--max-long-side needs --short-side")
+    if getattr(args, "size", None):
+        return {"size": tuple(args.size)}
+    if getattr(args, "short_side", None) is not None:
+        return {"short_side": args.short_side,
+                "max_long_side": args.max_long_side if args.max_long_side is not None else 2048}
+    return default_resize(args.format)
+
+
+def window_from_args(args) -> dict:
+    """``{"crop": (h, w), "stride": (h, w)}`` for ``--mode slide`` (the format's defaults where not given), else
+    ``{}``; ValueError for --crop / --stride without --mode slide."""
+    if args.mode == "slide":
+        window = default_window(args.format)
+        return {"crop": tuple(args.crop) if args.crop else window["crop"],
+                "stride": tuple(args.stride) if args.stride else window["stride"]}
+    if args.crop or args.stride:
+        raise ValueError("--crop and --stride apply to --mode slide only")
+    return {}
+
+
+def cmd_eval(args) -> int:
+    """``segformer-fast eval``: evaluate a checkpoint on a dataset, print a summary, optionally write the report."""
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive integer, got {args.limit}")
+    resize = resize_from_args(args)
+    mode_options = window_from_args(args)
+    device = resolve_device(args.device)
+    dtype = parse_dtype(args.dtype)
+    dataset = open_dataset(args.format, args.data, args.limit)
+    model = Segformer.from_pretrained(args.model).to(device=device).eval()
+    num_classes = model.config.num_labels
+    if num_classes != dataset.num_classes:
+        raise ValueError(
+            f"{args.model} predicts {num_classes} classes but {args.format} has {dataset.num_classes}; "
+            "use a checkpoint trained on this dataset"
+        )
+    # The engine is built first: the reference predictor casts the model to dtype in place.
+    predict = make_predictor(model, args.engine, args.mode, resize=resize, device=device, dtype=dtype,
+                             **mode_options)
+    reference = None
+    if args.compare:
+        reference = make_predictor(model, args.compare, args.mode, resize=resize, device=device, dtype=dtype,
+                                   **mode_options)
+    result = evaluate(predict, dataset, num_classes, progress=not args.quiet, reference=reference)
+    if "comparison" in result:
+        result["comparison"]["against"] = args.compare
+    result["settings"] = {
+        "model": str(args.model),
+        "engine": args.engine,
+        "mode": args.mode,
+        **{k: list(v) for k, v in mode_options.items()},
+        "resize": {k: list(v) if isinstance(v, tuple) else v for k, v in resize.items()},
+        "device": str(device),
+        "dtype": args.dtype,
+        "limit": args.limit,
+        "compare": args.compare,
+    }
+    window = f" (crop {mode_options['crop']}, stride {mode_options['stride']})" if mode_options else ""
+    print(f"{args.format} {args.data}: {args.engine} engine, {args.mode} mode{window}, {args.dtype} on {device}")
+    print(format_summary(result))
+    if args.out:
+        write_report(result, args.out)
+        print(f"report written to {args.out}")
     return 0
 
 
@@ -213,12 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("source", help="checkpoint: folder, weights file or hub id")
     info.set_defaults(func=cmd_info)
 
-    from .evaluation import add_eval_arguments, run_eval
-
-    evaluate = commands.add_parser(
+    eval_parser = commands.add_parser(
         "eval", help="mIoU / aAcc / mAcc of a checkpoint on an ADE20K or Cityscapes folder (mmseg metrics)")
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(func=run_eval)
+    add_eval_arguments(eval_parser)
+    eval_parser.set_defaults(func=cmd_eval)
 
     from .bench import add_arguments, main_from_args
 

@@ -1,7 +1,5 @@
-"""Huge-image inference: whole-image and sliding-window logits, the ``segment`` driver, and a peak-memory model.
+"""Huge-image inference: sliding-window logits, the ``segment`` driver, and a peak-memory model.
 
-- :func:`whole_logits`: one forward over the whole image, logits bilinearly upsampled to the input size (mmseg's
-  ``mode='whole'``).
 - :func:`slide_logits`: mmseg's ``mode='slide'``. A grid of ``crop``-sized windows ``stride`` apart covers the
   image; windows are clamped to the image (the last row/column of windows ends on the image border), a window
   larger than the image is the whole image. Each window's logits (at 1/4) are upsampled (bilinear,
@@ -9,7 +7,8 @@
   each pixel. The SegFormer configs use crop 1024x1024, stride 768 for Cityscapes.
 - :func:`segment_images`: images -> label maps with ``mode`` "whole", "slide" or "auto" (whole, and on
   out-of-memory a warning and sliding windows), for any ``forward`` (the engine's ``logits``, the reference model,
-  transformers' model). ``SegformerEngine.segment`` and the CLI use it.
+  transformers' model; ``segformer_fast.predictors.build_forward`` builds them). ``SegformerEngine.segment``, the
+  CLI and the evaluation use it.
 - :func:`estimate_peak_memory_bytes`: an analytic model of the peak memory of whole-image inference (see there).
 """
 
@@ -23,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import MLP_RATIO, NUM_HEADS, SR_RATIOS, VARIANTS
-from .runtime import parse_dtype
+from .processing import _as_rgb_image, output_size, postprocess, preprocess
+from .runtime import is_out_of_memory, parse_dtype
 
 MODES = ("whole", "slide", "auto")
-ENGINES = ("fast", "reference", "transformers")
 #: Default sliding-window crop (SegFormer's Cityscapes test config); the default stride is 2/3 of the crop.
 DEFAULT_CROP = (1024, 1024)
 
@@ -100,16 +99,6 @@ def _check_logits(logits, batch: int, num_labels: int | None, what: str) -> None
         raise ValueError(f"forward returned {logits.shape[1]} classes for {what}, expected num_labels={num_labels}")
 
 
-def whole_logits(forward: Callable[[torch.Tensor], torch.Tensor], pixel_values: torch.Tensor) -> torch.Tensor:
-    """mmseg's whole mode: ``forward(pixel_values)`` (logits at 1/4) upsampled bilinearly (align_corners=False)
-    to the input size. Returns float32 logits (B, K, H, W)."""
-    _check_batch(pixel_values)
-    batch, _, height, width = pixel_values.shape
-    logits = forward(pixel_values)
-    _check_logits(logits, batch, None, f"the {height}x{width} input")
-    return F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
-
-
 def slide_logits(
     forward: Callable[[torch.Tensor], torch.Tensor],
     pixel_values: torch.Tensor,
@@ -126,7 +115,7 @@ def slide_logits(
     window). crop, stride: (h, w) or an int; stride defaults to 2/3 of the crop. Windows come from
     :func:`window_grid`; each window's logits are upsampled (bilinear, align_corners=False) to the window's size in
     float32, summed into a zero buffer and divided by the per-pixel window count. When one window covers the image
-    the result is exactly :func:`whole_logits`.
+    the result is exactly mmseg's whole mode: ``forward(pixel_values)`` upsampled to the input size in float32.
 
     pad_to_crop: as the official SegFormer code, zero-pad a window smaller than ``crop`` (only when the image is
     smaller than the crop) at the bottom/right to the crop size, and keep the window's part of the padded window's
@@ -166,22 +155,8 @@ def slide_logits(
 
 
 # ------------------------------------------------------------------------------------------------ segment
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for CUDA out-of-memory errors, ``MemoryError`` and PyTorch's CPU allocation failures."""
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
-    if isinstance(error, MemoryError) or (oom_types and isinstance(error, oom_types)):
-        return True
-    if isinstance(error, RuntimeError):
-        message = str(error).lower()
-        return "out of memory" in message or "can't allocate memory" in message
-    return False
-
-
 def _as_rgb_images(images) -> tuple[list, bool]:
     """(list of 8-bit RGB PIL images, single?) with the package's input contract and errors."""
-    from .processing import _as_rgb_image
-
     single = not isinstance(images, (list, tuple))
     batch = [images] if single else list(images)
     if not batch:
@@ -196,35 +171,11 @@ def _as_rgb_images(images) -> tuple[list, bool]:
 
 def _default_whole_labels(forward):
     """Whole-image labels with transformers' post-processing (each image's logits upsampled on their own)."""
-    from .processing import postprocess
-
     def whole_labels(pixel_values, sizes):
         labels = postprocess(forward(pixel_values), sizes)
         return list(labels)
 
     return whole_labels
-
-
-def build_forward(model, engine: str = "fast", dtype: torch.dtype = torch.float32):
-    """(forward, whole_labels) to run a reference ``Segformer`` with ``engine`` in ``dtype``, for
-    :func:`segment_images`: "fast" (``optimize``; its fused ``upsample_argmax`` does the whole-image labels),
-    "reference" (the eager model, cast to ``dtype`` in place) or "transformers" (transformers' model with the same
-    weights). ``whole_labels`` is None where the default (transformers' post-processing) applies."""
-    if engine == "fast":
-        from .engine import optimize
-
-        fast = optimize(model, dtype=dtype)
-        return fast.logits, fast.whole_labels
-    if engine == "reference":
-        return model.to(dtype=dtype).eval(), None
-    if engine == "transformers":
-        hf_model = model.to(dtype=dtype).to_transformers()
-
-        def forward(pixel_values):
-            return hf_model(pixel_values=pixel_values).logits
-
-        return forward, None
-    raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
 
 
 def _row_weights(out_rows: torch.Tensor, in_size: int, out_size: int):
@@ -383,8 +334,6 @@ def segment_images(
     forward call, windows counted per group of same-size images); "auto": whole, and where that runs out of memory
     a warning and slide. Returns one tensor for a single image, else a list.
     """
-    from .processing import output_size, preprocess
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     window = resolve_window(crop, stride)
@@ -439,7 +388,6 @@ def segment_images(
 
 
 # ------------------------------------------------------------------------------------------- memory model
-_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 #: Fixed allowance for library workspaces (cuBLAS, cuDNN convolution) and small tensors.
 WORKSPACE_BYTES = 32 * 2**20
 _MAX_FUSED_OUT_CHANNELS = 256  # kernels.sr_attention: wider stages write the attention output to a temporary
@@ -573,9 +521,9 @@ def estimate_peak_memory_bytes(
         no_workspace = estimate_peak_memory_bytes(variant, batch * calls, crop_h, crop_w, dtype, num_labels,
                                                   kernels=kernels, labels=False, workspace_bytes=0)
         # the window's own input crop counts in its forward; the whole image is held as well
-        return int(no_workspace + 3 * batch * height * width * _BYTES[dtype] + 8 * batch * height * width
+        return int(no_workspace + 3 * batch * height * width * dtype.itemsize + 8 * batch * height * width
                    + rows_alive * window_cols * window_logits + chunk_bytes + workspace_bytes)
-    s = _BYTES[dtype]
+    s = dtype.itemsize
     dims, _, decoder = VARIANTS[variant]
     grids = _grids(height, width)
     tokens = [h * w for h, w in grids]
@@ -625,11 +573,9 @@ __all__ = [
     "MODES",
     "default_stride",
     "estimate_peak_memory_bytes",
-    "is_out_of_memory",
     "resolve_window",
     "segment_images",
     "slide_labels",
     "slide_logits",
-    "whole_logits",
     "window_grid",
 ]

@@ -1,4 +1,4 @@
-"""mIoU evaluation: metric definitions (mmseg), dataset readers, evaluate/compare, JSON report, eval CLI plumbing."""
+"""mIoU evaluation: metric definitions (mmseg), dataset readers, evaluate/compare, JSON report, the eval command."""
 
 import argparse
 import json
@@ -10,20 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from segformer_fast import evaluation
-from segformer_fast.evaluation import (
-    MetricAccumulator,
-    add_eval_arguments,
-    ade20k_dataset,
-    cityscapes_dataset,
-    compare,
-    evaluate,
-    open_dataset,
-    reduce_zero_label,
-    resize_from_args,
-    run_eval,
-    write_report,
-)
+from segformer_fast.cli import add_eval_arguments, cmd_eval, resize_from_args
+from segformer_fast.datasets import ade20k_dataset, cityscapes_dataset, open_dataset
+from segformer_fast.evaluation import compare, evaluate, write_report
+from segformer_fast.metrics import CITYSCAPES_LABEL_TO_TRAIN_ID, MetricAccumulator, reduce_zero_label
+from segformer_fast.predictors import make_predictor
 from segformer_fast.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES
 
 # ------------------------------------------------------------------------------------------------ known metrics
@@ -358,7 +349,7 @@ def test_cityscapes_label_ids_to_train_ids(tmp_path):
 def make_cityscapes(root, sizes=SIZES):
     """Three images in two cities; the last one has only a labelTrainIds file."""
     rng = np.random.default_rng(1)
-    inverse = {v: k for k, v in evaluation.CITYSCAPES_LABEL_TO_TRAIN_ID.items()}
+    inverse = {v: k for k, v in CITYSCAPES_LABEL_TO_TRAIN_ID.items()}
     cities = ["bremen", "bremen", "zurich"]
     truth = {}
     for i, ((h, w), city) in enumerate(zip(sizes, cities)):
@@ -459,13 +450,13 @@ def random_b0(tmp_path_factory):
     return folder
 
 
-def test_run_eval_end_to_end(tmp_path, random_b0, capsys):
+def test_eval_command_end_to_end(tmp_path, random_b0, capsys):
     make_ade20k(tmp_path / "ade")
     out = tmp_path / "r.json"
     args = _parse(["--model", str(random_b0), "--data", str(tmp_path / "ade"), "--format", "ade20k",
                    "--limit", "2", "--size", "64", "64", "--compare", "reference", "--device", "cpu",
                    "--out", str(out), "--quiet"])
-    assert run_eval(args) == 0
+    assert cmd_eval(args) == 0
     printed = capsys.readouterr().out
     assert "mIoU" in printed and "aAcc" in printed and "mAcc" in printed and "pixel agreement" in printed
     report = json.loads(out.read_text())
@@ -481,20 +472,20 @@ def test_run_eval_end_to_end(tmp_path, random_b0, capsys):
     assert 0.0 <= c["pixel_agreement"] <= 1.0 and c["pixel_agreement"] > 0.99
 
 
-def test_run_eval_slide_mode(tmp_path, random_b0, capsys):
+def test_eval_command_slide_mode(tmp_path, random_b0, capsys):
     make_ade20k(tmp_path / "ade")
     out = tmp_path / "r.json"
     args = _parse(["--model", str(random_b0), "--data", str(tmp_path / "ade"), "--format", "ade20k",
                    "--limit", "1", "--size", "64", "64", "--mode", "slide", "--crop", "48", "48",
                    "--stride", "32", "32", "--engine", "reference", "--device", "cpu", "--out", str(out), "--quiet"])
-    assert run_eval(args) == 0
+    assert cmd_eval(args) == 0
     report = json.loads(out.read_text())
     assert report["settings"]["mode"] == "slide"
     assert report["settings"]["crop"] == [48, 48] and report["settings"]["stride"] == [32, 32]
     assert 0.0 <= report["mIoU"] <= 1.0 and report["counts"]["images"] == 1
     assert "crop (48, 48)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--mode slide only"):
-        run_eval(_parse(["--model", str(random_b0), "--data", str(tmp_path / "ade"), "--format", "ade20k",
+        cmd_eval(_parse(["--model", str(random_b0), "--data", str(tmp_path / "ade"), "--format", "ade20k",
                          "--crop", "32", "32"]))
 
 
@@ -503,9 +494,9 @@ def test_mode_errors_and_class_mismatch(tmp_path, random_b0):
 
     model = Segformer.from_pretrained(random_b0)
     with pytest.raises(ValueError, match="unknown inference mode"):
-        evaluation.make_predictor(model, "reference", "tiles")
+        make_predictor(model, "reference", "tiles")
     make_cityscapes(tmp_path / "cs")
     args = _parse(["--model", str(random_b0), "--data", str(tmp_path / "cs"), "--format", "cityscapes",
                    "--device", "cpu", "--quiet"])
     with pytest.raises(ValueError, match="150 classes but cityscapes has 19"):
-        run_eval(args)
+        cmd_eval(args)

@@ -13,16 +13,15 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from segformer_fast import Segformer, optimize, preprocess
+from segformer_fast import Segformer, optimize, postprocess, preprocess
 from segformer_fast.inference import (
     estimate_peak_memory_bytes,
-    is_out_of_memory,
     resolve_window,
     slide_labels,
     slide_logits,
-    whole_logits,
     window_grid,
 )
+from segformer_fast.runtime import is_out_of_memory
 
 NUM_LABELS = 7
 
@@ -51,12 +50,20 @@ def _forward(model):
     return forward
 
 
+def _upsampled_logits(forward, pixel_values):
+    """mmseg's whole mode written out: one forward, logits upsampled (bilinear) to the input size in float32."""
+    logits = forward(pixel_values)
+    return F.interpolate(logits.float(), size=pixel_values.shape[2:], mode="bilinear", align_corners=False)
+
+
 # ---------------------------------------------------------------------------------------------- slide_logits
 def test_slide_equals_whole_when_one_window_covers_the_image(model, engine):
     pixels = torch.randn(2, 3, 70, 90, generator=torch.Generator().manual_seed(0))
     for forward in (_forward(model), engine.logits):
-        expected = whole_logits(forward, pixels)
+        expected = _upsampled_logits(forward, pixels)
         assert expected.shape == (2, NUM_LABELS, 70, 90) and expected.dtype == torch.float32
+        # the same labels as the whole-image path segment_images takes by default (transformers' post-processing)
+        assert torch.equal(postprocess(forward(pixels), (70, 90)), expected.argmax(1))
         for crop in ((70, 90), (128, 128), (200, 90)):
             got = slide_logits(forward, pixels, NUM_LABELS, crop=crop, stride=(64, 64))
             assert torch.equal(got, expected), f"crop {crop}"
@@ -250,6 +257,9 @@ def test_memory_estimate_properties():
         estimate_peak_memory_bytes("b9", 1, 64, 64)
     with pytest.raises(ValueError, match="batch"):
         estimate_peak_memory_bytes("b0", 0, 64, 64)
+    for bad_dtype in ("fp8", torch.int8):
+        with pytest.raises(ValueError, match="dtype must be"):
+            estimate_peak_memory_bytes("b0", 1, 64, 64, bad_dtype)
 
 
 def test_memory_estimate_known_value():
@@ -362,7 +372,7 @@ def test_memory_estimate_bounds_cuda_peak(variant, dtype):
 def test_slide_pad_to_crop_pads_small_windows_like_the_official_code(model):
     pixels = torch.randn(1, 3, 50, 70, generator=torch.Generator().manual_seed(4))
     got = slide_logits(_forward(model), pixels, NUM_LABELS, crop=(64, 96), stride=(32, 32), pad_to_crop=True)
-    expected = whole_logits(_forward(model), F.pad(pixels, (0, 26, 0, 14)))[:, :, :50, :70]
+    expected = _upsampled_logits(_forward(model), F.pad(pixels, (0, 26, 0, 14)))[:, :, :50, :70]
     assert torch.equal(got, expected)
 
 

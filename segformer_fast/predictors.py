@@ -1,0 +1,82 @@
+"""Forwards and predictors for a reference ``Segformer`` run by one of three engines, shared by ``segment`` and
+``eval``.
+
+- :func:`build_forward`: (forward, whole_labels) for :func:`segformer_fast.inference.segment_images` with
+  ``engine`` "fast" (``segformer_fast.optimize``), "reference" (the eager model) or "transformers" (transformers'
+  model with the same weights).
+- :func:`make_predictor`: an image -> (H, W) label map callable (resize, inference mode, device, dtype fixed), the
+  ``Predictor`` that ``segformer_fast.evaluation.evaluate`` scores and the CLI's ``segment`` writes out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .engine import optimize
+from .inference import MODES, segment_images
+from .runtime import parse_dtype
+
+ENGINES = ("fast", "reference", "transformers")
+
+
+def build_forward(model, engine: str = "fast", dtype: torch.dtype | str = torch.float32):
+    """(forward, whole_labels) to run a reference ``Segformer`` with ``engine`` in ``dtype``, for
+    :func:`segformer_fast.inference.segment_images`: "fast" (``optimize``; its fused ``upsample_argmax`` does the
+    whole-image labels), "reference" (the eager model, cast to ``dtype`` in place) or "transformers" (transformers'
+    model with the same weights). ``whole_labels`` is None where the default (transformers' post-processing)
+    applies. ``forward``: pixel_values (B, 3, H, W) -> logits (B, K, H/4, W/4)."""
+    dtype = parse_dtype(dtype)
+    if engine == "fast":
+        fast = optimize(model, dtype=dtype)
+        return fast.logits, fast.whole_labels
+    if engine == "reference":
+        return model.to(dtype=dtype).eval(), None
+    if engine == "transformers":
+        hf_model = model.to(dtype=dtype).to_transformers()
+
+        def forward(pixel_values):
+            return hf_model(pixel_values=pixel_values).logits
+
+        return forward, None
+    raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
+
+
+def make_predictor(
+    model,
+    engine: str = "fast",
+    mode: str = "whole",
+    *,
+    resize: dict | None = None,
+    device=None,
+    dtype: torch.dtype | str | None = None,
+    crop=None,
+    stride=None,
+    windows_per_call: int = 1,
+) -> Callable[[Image.Image], np.ndarray]:
+    """An image -> (H, W) int64 label map callable for a reference ``Segformer`` (already on ``device``), through
+    :func:`segformer_fast.inference.segment_images`.
+
+    engine: as in :func:`build_forward`. mode: "whole" (resize, one forward, upsample the logits to the image size
+    and argmax), "slide" (sliding windows of ``crop`` every ``stride``) or "auto" (whole, slide where whole runs out
+    of memory). resize: ``segment_images``' resize arguments (``size``, or ``short_side`` / ``max_long_side``;
+    default: fixed 512x512). dtype: a compute dtype or its name (default float32).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown inference mode {mode!r}; available: {list(MODES)}")
+    dtype = torch.float32 if dtype is None else parse_dtype(dtype)
+    device = torch.device(device) if device is not None else model.device
+    forward, whole_labels = build_forward(model, engine, dtype)
+    options = dict(resize) if resize else {"size": (512, 512)}
+
+    def predict(image: Image.Image) -> np.ndarray:
+        with torch.inference_mode():
+            labels = segment_images(image, forward, num_labels=model.config.num_labels, device=device, dtype=dtype,
+                                    mode=mode, crop=crop, stride=stride, whole_labels=whole_labels,
+                                    windows_per_call=windows_per_call, **options)
+        return labels.cpu().numpy()
+
+    return predict
