@@ -71,7 +71,10 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "hypothesis"],
+        "export": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "runtimes": ["onnx>=1.16", "onnxruntime>=1.18", "openvino>=2024.0"],
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "hypothesis", "onnx>=1.16", "onnxruntime>=1.18",
+                 "openvino>=2024.0"],
     },
     entry_points={"console_scripts": ["segformer-fast=segformer_fast.cli:main"]},
 )

@@ -9,6 +9,7 @@
 
 from .config import SegformerConfig
 from .engine import SegformerEngine, VerificationError, optimize
+from .export import ExportVerificationError, export_onnx, export_program, load_program
 from .inference import estimate_peak_memory_bytes
 from .model import Segformer
 
@@ -21,8 +22,12 @@ __all__ = [
     "SegformerConfig",
     "SegformerEngine",
     "VerificationError",
+    "ExportVerificationError",
     "estimate_peak_memory_bytes",
+    "export_onnx",
+    "export_program",
     "load_checkpoint",
+    "load_program",
     "optimize",
     "postprocess",
     "preprocess",

@@ -1,5 +1,6 @@
 """The ``segformer-fast`` command: ``segment`` images, ``info`` about a checkpoint, ``eval`` mIoU on a dataset,
-``bench`` the models. Parsing, printing and exit codes; the work is done by the package's modules."""
+``bench`` the models, ``export`` them to ONNX / torch.export. Parsing, printing and exit codes; the work is done
+by the package's modules."""
 
 import argparse
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from .datasets import FORMATS, default_resize, default_window, open_dataset
 from .evaluation import evaluate, format_summary, write_report
+from .export import export_onnx, export_program
 from .fileio import find_images
 from .inference import resolve_window
 from .model import Segformer
@@ -183,6 +185,49 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- export (parser and handler)
+def cmd_export(args) -> int:
+
+    if not args.onnx and not args.pt2:
+        print("segformer-fast: export needs --onnx PATH and/or --pt2 PATH", file=sys.stderr)
+        return 2
+    shape = {"dynamic": args.static is None}
+    if args.static:
+        shape.update(size=tuple(args.static), batch=args.batch)
+    model = Segformer.from_pretrained(args.model)
+    reports = []
+    if args.onnx:
+        reports.append(export_onnx(model, args.onnx, dtype=args.dtype, opset=args.opset,
+                                   output="labels" if args.labels else "logits", **shape))
+    if args.pt2:
+        reports.append(export_program(model, args.pt2, dtype=args.dtype, **shape))
+    for report in reports:
+        sizes = "any batch and size" if report["dynamic"] else "static"
+        print(f"wrote {report['path']} ({report['dtype']}, {sizes})")
+        if not report["verified"]:
+            print("  not verified: onnxruntime is not installed")
+        for check in report["checks"]:
+            measured = (f"max abs error {check['max_abs_error']:.3e}" if "max_abs_error" in check else
+                        f"label agreement {check['agreement']:.4%}, {check['confident_mismatches']} clear mismatches")
+            print(f"  verified on {check['shape']}: {measured}, tolerance {check['tolerance']:.3e}")
+    return 0
+
+
+def add_export_parser(commands) -> None:
+    export = commands.add_parser("export", help="export the folded, verified graph to ONNX and/or torch.export")
+    export.add_argument("--model", required=True, help="checkpoint: folder, weights file or hub id")
+    export.add_argument("--onnx", metavar="PATH", help="write an ONNX file (.onnx)")
+    export.add_argument("--pt2", metavar="PATH", help="write a torch.export program (.pt2)")
+    export.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="graph dtype (ONNX: fp32, fp16)")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset, 17..20 (default 17)")
+    export.add_argument("--labels", action="store_true",
+                        help="ONNX output: label maps at the input size (upsample + argmax in the graph)")
+    export.add_argument("--static", nargs=2, type=int, metavar=("H", "W"),
+                        help="export for this input size only (default: dynamic batch, height and width)")
+    export.add_argument("--batch", type=int, default=1, help="with --static: the batch size (default 1)")
+    export.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segformer-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -232,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmark the models (images/s, latency, memory)")
     add_arguments(bench)
     bench.set_defaults(func=main_from_args)
+    add_export_parser(commands)
     return parser
 
 
