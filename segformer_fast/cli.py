@@ -1,5 +1,4 @@
-"""The ``segformer-fast`` command: ``segment`` images, ``info`` about a checkpoint, ``eval`` mIoU on a dataset,
-``bench`` the models."""
+"""The ``segformer-fast`` command: ``segment`` images, ``info`` about a checkpoint, ``eval`` mIoU on a dataset."""
 
 import argparse
 import sys
@@ -219,12 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="mIoU / aAcc / mAcc of a checkpoint on an ADE20K or Cityscapes folder (mmseg metrics)")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=run_eval)
-
-    from .bench import add_arguments, main_from_args
-
-    bench = commands.add_parser("bench", help="benchmark the models (images/s, latency, memory)")
-    add_arguments(bench)
-    bench.set_defaults(func=main_from_args)
     return parser
 
 
