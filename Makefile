@@ -6,6 +6,8 @@ VENV ?= .venv
 VENV_FLAGS ?=
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# Extra options for benchmarks/bench_model.py, e.g. `make bench BENCH_ARGS="--quick --no-save"`.
+BENCH_ARGS ?=
 STAMP := $(VENV)/.installed
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
@@ -25,7 +27,7 @@ test: install
 	$(VENV)/bin/pytest tests -ra
 
 bench: install
-	$(VENV)/bin/segformer-fast bench
+	$(PY) benchmarks/bench_model.py $(BENCH_ARGS)
 
 compile-cuda:
 	bash .ci/compile_cuda.sh

@@ -14,23 +14,31 @@ present (CUDA events, median). B2-B5 share every decoder shape, so they are meas
 """
 
 import argparse
-import json
-import os
 import platform
-import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
+from segformer_fast import ops
+from segformer_fast.config import VARIANTS, SegformerConfig
+from segformer_fast.decoder_fold import fold_decode_head, project_features
+from segformer_fast.model import DecodeHead, _random_init_
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from segformer_fast import ops  # noqa: E402
-from segformer_fast.config import VARIANTS, SegformerConfig  # noqa: E402
-from segformer_fast.decoder_fold import fold_decode_head, project_features  # noqa: E402
-from segformer_fast.model import DecodeHead, _random_init_  # noqa: E402
+from bench_common import (
+    collect_versions,
+    console_table,
+    device_argument,
+    device_name,
+    flatten,
+    format_number,
+    list_argument,
+    loadavg,
+    median_ms,
+    positive_int,
+    say,
+    write_json,
+)
 
 RESOLUTIONS = {"512x512": (512, 512), "1024x2048": (1024, 2048)}
 NUM_LABELS = 150
@@ -82,21 +90,7 @@ def stage_features(variant: str, height: int, width: int, device, dtype) -> list
 
 def time_ms(fn, repeats: int, device) -> float:
     """Median wall-clock (CPU) or CUDA-event (GPU) milliseconds of `fn` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, device, repeats=repeats, warmup=1)
 
 
 def run_case(variant, resolution, device, dtype, repeats):
@@ -134,69 +128,63 @@ def run_case(variant, resolution, device, dtype, repeats):
 
 
 def environment(device) -> dict:
+    """The results file's header (its keys as in the saved decoder-*.json files)."""
+    versions = collect_versions(device)
     info = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+        "device": device_name(device),
         "device_type": device.type,
-        "torch": torch.__version__,
+        "torch": versions["torch"],
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
+        "python": versions["python"],
         "platform": platform.platform(),
         "extension": ops.extension_available(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-                names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-            if names:
-                info["device"] = names[0]
-            info["load_average"] = os.getloadavg()
-        except OSError:
-            pass
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
+        info["load_average"] = loadavg()
+    info["transformers"] = versions["transformers"]
     return info
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".bench_decoder-", suffix=".json", dir=folder)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        json.dump(payload, stream, indent=2)
-        stream.write("\n")
-    os.replace(temp, path)
+TABLE_HEADER = ["device", "dtype", "variant", "resolution", "reference ms", "transformers ms", "fused ms",
+                "projections ms", "fused_decode ms", "× reference", "upsample_argmax ms", "eager ms"]
+
+
+def table_cells(row: dict) -> list:
+    """One row of the summary table (TABLE_HEADER's columns)."""
+    return [row["device_type"], row["dtype"], row["variant"], row["resolution"],
+            format_number(row["reference_ms"]), format_number(row.get("transformers_ms")),
+            format_number(row["fused_ms"]), format_number(row["projections_ms"]),
+            format_number(row["fused_decode_op_ms"]), f"{row['speedup_vs_reference']:.2f}",
+            format_number(row["upsample_argmax_ms"]), format_number(row["eager_upsample_argmax_ms"])]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="B0 and B2 at 512x512 only, few repeats (CPU smoke run)")
-    parser.add_argument("--variants", default=None, help="comma-separated subset of b0..b5")
-    parser.add_argument("--resolutions", default=None, help="comma-separated subset of 512x512,1024x2048")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: both when CUDA is available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--variants", nargs="+", type=list_argument("variant", lambda: sorted(VARIANTS)),
+                        metavar="V", help="subset of b0..b5, comma or space separated (default: all)")
+    parser.add_argument("--resolutions", nargs="+", type=list_argument("resolution", lambda: list(RESOLUTIONS)),
+                        metavar="R", help=f"subset of {', '.join(RESOLUTIONS)} (default: all)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed repeats per measurement (median)")
+    parser.add_argument("--device", type=device_argument, default=None,
+                        help="auto, cpu, cuda or cuda:N (default: cpu, and cuda too when it is available)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--out", default=None, help="write the results as JSON here (atomically)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
+    say(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
 
-    variants = args.variants.split(",") if args.variants else (["b0", "b2"] if args.quick else sorted(VARIANTS))
-    resolutions = args.resolutions.split(",") if args.resolutions else (
-        ["512x512"] if args.quick else list(RESOLUTIONS)
-    )
+    variants = flatten(args.variants) or (["b0", "b2"] if args.quick else sorted(VARIANTS))
+    resolutions = flatten(args.resolutions) or (["512x512"] if args.quick else list(RESOLUTIONS))
     if args.device:
-        devices = [torch.device(args.device)]
+        devices = [args.device]
     else:
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     if not ops.extension_available():
-        print("warning: segformer_fast._C is not built; 'fused' runs the eager fallback", file=sys.stderr)
+        say("warning: segformer_fast._C is not built; 'fused' runs the eager fallback", sys.stderr)
 
     results = []
     for device in devices:
@@ -217,18 +205,14 @@ def main(argv=None) -> int:
                     row["device_type"] = device.type
                     measured[key] = row
                 results.append(row)
-                hf = f"{row['transformers_ms']:9.1f}" if "transformers_ms" in row else "      n/a"
-                print(
-                    f"{device.type:4s} {row['dtype']:8s} {variant} {resolution:9s} ref {row['reference_ms']:9.1f} ms  "
-                    f"hf {hf} ms  fused {row['fused_ms']:8.1f} ms (proj {row['projections_ms']:.1f} + op "
-                    f"{row['fused_decode_op_ms']:.1f})  x{row['speedup_vs_reference']:.2f} vs ref  | upsample_argmax "
-                    f"{row['upsample_argmax_ms']:.1f} ms vs eager {row['eager_upsample_argmax_ms']:.1f} ms",
-                    flush=True,
-                )
+                say(f"{device.type} {row['dtype']} {variant} {resolution}: fused {row['fused_ms']:.1f} ms, "
+                    f"{row['speedup_vs_reference']:.2f}x the reference head")
+    say("")
+    say(console_table(TABLE_HEADER, [table_cells(row) for row in results], left_columns={0, 1, 2, 3}))
     payload = {"benchmark": "decoder", "environment": environment(devices[-1]), "results": results}
     if args.out:
-        write_json_atomic(args.out, payload)
-        print(f"wrote {args.out}")
+        write_json(args.out, payload)
+        say(f"wrote {args.out}")
     return 0
 
 

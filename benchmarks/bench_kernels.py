@@ -13,16 +13,10 @@ interpreter is a correctness tool, not a speed measure): small shapes, eager and
 """
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import tempfile
-import time
+import sys
 
 import torch
 import torch.nn.functional as F
-
 from segformer_fast.kernels import (
     layer_norm,
     layer_norm_ref,
@@ -37,8 +31,19 @@ from segformer_fast.kernels import (
 )
 from segformer_fast.kernels.mixffn import mixffn_flops
 from segformer_fast.kernels.sr_attention import reduced_size, sr_attention_flops
+from segformer_fast.runtime import DTYPES
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from bench_common import (
+    console_table,
+    device_name,
+    do_bench_ms,
+    environment,
+    format_number,
+    median_ms,
+    one_line,
+    say,
+    write_json,
+)
 
 
 def stage1_cases(on_cuda, quick):
@@ -50,24 +55,14 @@ def stage1_cases(on_cuda, quick):
     return [(variant, res, C, 1, 8, 1, H, W) for res, H, W in sizes for variant, C in (("B0", 32), ("B5", 64))]
 
 
-def timer(on_cuda, quick):
-    if on_cuda:
-        import triton.testing
+def timer(device, quick):
+    """``measure(fn) -> median ms``: triton's do_bench on CUDA, wall clock after two warm-up calls on CPU."""
+    if device.type == "cuda":
+        return lambda fn: do_bench_ms(fn, warmup_ms=10 if quick else 25, rep_ms=50 if quick else 200)
+    return lambda fn: median_ms(fn, device, repeats=5 if quick else 20, warmup=2)
 
-        def measure(fn):
-            return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 200,
-                                           return_mode="median")
-    else:
-        def measure(fn):
-            fn()
-            fn()
-            times = []
-            for _ in range(5 if quick else 20):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
-            return statistics.median(times)
-    return measure
+
+TABLE_HEADER = ["op", "variant", "res", "impl", "ms", "TFLOP/s", "GB/s", "status"]
 
 
 def sdpa_attention(x, residual, H, W, p):
@@ -136,17 +131,15 @@ def build_ops(case, dtype, device):
 
 def run(args):
     on_cuda = torch.cuda.is_available()
-    device = "cuda" if on_cuda else "cpu"
+    device = torch.device("cuda" if on_cuda else "cpu")
     dtype = DTYPES[args.dtype] if on_cuda else torch.float32
-    measure = timer(on_cuda, args.quick)
+    measure = timer(device, args.quick)
     note = ("CUDA: triton.testing.do_bench median, no CUDA graphs" if on_cuda else
             "no GPU: kernel rows are skipped (the Triton CPU interpreter is not a speed measure); "
             "eager/compile timed by wall clock, median")
-    print(f"device {torch.cuda.get_device_name() if on_cuda else platform.processor() or 'cpu'}, dtype {dtype}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}\n{note}")
-    rows = []
-    header = f"{'op':24s} {'variant':8s} {'res':10s} {'impl':8s} {'ms':>10s} {'TFLOP/s':>9s} {'GB/s':>9s}  status"
-    print(header)
+    say(f"device {device_name(device)}, dtype {dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    say(note)
+    rows, cells = [], []
     for case in stage1_cases(on_cuda, args.quick):
         for op, shape, flops, nbytes, impls in build_ops(case, dtype, device):
             for impl, fn in impls.items():
@@ -162,41 +155,36 @@ def run(args):
                             fn = torch.compile(fn[1], dynamic=False)
                         ms = measure(fn)
                         row.update(status="ok", time_ms=ms, tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6)
-                    except Exception as exc:  # a failing baseline must not hide the other rows
-                        row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    except Exception as exc:  # noqa: BLE001 - a failing baseline must not hide the other rows
+                        row["status"] = f"error: {one_line(exc, 200)}"
                 rows.append(row)
-                if row["status"] == "ok":
-                    cols = f"{row['time_ms']:10.4f} {row['tflops']:9.3f} {row['gbps']:9.1f}  ok"
-                else:
-                    cols = f"{'-':>10s} {'-':>9s} {'-':>9s}  {row['status']}"
-                print(f"{op:24s} {case[0]:8s} {case[1]:10s} {impl:8s} {cols}")
+                ok = row["status"] == "ok"
+                cells.append([op, case[0], case[1], impl, f"{row['time_ms']:.4f}" if ok else "—",
+                              f"{row['tflops']:.3f}" if ok else "—", format_number(row.get("gbps"), 1),
+                              row["status"]])
+                say(f"{op} {case[0]} {case[1]} {impl}: "
+                    + (f"{row['time_ms']:.4f} ms" if ok else row["status"]))
             if on_cuda:
                 torch.cuda.empty_cache()
-    import triton
-
-    result = {
-        "device": torch.cuda.get_device_name() if on_cuda else (platform.processor() or platform.machine()),
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "threads": torch.get_num_threads(), "quick": args.quick, "note": note, "rows": rows,
-    }
+    say("")
+    say(console_table(TABLE_HEADER, cells, left_columns={0, 1, 2, 3, 7}))
+    result = {**environment(device), "threads": torch.get_num_threads(), "quick": args.quick, "note": note,
+              "rows": rows}
     if args.out:
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=out_dir, suffix=".tmp", delete=False) as tmp:
-            json.dump(result, tmp, indent=2)
-        os.replace(tmp.name, args.out)
-        print(f"wrote {args.out}")
+        write_json(args.out, result)
+        say(f"wrote {args.out}")
     return result
 
 
-def main():
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the results as JSON to this file (atomically)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="CUDA dtype (CPU always fp32)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    run(parser.parse_args())
+    run(parser.parse_args(argv))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

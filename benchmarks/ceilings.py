@@ -10,30 +10,17 @@ The JSON holds device, versions and the two measured numbers; nothing is asserte
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-
-from segformer_fast.bench import collect_versions, device_name  # noqa: E402
-from segformer_fast.fileio import atomic_write_text  # noqa: E402
+from bench_common import collect_versions, device_argument, device_name, do_bench_ms, median_ms, write_json
 
 
 def _median_ms(fn, device: torch.device, repeats: int) -> float:
     if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        return do_bench_ms(fn)
+    return median_ms(fn, device, repeats=repeats)
 
 
 def _copy_ms(device: torch.device, copy_bytes: int, repeats: int) -> float:
@@ -64,16 +51,16 @@ def measure(device: torch.device, repeats: int = 5) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_argument, default="auto",
+                        help="auto, cpu, cuda or cuda:N (default: auto, cuda when available)")
     parser.add_argument("--out", help="write the JSON here (atomically)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     result = {"device": device_name(device), "machine": platform.machine(), "versions": collect_versions(device),
               "torch_threads": torch.get_num_threads(), **measure(device)}
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.out:
-        atomic_write_text(args.out, text + "\n")
+        write_json(args.out, result)
     return 0
 
 

@@ -4,12 +4,13 @@
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from segformer_fast.bench import SCHEMA, render_markdown
 from segformer_fast.fileio import atomic_write_text
+
+from bench_common import read_json
+from bench_model import SCHEMA, render_markdown
 
 
 def main(argv=None) -> int:
@@ -20,9 +21,9 @@ def main(argv=None) -> int:
     parts = []
     for path in args.results:
         try:
-            results = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            parser.error(f"cannot read {path}: {err}")
+            results = read_json(path)
+        except ValueError as err:
+            parser.error(str(err))
         if not isinstance(results, dict) or results.get("schema") != SCHEMA:
             parser.error(f"{path} is not a model-benchmark results file (expected schema {SCHEMA!r})")
         parts.append(render_markdown(results))

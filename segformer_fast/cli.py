@@ -1,6 +1,6 @@
 """The ``segformer-fast`` command: ``segment`` images, ``info`` about a checkpoint, ``eval`` mIoU on a dataset,
-``bench`` the models, ``export`` them to ONNX / torch.export. Parsing, printing and exit codes; the work is done
-by the package's modules."""
+``export`` a model to ONNX / torch.export. Parsing, printing and exit codes; the work is done by the package's
+modules. (The benchmarks are scripts in the repository's benchmarks/ folder: ``make bench``.)"""
 
 import argparse
 import sys
@@ -271,12 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="mIoU / aAcc / mAcc of a checkpoint on an ADE20K or Cityscapes folder (mmseg metrics)")
     add_eval_arguments(eval_parser)
     eval_parser.set_defaults(func=cmd_eval)
-
-    from .bench import add_arguments, main_from_args
-
-    bench = commands.add_parser("bench", help="benchmark the models (images/s, latency, memory)")
-    add_arguments(bench)
-    bench.set_defaults(func=main_from_args)
     add_export_parser(commands)
     return parser
 

@@ -1,27 +1,24 @@
-"""Tests of the model benchmark (segformer_fast.bench, benchmarks/*.py): CPU only, tiny settings, no timing
-assertions (speed is shown by the benchmark, never asserted here)."""
+"""Tests of the benchmark scripts (benchmarks/bench_model.py, bench_common.py, make_table.py; pytest puts
+benchmarks/ on the import path, see pyproject.toml): CPU only, tiny settings, no timing assertions (speed is shown
+by the benchmark, never asserted here)."""
 
 import datetime
 import importlib.util
 import io
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
+import bench_common
+import bench_model as bench
+import make_table
 import pytest
 import torch
 
-from segformer_fast import bench
-
 ROOT = Path(__file__).resolve().parent.parent
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 ROW_FIELDS = {"variant", "height", "width", "batch", "dtype", "runner", "images_per_s", "latency_ms",
               "latency_p90_ms", "peak_mem_gb", "status", "num_labels", "first_call_s", "repeats"}
@@ -155,7 +152,7 @@ def test_failing_rows_are_recorded_and_the_run_goes_on(tmp_path, registry, capsy
         (["--runners", "engine9"], "unknown runner 'engine9'; valid: engine, reference, transformers, compile"),
         (["--batch", "0"], "expected a positive integer, got 0"),
         (["--repeats", "x"], "expected a positive integer, got 'x'"),
-        (["--device", "tpu"], "valid: cpu, cuda, cuda:N"),
+        (["--device", "tpu"], "unknown device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
@@ -248,7 +245,6 @@ def test_format_table_values():
 
 
 def test_make_table_script(tmp_path, capsys):
-    make_table = _load_script("make_table")
     source = tmp_path / "nvidia-h200-2026-01-02.json"
     source.write_text(json.dumps(_results(ROWS)))
     md = tmp_path / "table.md"
@@ -274,8 +270,27 @@ def test_make_table_script(tmp_path, capsys):
     assert exit_info.value.code == 2 and "not a model-benchmark results file" in capsys.readouterr().err
 
 
-def test_bench_model_script_is_the_library_entry_point():
-    assert _load_script("bench_model").main is bench.main
+def test_scripts_run_from_anywhere_without_path_patches(tmp_path):
+    """`python benchmarks/<name>.py` from another folder: the scripts find bench_common beside them and the package
+    through its installation; none of them edits sys.path. The package itself holds no benchmark code."""
+    assert importlib.util.find_spec("segformer_fast.bench") is None
+    for name in ("bench_model", "bench_kernels", "bench_decoder", "ceilings", "make_table"):
+        script = ROOT / "benchmarks" / f"{name}.py"
+        assert "sys.path" not in script.read_text(), f"{name}.py patches sys.path"
+        result = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 0, f"{name}.py --help failed:\n{result.stderr}"
+        assert "usage:" in result.stdout
+
+
+def test_saved_cpu_results_render_the_readme_table(capsys):
+    """The README's CPU table is make_table.py's rendering of the saved results file, line for line."""
+    source = ROOT / "benchmarks" / "results" / "cpu-amd-epyc-2026-11-21.json"
+    assert make_table.main([str(source)]) == 0
+    rendered = [line for line in capsys.readouterr().out.splitlines() if line]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(rendered) == 15  # caption, header, separator and 12 rows
+    start = readme.index(rendered[0])
+    assert readme[start + 2:start + 2 + len(rendered) - 1] == rendered[1:]
 
 
 def test_existing_results_are_merged_or_kept(tmp_path, registry):
@@ -305,13 +320,14 @@ def test_default_out_path_names_device_and_date(tmp_path):
     path = bench.default_out_path(torch.device("cpu"), root=tmp_path)
     assert path.parent == tmp_path
     assert path.name.endswith(f"-{datetime.date.today().isoformat()}.json")
-    assert path.name.startswith(bench.device_slug(torch.device("cpu")))
+    assert path.name.startswith(bench_common.device_slug(torch.device("cpu")))
     assert "cpu" in path.name and " " not in path.name
+    assert bench.default_out_path(torch.device("cpu")).parent == ROOT / "benchmarks" / "results"
 
 
 def test_console_output_survives_a_non_utf8_stream():
     stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
-    bench.say("B0  —  × transformers", stream)
+    bench_common.say("B0  —  × transformers", stream)
     stream.seek(0)
     assert stream.read() == "B0  ?  ? transformers\n"
 

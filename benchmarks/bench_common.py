@@ -1,0 +1,405 @@
+"""What every benchmark script shares: timing, peak memory, the environment, results files, argument types and tables.
+
+The scripts in this folder run as ``python benchmarks/<name>.py``: Python puts the script's folder on sys.path, so
+they ``import bench_common``; the package itself (``segformer_fast``) comes from the installation. Nothing here is
+installed with the package, and only these scripts write into ``benchmarks/results/``.
+
+Timing (DESIGN.md section 7): on CUDA each call sits between two CUDA events and is synchronized, so a latency is
+one call's latency with an empty queue; on CPU ``time.perf_counter`` around each call. Kernel-sized calls on CUDA
+use ``triton.testing.do_bench`` (median), which flushes the L2 cache between calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from segformer_fast.fileio import atomic_write_text
+from segformer_fast.runtime import resolve_device
+
+#: Where the scripts write their results by default (next to the scripts, in the repository).
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# --------------------------------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls_ms(fn: Callable[[], object], device: torch.device, repeats: int, *, max_seconds: float = math.inf,
+                  min_repeats: int = 1) -> list:
+    """Milliseconds of each of up to ``repeats`` calls of ``fn()``; stops early once ``min_repeats`` calls are
+    timed and ``max_seconds`` have passed since the first one began."""
+    times_ms = []
+    budget_start = time.perf_counter()
+    for i in range(repeats):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times_ms.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times_ms.append((time.perf_counter() - t0) * 1e3)
+        if i + 1 >= min_repeats and time.perf_counter() - budget_start > max_seconds:
+            break
+    return times_ms
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 1) -> float:
+    """Median milliseconds of ``repeats`` timed calls of ``fn()`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    return statistics.median(time_calls_ms(fn, device, repeats))
+
+
+def do_bench_ms(fn: Callable[[], object], *, warmup_ms: int = 25, rep_ms: int = 200) -> float:
+    """Median milliseconds of ``fn()`` on CUDA by ``triton.testing.do_bench`` (warm-up and timing budgets in ms)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def percentile(values, q: float) -> float:
+    """Linear-interpolated percentile ``q`` (0..100) of ``values`` (numpy's default method)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect garbage and, on CUDA, return cached blocks, so one measurement's leftovers do not weigh on the next."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------- peak memory
+
+
+def _proc_status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA max_memory_allocated (weights and inputs included), or on CPU the increase
+    of the process's resident high-water mark over the block (Linux ``/proc/self/clear_refs`` resets the mark; the
+    increase counts from the resident size at ``start``; None where the mark cannot be reset)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_hwm_increase"
+        self._baseline = None
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        self._baseline = None
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")  # resets VmHWM to the current VmRSS
+        except OSError:
+            return
+        self._baseline = _proc_status_kib("VmRSS")
+
+    def gigabytes(self) -> float | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 1e9
+        peak = _proc_status_kib("VmHWM")
+        if self._baseline is None or peak is None:
+            return None
+        return max(0, peak - self._baseline) * 1024 / 1e9
+
+
+# --------------------------------------------------------------------------------------------------- environment
+
+
+def say(text: str = "", stream=None) -> None:
+    """Print a line and flush; characters the stream's encoding lacks (a non-UTF-8 locale) are replaced, never fatal."""
+    stream = stream or sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except LookupError:
+        text = text.encode("ascii", "replace").decode("ascii")
+    except UnicodeEncodeError:
+        text = text.encode(encoding, "replace").decode(encoding, "replace")
+    print(text, file=stream, flush=True)
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of an exception, its first line only, at most ``limit`` characters."""
+    text = f"{type(err).__name__}: {err}".strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo (the processor or machine name elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_slug(device: torch.device) -> str:
+    """The device name for a file name: "nvidia-h200", "cpu-amd-epyc"."""
+    name = device_name(device)
+    slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\(r\)|\(tm\)", "", name.lower())).strip("-") or device.type
+    return slug if device.type == "cuda" or "cpu" in slug.split("-") else f"cpu-{slug}"
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def collect_versions(device: torch.device) -> dict:
+    """python, torch, triton, transformers, segformer_fast versions (None when absent); cuda, cudnn, driver on CUDA."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - a broken triton install is "not importable" here
+        versions["triton"] = None
+    versions["transformers"] = _package_version("transformers")
+    versions["segformer_fast"] = _package_version("segformer-fast")
+    if device.type == "cuda":
+        versions["cuda"] = torch.version.cuda
+        versions["cudnn"] = torch.backends.cudnn.version()
+        versions["driver"] = _nvidia_driver()
+    return versions
+
+
+def loadavg() -> list | None:
+    """The 1, 5 and 15 minute load averages (None where the platform has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def machine_is_busy(load: list | None) -> bool:
+    """True when the 1-minute load average exceeds 3/4 of the CPUs: CPU timings then include contention."""
+    return bool(load) and load[0] > (os.cpu_count() or 1) * 0.75
+
+
+def environment(device: torch.device) -> dict:
+    """The header of a results file: device, versions, date and host."""
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "versions": collect_versions(device),
+        "date": datetime.date.today().isoformat(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "loadavg_at_start": loadavg()},
+    }
+
+
+# --------------------------------------------------------------------------------------------------- arguments
+
+
+def split_list(values) -> list:
+    """Items of a string or list of strings, split at commas: ["b0,b2", "b5"] -> ["b0", "b2", "b5"]."""
+    out = []
+    for value in values if isinstance(values, (list, tuple)) else [values]:
+        out.extend(part.strip() for part in str(value).split(",") if part.strip())
+    return out
+
+
+def list_argument(kind: str, valid: Callable[[], list], normalize=str.lower):
+    """An argparse type for a comma-separated list of names from ``valid()``; the error names the valid ones."""
+
+    def parse(text: str) -> list:
+        items = [normalize(item) for item in split_list(text)]
+        if not items:
+            raise argparse.ArgumentTypeError(f"empty {kind} list; valid: {', '.join(valid())}")
+        for item in items:
+            if item not in valid():
+                raise argparse.ArgumentTypeError(f"unknown {kind} {item!r}; valid: {', '.join(valid())}")
+        return items
+
+    parse.__name__ = kind
+    return parse
+
+
+def flatten(groups) -> list | None:
+    """The items of ``nargs="+"`` list arguments in order, without repeats (None stays None)."""
+    if groups is None:
+        return None
+    out = []
+    for group in groups:
+        for item in group if isinstance(group, list) else [group]:
+            if item not in out:
+                out.append(item)
+    return out
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def device_argument(text: str) -> torch.device:
+    """An argparse type: "auto", "cpu", "cuda" or "cuda:N" as a checked device (segformer_fast.runtime's rules)."""
+    try:
+        return resolve_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+# --------------------------------------------------------------------------------------------------- results files
+
+
+def default_results_path(device: torch.device, prefix: str = "", root: Path | None = None) -> Path:
+    """``<root>/<prefix><device slug>-<YYYY-MM-DD>.json``; root defaults to benchmarks/results/."""
+    root = root if root is not None else RESULTS_DIR
+    return root / f"{prefix}{device_slug(device)}-{datetime.date.today().isoformat()}.json"
+
+
+def read_json(path: Path) -> object:
+    """The parsed content of a JSON file; ValueError naming the file and the cause when it is missing, unreadable
+    or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+
+
+def write_json(path: Path, document: dict) -> None:
+    """Write ``document`` as indented JSON, atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(document, indent=1) + "\n")
+
+
+def choose_output(path: Path, document: dict, overwrite: bool) -> tuple:
+    """(path to write, rows to keep from an existing file, message) for a results ``document`` with ``schema``,
+    ``device`` and ``versions`` keys. An existing file of the same schema, device and versions is merged into (see
+    :func:`merge_rows`); any other existing file is left alone and the first free name ``<stem>-2.json``, ``-3``,
+    ... is used. ``overwrite`` replaces the file."""
+    path = Path(path)
+    if overwrite or not path.exists():
+        return path, [], (f"overwriting {path}" if path.exists() else f"writing {path}")
+    try:
+        existing = read_json(path)
+    except ValueError:
+        existing = None  # not a results file: left alone, like any other
+    schema = document["schema"]
+    if isinstance(existing, dict) and existing.get("schema") == schema \
+            and existing.get("device") == document["device"] and existing.get("versions") == document["versions"]:
+        return path, list(existing.get("rows", [])), f"merging into existing {path} (same device and versions)"
+    n = 2
+    while (candidate := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
+        n += 1
+    why = "is not a results file of this schema" if not isinstance(existing, dict) or existing.get("schema") != schema \
+        else "holds another device or other versions"
+    return candidate, [], f"{path} {why}; writing {candidate} instead"
+
+
+def merge_rows(kept: list, new: list, key: Callable[[dict], tuple]) -> list:
+    """``kept`` rows whose ``key`` no new row has, then the ``new`` rows (a re-measured setting replaces the old)."""
+    replaced = {key(row) for row in new}
+    return [row for row in kept if key(row) not in replaced] + list(new)
+
+
+# --------------------------------------------------------------------------------------------------- tables
+
+
+def format_number(value, digits: int | None = None) -> str:
+    """"—" for None; ``digits`` decimals when given, else 3 significant-ish digits (1234, 12.3, 1.23)."""
+    if value is None:
+        return "—"
+    if digits is not None:
+        return f"{value:.{digits}f}"
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def console_table(header: list, cells: list, left_columns: set) -> str:
+    """A column-aligned plain-text table: columns in ``left_columns`` (indices) left-aligned, the rest right."""
+    widths = [max(len(h), *(len(row[i]) for row in cells)) if cells else len(h) for i, h in enumerate(header)]
+
+    def line(values):
+        return "  ".join(v.ljust(w) if i in left_columns else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(row) for row in cells])
+
+
+def markdown_table(header: list, cells: list, left_columns: set) -> str:
+    """A markdown table: columns in ``left_columns`` (indices) left-aligned, the rest right-aligned."""
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i in left_columns else "--:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
