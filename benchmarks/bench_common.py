@@ -36,6 +36,10 @@ from segformer_fast.runtime import resolve_device
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+class RunnerUnavailable(Exception):
+    """Raised by a runner factory or its callable when the runner cannot run here; the row is skipped."""
+
+
 # --------------------------------------------------------------------------------------------------- timing
 
 

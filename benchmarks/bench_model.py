@@ -49,7 +49,9 @@ from segformer_fast.engine import optimize
 from segformer_fast.model import Segformer
 from segformer_fast.runtime import DTYPES, is_out_of_memory, resolve_device
 
+import bench_runtimes
 from bench_common import (
+    RunnerUnavailable,
     PeakMemory,
     choose_output,
     console_table,
@@ -122,10 +124,6 @@ MIN_REPEATS = 3
 
 
 # --------------------------------------------------------------------------------------------------- runners
-
-
-class RunnerUnavailable(Exception):
-    """Raised by a runner factory or its callable when the runner cannot run here; the row is skipped."""
 
 
 RunnerFactory = Callable[[str, int, torch.device, torch.dtype], Callable[[torch.Tensor], torch.Tensor]]
@@ -211,6 +209,10 @@ register_runner("transformers", transformers_runner)
 #: Opt-in on CPU: compiling takes about 40 s per input shape on a 2-core machine (1.5 of the default run's 5 minutes
 #: for two batch sizes on a quiet machine, more than 5 minutes in all on a busy one).
 register_runner("compile", compile_runner, default_on=("cuda",))
+# ONNX Runtime and OpenVINO on our ONNX export and on transformers' own (CPU default: the runtimes CPU users pick)
+for _source in ("ours", "transformers"):
+    register_runner(f"ort-{_source}", bench_runtimes.ort_factory(_source), default_on=("cpu",))
+    register_runner(f"openvino-{_source}", bench_runtimes.openvino_factory(_source), default_on=("cpu",))
 
 
 # --------------------------------------------------------------------------------------------------- settings

@@ -1,6 +1,7 @@
-"""Runners for the runtimes users deploy on instead of PyTorch, in the same run as the model benchmark's runners.
+"""Runner factories for the runtimes users deploy on instead of PyTorch; bench_model.py registers them, so they
+run in the same process as the other runners (on CPU by default; name them with --runners elsewhere):
 
-    python benchmarks/bench_runtimes.py --variants b0,b2 --batch 1 --runners engine ort-ours ort-transformers \
+    python benchmarks/bench_model.py --variants b0,b2 --batch 1 --runners engine ort-ours ort-transformers \
         openvino-ours openvino-transformers
 
 Each runner exports an ONNX file into a temporary folder, then times the runtime on it:
@@ -12,19 +13,19 @@ Each runner exports an ONNX file into a temporary folder, then times the runtime
 ONNX Runtime uses the CUDA / TensorRT execution providers when the device is CUDA and they are present, else the
 CPU provider; OpenVINO runs on its CPU device (and on CUDA devices only through ONNX Runtime). onnxruntime and
 openvino are optional (``pip install 'segformer-fast[runtimes]'``): a runner whose package is missing is skipped
-with the reason. The command line is segformer_fast.bench's, with these runners registered.
+with the reason.
 """
 
-import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from segformer_fast.bench import RunnerUnavailable, main, register_runner
 from segformer_fast.export import export_onnx, run_onnx
 from segformer_fast.model import Segformer
+
+from bench_common import RunnerUnavailable
 
 _FOLDER = tempfile.TemporaryDirectory(prefix="segformer-fast-runtimes-")
 
@@ -76,7 +77,7 @@ def _ort_providers(device):
     return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
 
 
-def _ort_factory(source):
+def ort_factory(source):
     def factory(variant, num_labels, device, dtype):
         try:
             import onnxruntime
@@ -97,7 +98,7 @@ def _ort_factory(source):
     return factory
 
 
-def _openvino_factory(source):
+def openvino_factory(source):
     def factory(variant, num_labels, device, dtype):
         try:
             import openvino
@@ -116,15 +117,3 @@ def _openvino_factory(source):
         return run
 
     return factory
-
-
-def register() -> None:
-    """Add the runtime runners to segformer_fast.bench's registry (opt-in: name them with --runners)."""
-    for source in ("ours", "transformers"):
-        register_runner(f"ort-{source}", _ort_factory(source), default_on=())
-        register_runner(f"openvino-{source}", _openvino_factory(source), default_on=())
-
-
-if __name__ == "__main__":
-    register()
-    sys.exit(main())
