@@ -7,7 +7,7 @@ VENV_FLAGS ?=
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py build_support.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: install test bench compile-cuda clean
 
@@ -22,6 +22,7 @@ $(STAMP): $(SOURCES)
 install: $(STAMP)
 
 test: install
+	$(VENV)/bin/ruff check segformer_fast kernels benchmarks tests setup.py build_support.py
 	$(VENV)/bin/pytest tests -ra
 
 bench: install
