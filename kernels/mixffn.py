@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from segformer_fast.prepared import MixFFNParams, prepare_mixffn_params  # noqa: F401  (re-exported)
+
 from .linear import check_compute_dtype, check_device, check_out, check_tensor, linear, mma, upcast_dot
 
 

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from segformer_fast.prepared import SRAttentionParams, prepare_sr_attention_params  # noqa: F401  (re-exported)
+
 from .layernorm import layer_norm_ref
 from .linear import check_compute_dtype, check_device, check_out, check_tensor, linear, mma, upcast_dot
 

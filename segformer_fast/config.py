@@ -124,7 +124,9 @@ class SegformerConfig:
             (tuple(cfg.get("strides", STRIDES)), STRIDES, "strides"),
         ):
             if checks != expected:
-                raise ValueError(f"{source}: unsupported {name} {list(checks)}; released SegFormers use {list(expected)}")
+                raise ValueError(
+                    f"{source}: unsupported {name} {list(checks)}; released SegFormers use {list(expected)}"
+                )
         variant = variant_from_shapes(dims, depths, decoder, source)
         id2label = cfg.get("id2label") or {}
         num_labels = cfg.get("num_labels") or (len(id2label) if id2label else 2)
