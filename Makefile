@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Extra options for benchmarks/bench_model.py, e.g. `make bench BENCH_ARGS="--quick --no-save"`.
 BENCH_ARGS ?=
 STAMP := $(VENV)/.installed
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py build_support.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: install test bench compile-cuda clean
 
@@ -24,6 +24,7 @@ $(STAMP): $(SOURCES)
 install: $(STAMP)
 
 test: install
+	$(VENV)/bin/ruff check segformer_fast kernels benchmarks tests setup.py build_support.py
 	$(VENV)/bin/pytest tests -ra
 
 bench: install

@@ -1,19 +1,24 @@
-"""Build and install segformer-fast.
+"""Build the C++ extension ``segformer_fast._C``; everything else about the package is in pyproject.toml.
 
-The C++ extension ``segformer_fast._C`` is built from csrc/*.cpp always, and from csrc/cuda/*.cu as well when
-a CUDA toolkit and a CUDA build of torch are present. Environment variables:
+The extension is built from csrc/*.cpp always, and from csrc/cuda/*.cu as well when a CUDA toolkit and a CUDA
+build of torch are present. torch must already be installed (build with ``pip install --no-build-isolation``).
+Environment variables:
 
 - ``SEGFORMER_FAST_SKIP_EXT=1``: build no extension (the package runs on its eager fallbacks).
 - ``SEGFORMER_FAST_NO_CUDA=1``: build the C++ part only, even where CUDA is available.
-- ``TORCH_CUDA_ARCH_LIST``: CUDA architectures to build for (default "8.0;9.0").
+- ``TORCH_CUDA_ARCH_LIST``: CUDA architectures to build for (default "8.0;9.0+PTX"); entries below 8.0 are dropped.
 """
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)  # setuptools' PEP 517 backend does not put the project folder on sys.path
+
+from build_support import cxx_standard, filter_cuda_arch_list  # noqa: E402
 
 
 def _extension_modules():
@@ -32,49 +37,24 @@ def _extension_modules():
         and cpp_extension.CUDA_HOME is not None
         and bool(cuda_sources)
     )
-    cxx_flags = ["-O3", "-std=c++17"]
+    std_flag = f"-std={cxx_standard(torch.__version__)}"
+    cxx_flags = ["-O3", std_flag]
     if want_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        arch_list, dropped = filter_cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        if dropped:
+            print(f"segformer-fast: not building for CUDA arch {', '.join(dropped)} (sm_80+ needed)", file=sys.stderr)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # read by torch's BuildExtension for the -gencode flags
         extension = cpp_extension.CUDAExtension(
             "segformer_fast._C",
             cpp_sources + cuda_sources,
             define_macros=[("SEGFORMER_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", std_flag]},
         )
     else:
-        extension = cpp_extension.CppExtension(
-            "segformer_fast._C", cpp_sources, extra_compile_args=cxx_flags
-        )
+        extension = cpp_extension.CppExtension("segformer_fast._C", cpp_sources, extra_compile_args=cxx_flags)
     return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extension_modules()
 
-setup(
-    name="segformer-fast",
-    version="0.1.0",
-    description="A fast, numerically checked SegFormer inference engine for PyTorch",
-    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=["segformer_fast", "segformer_fast.kernels"],
-    package_dir={"segformer_fast": "segformer_fast", "segformer_fast.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    install_requires=[
-        "torch>=2.4",
-        "numpy",
-        "safetensors",
-        "Pillow",
-        "tqdm",
-        "huggingface_hub",
-    ],
-    extras_require={
-        "triton": ["triton>=3.0"],
-        "export": ["onnx>=1.16", "onnxruntime>=1.18"],
-        "runtimes": ["onnx>=1.16", "onnxruntime>=1.18", "openvino>=2024.0"],
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "hypothesis", "onnx>=1.16", "onnxruntime>=1.18",
-                 "openvino>=2024.0"],
-    },
-    entry_points={"console_scripts": ["segformer-fast=segformer_fast.cli:main"]},
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -221,9 +221,14 @@ def from_family(state_dict: dict, family: str, expected: dict, variant: str, sou
     )
     problems = []
     if encoder_missing or (head_missing and not head_all_missing):
-        problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+        problems.append(
+            f"missing keys ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
+        )
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
+        problems.append(
+            f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20])
+            + (" ..." if len(unexpected) > 20 else "")
+        )
     if misshaped:
         problems.append(f"mis-shaped keys ({len(misshaped)}): " + "; ".join(misshaped[:20]))
     if mistyped:
@@ -258,7 +263,9 @@ def read_state_dict(path: Path) -> dict:
                 data = data[wrapper]
                 break
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (optionally under 'state_dict'), got {type(data).__name__}")
+        raise ValueError(
+            f"{path}: expected a dict of tensors (optionally under 'state_dict'), got {type(data).__name__}"
+        )
     return dict(data)
 
 

@@ -130,7 +130,9 @@ class SegformerConfig:
         ):
             checks = _int_list(cfg, name, expected, source)
             if checks != tuple(expected):
-                raise ValueError(f"{source}: unsupported {name} {list(checks)}; released SegFormers use {list(expected)}")
+                raise ValueError(
+                    f"{source}: unsupported {name} {list(checks)}; released SegFormers use {list(expected)}"
+                )
         variant = variant_from_shapes(dims, depths, decoder, source)
         id2label = cfg.get("id2label") or {}
         if not isinstance(id2label, dict):

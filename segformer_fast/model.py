@@ -280,7 +280,8 @@ def check_pixel_values(pixel_values, device: torch.device, dtype: torch.dtype) -
     if pixel_values.dim() != 4:
         raise ValueError(
             f"pixel_values must have shape (B, 3, H, W), got a {pixel_values.dim()}-D tensor of shape "
-            f"{tuple(pixel_values.shape)}" + (" (add a batch dimension with .unsqueeze(0))" if pixel_values.dim() == 3 else "")
+            f"{tuple(pixel_values.shape)}"
+            + (" (add a batch dimension with .unsqueeze(0))" if pixel_values.dim() == 3 else "")
         )
     if pixel_values.shape[1] != 3:
         raise ValueError(f"pixel_values must have 3 channels (B, 3, H, W), got shape {tuple(pixel_values.shape)}")

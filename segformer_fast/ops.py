@@ -16,6 +16,7 @@ import torch
 
 from . import torch_ops
 from .runtime import COMPUTE_DTYPES as _SUPPORTED_DTYPES
+
 _MAP_NAMES = ("p1", "p2", "p3", "p4")
 
 try:

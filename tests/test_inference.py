@@ -331,8 +331,9 @@ def test_memory_estimate_matches_live_tensors_on_cpu(dtype):
     for batch, height, width in ((1, 160, 192), (2, 96, 200)):
         pixels = torch.randn(batch, 3, height, width).to(dtype)
         runs = {
-            "engine": (lambda: ops.upsample_argmax(engine.logits(pixels), height, width), engine_weights, {}),
-            "reference": (lambda: F.interpolate(model(pixels), size=(height, width), mode="bilinear").argmax(1),
+            # the lambdas run within this iteration, so reading the loop variables late is intended
+            "engine": (lambda: ops.upsample_argmax(engine.logits(pixels), height, width), engine_weights, {}),  # noqa: B023
+            "reference": (lambda: F.interpolate(model(pixels), size=(height, width), mode="bilinear").argmax(1),  # noqa: B023
                           model_weights, {"reference": True}),
         }
         for name, (run, weights, options) in runs.items():

@@ -96,7 +96,8 @@ def record_launches(monkeypatch):
                 signature[name] = "constexpr"
                 constexprs[name] = value
             elif isinstance(value, torch.Tensor):
-                signature[name] = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[value.dtype]
+                dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[value.dtype]
+                signature[name] = "*" + dtype_name
                 divisible.append(index)  # a real launch specializes 16-byte aligned pointers (torch allocations are)
             elif isinstance(value, bool):
                 signature[name] = "i1"
