@@ -71,7 +71,8 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "hypothesis"],
+        "scaleout": ["ray[data]>=2.9"],
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "hypothesis", "ray[data]>=2.9"],
     },
     entry_points={"console_scripts": ["segformer-fast=segformer_fast.cli:main"]},
 )

@@ -5,9 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from .inference import ENGINES
+from .outputs import label_paths, save_label_png
+from .scaleout_commands import add_scaleout_arguments, eval_command, segment_command, wants_scaleout
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -22,39 +22,6 @@ def resolve_device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} requested but CUDA is not available")
     return device
-
-
-def _output_stem(image_path: Path, roots: list) -> Path:
-    """Output path (without suffix) for an input: its path relative to the folder it was found in, else its name."""
-    resolved = image_path.resolve()
-    for root in roots:
-        if root.is_dir():
-            try:
-                return resolved.relative_to(root.resolve()).with_suffix("")
-            except ValueError:
-                continue
-    return Path(image_path.stem)
-
-
-def save_label_png(labels: np.ndarray, palette: np.ndarray, path: Path) -> None:
-    """Write a label map atomically: a palette PNG (pixel values are class ids, shown in the palette's colors) for
-    up to 256 classes, a 16-bit grayscale PNG of class ids above that."""
-    from PIL import Image
-
-    from .fileio import atomic_path
-
-    if len(palette) <= 256:
-        image = Image.fromarray(labels.astype(np.uint8), "P")
-        image.putpalette(palette.astype(np.uint8).reshape(-1).tolist())
-    else:
-        image = Image.fromarray(labels.astype(np.uint16))
-    with atomic_path(path) as temporary:
-        image.save(temporary, format="PNG")
-
-
-def _label_paths(out_dir: Path, image_path: Path, roots: list) -> tuple:
-    stem = out_dir / _output_stem(image_path, roots)
-    return stem.with_name(stem.name + "_labels.png"), stem.with_name(stem.name + "_overlay.png")
 
 
 def _describe_error(err: BaseException) -> str:
@@ -73,6 +40,8 @@ def cmd_segment(args) -> int:
     from .inference import build_forward, resolve_window, segment_images
     from .palettes import overlay, palette_for
 
+    if wants_scaleout(args):
+        return segment_command(args)
     device = resolve_device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype])
     try:
@@ -92,7 +61,7 @@ def cmd_segment(args) -> int:
     roots = [Path(p) for p in args.inputs]
     todo, skipped = [], 0
     for image_path in images:
-        if args.skip_existing and all(p.is_file() for p in _label_paths(out_dir, image_path, roots)):
+        if args.skip_existing and all(p.is_file() for p in label_paths(out_dir, image_path, roots)):
             skipped += 1
         else:
             todo.append(image_path)
@@ -133,7 +102,7 @@ def cmd_segment(args) -> int:
                     labels = segment(image).cpu().numpy()
                 for warning in caught:
                     tqdm.write(f"{image_path}: {warning.message}", file=sys.stderr)
-                labels_path, overlay_path = _label_paths(out_dir, image_path, roots)
+                labels_path, overlay_path = label_paths(out_dir, image_path, roots)
                 labels_path.parent.mkdir(parents=True, exist_ok=True)
                 save_label_png(labels, palette, labels_path)
                 with atomic_path(overlay_path) as temporary:
@@ -207,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="skip images whose _labels.png and _overlay.png both exist (resume a run)")
     segment.add_argument("--alpha", type=float, default=0.5, help="label color weight in the overlay (0..1)")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_scaleout_arguments(segment)
     segment.set_defaults(func=cmd_segment)
 
     info = commands.add_parser("info", help="describe a checkpoint")
@@ -218,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "eval", help="mIoU / aAcc / mAcc of a checkpoint on an ADE20K or Cityscapes folder (mmseg metrics)")
     add_eval_arguments(evaluate)
-    evaluate.set_defaults(func=run_eval)
+    add_scaleout_arguments(evaluate)
+    evaluate.set_defaults(func=lambda args: eval_command(args) if wants_scaleout(args) else run_eval(args))
 
     from .bench import add_arguments, main_from_args
 

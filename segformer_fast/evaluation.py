@@ -46,10 +46,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .cli import DTYPES, resolve_device
 from .fileio import atomic_write_text, load_image
 from .inference import ENGINES
 from .palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES
+from .runtime import DTYPES, resolve_device
 
 IGNORE_INDEX = 255
 
@@ -684,7 +684,7 @@ def run_eval(args) -> int:
     elif args.crop or args.stride:
         raise ValueError("--crop and --stride apply to --mode slide only")
     device = resolve_device(args.device)
-    dtype = getattr(torch, DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype]
     dataset = open_dataset(args.format, args.data, args.limit)
     model = load(args.model).to(device=device).eval()
     num_classes = model.config.num_labels
