@@ -110,7 +110,10 @@ class _RaySession:
 
     def __enter__(self):
         if not self.ray.is_initialized():
-            self.ray.init(address=self.address, logging_level="WARNING", log_to_driver=True)
+            try:
+                self.ray.init(address=self.address, logging_level="WARNING", log_to_driver=True)
+            except ConnectionError as error:
+                raise ValueError(f"cannot connect to the Ray cluster at {self.address}: {error}") from None
             self.started = True
         context = self.ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # ours counts images from the records instead
