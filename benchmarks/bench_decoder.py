@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from segformer_fast import ops
 from segformer_fast.config import VARIANTS, SegformerConfig
 from segformer_fast.decoder_fold import fold_decode_head, project_features

@@ -17,6 +17,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+
 from segformer_fast.kernels import (
     layer_norm,
     layer_norm_ref,

@@ -43,16 +43,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import bench_runtimes
 import torch
+
 from segformer_fast.config import VARIANTS, SegformerConfig
 from segformer_fast.engine import optimize
 from segformer_fast.model import Segformer
 from segformer_fast.runtime import DTYPES, is_out_of_memory, resolve_device
 
-import bench_runtimes
 from bench_common import (
-    RunnerUnavailable,
     PeakMemory,
+    RunnerUnavailable,
     choose_output,
     console_table,
     default_results_path,

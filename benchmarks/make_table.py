@@ -7,10 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from bench_model import SCHEMA, render_markdown
+
 from segformer_fast.fileio import atomic_write_text
 
 from bench_common import read_json
-from bench_model import SCHEMA, render_markdown
 
 
 def main(argv=None) -> int:

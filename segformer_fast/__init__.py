@@ -12,9 +12,10 @@ from .engine import SegformerEngine, VerificationError, optimize
 from .export import ExportVerificationError, export_onnx, export_program, load_program
 from .inference import estimate_peak_memory_bytes
 from .model import Segformer
-
-load_checkpoint = Segformer.from_pretrained
 from .processing import postprocess, preprocess
+
+#: Load a checkpoint (folder, weights file or hub id) as a reference Segformer.
+load_checkpoint = Segformer.from_pretrained
 
 __version__ = "0.1.0"
 __all__ = [

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -422,7 +421,8 @@ def save_pretrained(model, folder) -> None:
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic_path(folder / "model.safetensors") as weights_tmp, atomic_path(folder / "config.json") as config_tmp:
+        with (atomic_path(folder / "model.safetensors") as weights_tmp,
+              atomic_path(folder / "config.json") as config_tmp):
             umask_mode = weights_tmp.stat().st_mode & 0o777  # atomic_path created it with the umask's mode
             save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
             os.chmod(weights_tmp, umask_mode)  # safetensors re-creates the file private (0o600)

@@ -3,10 +3,13 @@
 modules. (The benchmarks are scripts in the repository's benchmarks/ folder: ``make bench``.)"""
 
 import argparse
+import math
 import sys
+import time
 from pathlib import Path
 
 from .datasets import FORMATS, default_resize, default_window, open_dataset
+from .distributed import evaluate_torchrun, segment_torchrun
 from .evaluation import evaluate, format_summary, write_report
 from .export import export_onnx, export_program
 from .fileio import find_images
@@ -15,7 +18,9 @@ from .model import Segformer
 from .outputs import outputs_exist, segment_files
 from .palettes import palette_for
 from .predictors import ENGINES, make_predictor
+from .ray_segment import evaluate_with_ray, segment_with_ray
 from .runtime import DTYPES, parse_dtype, resolve_device
+from .scaleout import SegmentSettings, check_model_classes, torchrun_world
 
 #: ``eval``'s inference modes: a score comes from one known mode, so the fallback mode "auto" is not offered.
 EVAL_MODES = ("whole", "slide")
@@ -23,6 +28,8 @@ EVAL_MODES = ("whole", "slide")
 
 def cmd_segment(args) -> int:
     """``segformer-fast segment``: label and overlay PNGs for every input image; exit 1 when any image failed."""
+    if wants_scaleout(args):
+        return scaleout_segment(args)
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype)
     crop, stride = resolve_window(args.crop, args.stride)
@@ -142,6 +149,8 @@ def window_from_args(args) -> dict:
 
 def cmd_eval(args) -> int:
     """``segformer-fast eval``: evaluate a checkpoint on a dataset, print a summary, optionally write the report."""
+    if wants_scaleout(args):
+        return scaleout_eval(args)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive integer, got {args.limit}")
     resize = resize_from_args(args)
@@ -180,6 +189,125 @@ def cmd_eval(args) -> int:
     window = f" (crop {mode_options['crop']}, stride {mode_options['stride']})" if mode_options else ""
     print(f"{args.format} {args.data}: {args.engine} engine, {args.mode} mode{window}, {args.dtype} on {device}")
     print(format_summary(result))
+    if args.out:
+        write_report(result, args.out)
+        print(f"report written to {args.out}")
+    return 0
+
+
+
+# ------------------------------------------------------------------- scale-out: Ray (--ray) and torchrun
+def settings_from_segment_args(args) -> SegmentSettings:
+    """The settings ``segformer-fast segment`` options select (its resize defaults: 512 x 512 in whole mode, the
+    images' own size in slide and auto modes)."""
+    if args.no_resize or (args.size is None and args.mode != "whole" and not args.short_side):
+        size = None
+    else:
+        size = tuple(args.size) if args.size else (512, 512)
+    return SegmentSettings(model=str(args.model), engine=args.engine, dtype=args.dtype, size=size,
+                           short_side=args.short_side, max_long_side=args.max_long_side, mode=args.mode,
+                           crop=tuple(args.crop) if args.crop else None,
+                           stride=tuple(args.stride) if args.stride else None, overlay=True, alpha=args.alpha)
+
+
+
+
+def eval_settings_from_args(args) -> tuple:
+    """(SegmentSettings, dataset, settings for the report) from ``segformer-fast eval`` options, as ``run_eval``
+    reads them (the dataset opened and ``--limit`` applied)."""
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive integer, got {args.limit}")
+    if args.compare:
+        raise ValueError("--compare runs in one process only; drop it with --ray or torchrun")
+    resize = resize_from_args(args)
+    window = window_from_args(args)
+    dataset = open_dataset(args.format, args.data, args.limit)
+    settings = SegmentSettings(model=str(args.model), engine=args.engine, dtype=args.dtype,
+                               size=resize.get("size"), short_side=resize.get("short_side"),
+                               max_long_side=resize.get("max_long_side"), mode=args.mode, **window)
+    report_settings = {
+        "model": str(args.model), "engine": args.engine, "mode": args.mode,
+        **{key: list(value) for key, value in window.items()},
+        "resize": {key: list(value) if isinstance(value, tuple) else value for key, value in resize.items()},
+        "dtype": args.dtype, "limit": args.limit,
+    }
+    return settings, dataset, report_settings
+
+
+def add_scaleout_arguments(parser) -> None:
+    """The scale-out options of ``segment`` and ``eval``."""
+    group = parser.add_argument_group(
+        "scale-out", "Ray Data (--ray), or torchrun: torchrun --nproc-per-node N -m segformer_fast ...")
+    group.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run on Ray: a local cluster, or the running one at ADDRESS (auto, host:6379, "
+                            "ray://host:10001)")
+    group.add_argument("--workers", type=int, default=1, metavar="N", help="Ray actors, one engine each (default 1)")
+    group.add_argument("--gpus-per-worker", type=float, metavar="F",
+                       help="GPUs per Ray actor (fractions share a GPU; default 1 where the cluster has GPUs, else 0)")
+    group.add_argument("--cpus-per-worker", type=float, default=1, metavar="C",
+                       help="CPUs per Ray actor, also its torch threads (default 1)")
+    group.add_argument("--batch-size", type=int, default=4, metavar="B",
+                       help="images per batch sent to a worker (Ray) or run at once by a rank (torchrun; default 4)")
+    group.add_argument("--retry-failed", action="store_true",
+                       help="segment: also redo the images the manifest records as failed (else a re-run skips them)")
+
+
+def wants_scaleout(args) -> bool:
+    """True when the command runs on Ray (--ray) or under torchrun."""
+    return getattr(args, "ray", None) is not None or torchrun_world() is not None
+
+
+def _needs_ray(command):
+    """Turns a missing ray into the command's usage error (exit code 2) naming the extra to install."""
+
+    def run(args) -> int:
+        try:
+            return command(args)
+        except ImportError as error:
+            print(f"segformer-fast: {error}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@_needs_ray
+def scaleout_segment(args) -> int:
+    """``segformer-fast segment`` on Ray or under torchrun: run, print the summary, return the exit code."""
+    settings = settings_from_segment_args(args)
+    if torchrun_world() is not None:
+        summary = segment_torchrun(args.inputs, args.out, settings, device=args.device, batch_size=args.batch_size,
+                                   retry_failed=args.retry_failed, progress=not args.quiet)
+    else:
+        summary = segment_with_ray(args.inputs, args.out, settings, workers=args.workers,
+                                   gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                                   batch_size=args.batch_size, address=args.ray, retry_failed=args.retry_failed,
+                                   progress=not args.quiet)
+    if summary.report:
+        print(summary.format(), file=sys.stderr if summary.exit_code else sys.stdout)
+    return summary.exit_code
+
+
+@_needs_ray
+def scaleout_eval(args) -> int:
+    """``segformer-fast eval`` on Ray or under torchrun: the same report as one process (rank 0 prints it)."""
+    settings, dataset, report_settings = eval_settings_from_args(args)
+    check_model_classes(settings.model, dataset)
+    start = time.perf_counter()
+    if torchrun_world() is not None:
+        result, where = evaluate_torchrun(dataset, settings, device=args.device, progress=not args.quiet)
+    else:
+        result = evaluate_with_ray(dataset, settings, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                                   cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size,
+                                   address=args.ray, progress=not args.quiet)
+        where = f"Ray, {args.workers} worker{'s' if args.workers != 1 else ''}"
+    if result is None:  # a torchrun rank other than 0
+        return 0
+    seconds = time.perf_counter() - start
+    result["settings"] = {**report_settings, "scale_out": where}
+    images = result["counts"]["images"]
+    print(f"{args.format} {args.data}: {args.engine} engine, {args.mode} mode, {args.dtype}, {where}")
+    print(format_summary(result))
+    print(f"{images} images in {seconds:.1f} s: {images / seconds if seconds > 0 else math.nan:.2f} images/s")
     if args.out:
         write_report(result, args.out)
         print(f"report written to {args.out}")
@@ -262,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="skip images whose _labels.png and _overlay.png both exist (resume a run)")
     segment.add_argument("--alpha", type=float, default=0.5, help="label color weight in the overlay (0..1)")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_scaleout_arguments(segment)
     segment.set_defaults(func=cmd_segment)
 
     info = commands.add_parser("info", help="describe a checkpoint")
@@ -271,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser = commands.add_parser(
         "eval", help="mIoU / aAcc / mAcc of a checkpoint on an ADE20K or Cityscapes folder (mmseg metrics)")
     add_eval_arguments(eval_parser)
+    add_scaleout_arguments(eval_parser)
     eval_parser.set_defaults(func=cmd_eval)
     add_export_parser(commands)
     return parser

@@ -1,4 +1,5 @@
-"""Export the engine's prepared graph for deployment: ONNX (:func:`export_onnx`) and torch.export (:func:`export_program`).
+"""Export the engine's prepared graph for deployment: ONNX (:func:`export_onnx`) and torch.export
+(:func:`export_program`).
 
 Both start from the weights ``optimize`` prepares (decoder fold, attention scale in q, merged k/v, the SR conv as a
 patchify GEMM) and rebuild SegFormer's forward from them in :class:`PreparedSegformer`, an ``nn.Module`` of plain
@@ -104,7 +105,8 @@ def _patches(x_norm, H, W, ratio, for_onnx):
     """The SR conv's non-overlapping R x R patches of (B, H*W, C) tokens as (B, rows*cols, R*R*C) GEMM rows.
 
     As torch_ops.sr_kv, flattened in (ky, kx, c) order, rows = floor(H / R), cols = floor(W / R) (grids smaller
-    than R zero-padded to R first: a static export's decision, dynamic ones need H, W >= R). Two spellings, because each exporter handles only one: torch.export
+    than R zero-padded to R first: a static export's decision, dynamic ones need H, W >= R). Two spellings,
+    because each exporter handles only one: torch.export
     specializes torch_ops' slice to whole patches to the traced size (an identity slice when the traced grid
     divides by R), so the program uses ``unfold``, which takes the same patches for any size; the TorchScript ONNX
     exporter has no dynamic-shape ``unfold``, so the ONNX graph uses the slice, which it records with dynamic sizes.

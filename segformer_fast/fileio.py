@@ -166,7 +166,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     returns the removed paths. Call it only on a folder no other writer is using at the same time.
     """
     removed = []
-    for parent, dirnames, filenames in os.walk(folder):
+    for parent, _, filenames in os.walk(folder):
         for name in filenames:
             if _TEMPORARY_NAME.match(name):
                 path = Path(parent) / name

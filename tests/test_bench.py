@@ -11,11 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import bench_common
 import bench_model as bench
 import make_table
 import pytest
 import torch
+
+import bench_common
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
