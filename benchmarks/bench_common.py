@@ -4,7 +4,7 @@ The scripts in this folder run as ``python benchmarks/<name>.py``: Python puts t
 they ``import bench_common``; the package itself (``segformer_fast``) comes from the installation. Nothing here is
 installed with the package, and only these scripts write into ``benchmarks/results/``.
 
-Timing (DESIGN.md section 7): on CUDA each call sits between two CUDA events and is synchronized, so a latency is
+Timing (docs/DESIGN.md section 7): on CUDA each call sits between two CUDA events and is synchronized, so a latency is
 one call's latency with an empty queue; on CPU ``time.perf_counter`` around each call. Kernel-sized calls on CUDA
 use ``triton.testing.do_bench`` (median), which flushes the L2 cache between calls.
 """

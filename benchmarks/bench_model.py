@@ -14,7 +14,7 @@ show on the first call, such as compilation) raises :class:`RunnerUnavailable` w
 recorded as skipped. The callable may carry a ``notes`` attribute (str) that is copied into every row it produces
 (e.g. "CUDA graphs").
 
-Measurement (DESIGN.md section 7): the same inputs (a fixed seed per shape) for every runner; the first call is
+Measurement (docs/DESIGN.md section 7): the same inputs (a fixed seed per shape) for every runner; the first call is
 timed on its own (it includes compilation / autotuning), then ``warmup - 1`` more untimed calls, then up to
 ``repeats`` timed calls (stopping early, after at least 3, once ``max_seconds_per_row`` of timed calls have passed).
 On CUDA each call is timed with CUDA events and synchronized, so latency is the per-batch latency with an empty

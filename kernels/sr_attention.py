@@ -1,6 +1,6 @@
 """Spatial-reduction (efficient) self-attention of one SegFormer block, fused.
 
-Math (DESIGN.md section 3), per image, for x = LN1(block input) as tokens (N = H*W, C), row-major over (H, W):
+Math (docs/DESIGN.md section 3), per image, for x = LN1(block input) as tokens (N = H*W, C), row-major over (H, W):
 
     q  = x Wqᵀ + bq
     kv = LN_sr(Conv2d(C, C, k=R, s=R)(x as (C, H, W)))  if R > 1   (Nkv = Hkv*Wkv, Hkv = (H-R)//R + 1)

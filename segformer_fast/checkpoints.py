@@ -1,6 +1,6 @@
 """Checkpoint loading and saving for every supported format.
 
-Key families (DESIGN.md section 3):
+Key families (docs/DESIGN.md section 3):
 
 - ``hub``: transformers as published on the hub (``segformer.encoder.block.0.0.attention.self.query.weight``),
 - ``transformers5``: transformers >= 5 in memory (``segformer.stages.0.blocks.0.attention.q_proj.weight``),

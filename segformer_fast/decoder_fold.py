@@ -1,4 +1,4 @@
-"""The exact decoder fold (DESIGN.md section 4, "Decoder fold").
+"""The exact decoder fold (docs/DESIGN.md section 4, "Decoder fold").
 
 Bilinear resize is linear per channel and preserves constants, and the All-MLP head is linear up to its ReLU, so
 the per-stage Linear, the concat, ``linear_fuse`` and the eval-mode BatchNorm collapse into one (D x C_i) matrix

@@ -16,7 +16,7 @@ SegFormer's forward pass, each step run by the ops object of the backend chosen 
 
 The engine is checked against the reference when it is built (``verify=True``): a random input runs through both
 and the build fails with :class:`VerificationError`, giving the measured error and the tolerance, if they differ
-beyond the tolerance rule of DESIGN.md section 5.
+beyond the tolerance rule of docs/DESIGN.md section 5.
 """
 
 import os

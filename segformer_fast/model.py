@@ -1,7 +1,7 @@
 """The reference SegFormer: MiT-B0…B5 encoder + All-MLP decode head in plain PyTorch.
 
 This is the numerical ground truth of the project (exact against transformers and the official NVlabs code, see
-DESIGN.md section 3). It favours clarity over speed: the engine (``segformer_fast.optimize``) is the fast path.
+docs/DESIGN.md section 3). It favours clarity over speed: the engine (``segformer_fast.optimize``) is the fast path.
 
 Tensor layout conventions: images are (B, 3, H, W); inside a stage tokens are (B, N, C) with N = h * w in
 row-major order of the stage grid (h, w).

@@ -1,6 +1,6 @@
 """Numerical comparison helpers shared by the tests, the benchmarks and ``optimize(verify=True)``.
 
-The tolerance rule (DESIGN.md section 5, as flash-attention uses it): the error of a fused path in a dtype may be
+The tolerance rule (docs/DESIGN.md section 5, as flash-attention uses it): the error of a fused path in a dtype may be
 at most twice the error of eager PyTorch in the same dtype, plus a floor relative to the largest reference value.
 Errors are measured against a reference computed in fp64 or fp32.
 """

@@ -1,6 +1,6 @@
 """Robustness of the engine and its ops: fp16 overflow, NaN/Inf inputs, the input contract, concurrent calls.
 
-- fp16 overflow (DESIGN.md section 5): SegFormer deployments in fp16 overflow in LayerNorm when activations are
+- fp16 overflow (docs/DESIGN.md section 5): SegFormer deployments in fp16 overflow in LayerNorm when activations are
   large (TensorRT users see logits clipped at +-512). A B0 whose stage-1 patch-embed conv is scaled up makes the
   tokens reach ~1e4, where x**2 (and so a naive fp16 variance) overflows fp16's 65504; the Triton LayerNorm and the
   engine must stay finite and within the tolerance rule of the fp32 reference.

@@ -1,4 +1,4 @@
-"""The package's import graph: no cycles, and the bottom layers stay at the bottom (DESIGN.md section 2).
+"""The package's import graph: no cycles, and the bottom layers stay at the bottom (docs/DESIGN.md section 2).
 
 Every ``import`` and ``from ... import`` in segformer_fast/*.py and kernels/*.py is read with ``ast``, at module
 level and inside functions alike (an import inside a function that closes a circle is still a circle); relative

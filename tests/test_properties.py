@@ -1,6 +1,6 @@
 """Property tests (hypothesis) of the kernels, the decoder ops, the engine and the reference model.
 
-Every property compares a fast path with its reference under the tolerance rule of DESIGN.md section 5:
+Every property compares a fast path with its reference under the tolerance rule of docs/DESIGN.md section 5:
 error(path, dtype) <= 2 x error(eager PyTorch in dtype) + floor(dtype) x max |ref|, the reference in fp64 (kernels,
 decoder op) or fp32 (whole model). Examples are derandomized so CI is reproducible, and small: the Triton kernels
 run in the CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU).

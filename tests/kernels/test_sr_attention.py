@@ -41,7 +41,7 @@ def raw_weights(randn, C, R, sr_scale=1.0):
 
 
 def raw_reference(x, residual, H, W, weights, num_heads, eps):
-    """Independent fp64 formula from the raw weights (DESIGN.md section 3), scale applied to the scores."""
+    """Independent fp64 formula from the raw weights (docs/DESIGN.md section 3), scale applied to the scores."""
     q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, sr_w, sr_b, ln_w, ln_b = weights
     B, N, C = x.shape
     d = C // num_heads
