@@ -99,6 +99,29 @@ def _check_logits(logits, batch: int, num_labels: int | None, what: str) -> None
         raise ValueError(f"forward returned {logits.shape[1]} classes for {what}, expected num_labels={num_labels}")
 
 
+def _check_slide_arguments(pixel_values, num_labels, windows_per_call) -> None:
+    _check_batch(pixel_values)
+    if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 1:
+        raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
+    if isinstance(windows_per_call, bool) or not isinstance(windows_per_call, int) or windows_per_call < 1:
+        raise ValueError(f"windows_per_call must be a positive integer, got {windows_per_call!r}")
+
+
+def _window_logits(forward, pixel_values, group, num_labels, crop, pad_to_crop) -> torch.Tensor:
+    """forward over the windows ``group`` [(y1, y2, x1, x2)] of one size as one batch: logits (len(group) * B, K,
+    h', w'), window-major. With ``pad_to_crop`` a window smaller than ``crop`` is zero-padded (bottom/right) to it."""
+    crops = []
+    for y1, y2, x1, x2 in group:
+        window = pixel_values[:, :, y1:y2, x1:x2]
+        if pad_to_crop and (y2 - y1 < crop[0] or x2 - x1 < crop[1]):
+            window = F.pad(window, (0, crop[1] - (x2 - x1), 0, crop[0] - (y2 - y1)))
+        crops.append(window)
+    logits = forward(torch.cat(crops) if len(crops) > 1 else crops[0].contiguous())
+    _check_logits(logits, pixel_values.shape[0] * len(group), num_labels,
+                  f"a {crops[0].shape[2]}x{crops[0].shape[3]} window")
+    return logits
+
+
 def slide_logits(
     forward: Callable[[torch.Tensor], torch.Tensor],
     pixel_values: torch.Tensor,
@@ -122,11 +145,7 @@ def slide_logits(
     upsampled logits. windows_per_call: run up to this many windows (of the same size) as one batch per forward
     call (faster on GPUs, more memory; the default 1 is what mmseg does).
     """
-    _check_batch(pixel_values)
-    if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 1:
-        raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
-    if isinstance(windows_per_call, bool) or not isinstance(windows_per_call, int) or windows_per_call < 1:
-        raise ValueError(f"windows_per_call must be a positive integer, got {windows_per_call!r}")
+    _check_slide_arguments(pixel_values, num_labels, windows_per_call)
     crop, stride = resolve_window(crop, stride)
     batch, _, height, width = pixel_values.shape
     windows = window_grid(height, width, crop, stride)
@@ -134,16 +153,11 @@ def slide_logits(
     count = torch.zeros(1, 1, height, width, dtype=torch.float32, device=pixel_values.device)
 
     def run(group):
-        crops = []
-        for y1, y2, x1, x2 in group:
-            window = pixel_values[:, :, y1:y2, x1:x2]
-            if pad_to_crop and (y2 - y1 < crop[0] or x2 - x1 < crop[1]):
-                window = F.pad(window, (0, crop[1] - (x2 - x1), 0, crop[0] - (y2 - y1)))
-            crops.append(window)
-        crop_h, crop_w = crops[0].shape[2:]
-        logits = forward(torch.cat(crops) if len(crops) > 1 else crops[0].contiguous())
-        _check_logits(logits, batch * len(group), num_labels, f"a {crop_h}x{crop_w} window")
-        logits = F.interpolate(logits.float(), size=(crop_h, crop_w), mode="bilinear", align_corners=False)
+        y1, y2, x1, x2 = group[0]
+        padded = pad_to_crop and (y2 - y1 < crop[0] or x2 - x1 < crop[1])
+        logits = _window_logits(forward, pixel_values, group, num_labels, crop, pad_to_crop)
+        size = crop if padded else (y2 - y1, x2 - x1)
+        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
         for index, (y1, y2, x1, x2) in enumerate(group):
             part = logits[index * batch:(index + 1) * batch, :, : y2 - y1, : x2 - x1]
             preds[:, :, y1:y2, x1:x2] += part
@@ -225,11 +239,7 @@ def slide_labels(
     Equal to the full-buffer computation up to float rounding (the interpolation is computed in its separable form,
     rows then columns). ``progress(done, total)`` is called after each forward call, with windows counted.
     """
-    _check_batch(pixel_values)
-    if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 1:
-        raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
-    if isinstance(windows_per_call, bool) or not isinstance(windows_per_call, int) or windows_per_call < 1:
-        raise ValueError(f"windows_per_call must be a positive integer, got {windows_per_call!r}")
+    _check_slide_arguments(pixel_values, num_labels, windows_per_call)
     crop, stride = resolve_window(crop, stride)
     batch, _, height, width = pixel_values.shape
     if len(sizes) != batch:
@@ -245,15 +255,7 @@ def slide_labels(
         row = [window for window in windows if window[:2] == span]
         for start in range(0, len(row), windows_per_call):
             group = row[start:start + windows_per_call]
-            crops = []
-            for y1, y2, x1, x2 in group:
-                window = pixel_values[:, :, y1:y2, x1:x2]
-                if pad_to_crop and (y2 - y1 < crop[0] or x2 - x1 < crop[1]):
-                    window = F.pad(window, (0, crop[1] - (x2 - x1), 0, crop[0] - (y2 - y1)))
-                crops.append(window)
-            logits = forward(torch.cat(crops) if len(crops) > 1 else crops[0].contiguous())
-            _check_logits(logits, batch * len(group), num_labels,
-                          f"a {crops[0].shape[2]}x{crops[0].shape[3]} window")
+            logits = _window_logits(forward, pixel_values, group, num_labels, crop, pad_to_crop)
             for index, window in enumerate(group):
                 window_logits[window] = logits[index * batch:(index + 1) * batch].float()
             computed += len(group)
