@@ -120,7 +120,7 @@ DEFAULTS = {
 }
 QUICK = {"variants": ["b0"], "resolutions": ["64x64"], "batch": [1], "dtype": ["fp32"], "repeats": 1, "warmup": 1}
 #: Runners left out of --quick unless named with --runners (compilation alone takes about a minute on a CPU).
-QUICK_EXCLUDE = {"compile"}
+QUICK_EXCLUDE = {"compile", "compile-max"}
 MIN_REPEATS = 3
 
 
@@ -172,29 +172,32 @@ def transformers_runner(variant, num_labels, device, dtype):
     return run
 
 
-def compile_runner(variant, num_labels, device, dtype):
-    """torch.compile of the reference: mode "max-autotune" on CUDA, the default mode elsewhere; static shapes."""
-    import torch._dynamo
+def _compile_runner(mode):
+    """A factory of torch.compile runners of the reference in ``mode`` (None: the default mode), static shapes."""
 
-    # Dynamo's caches are per code object and shared by every Segformer instance: without a reset the recompile
-    # limit is reached after a few settings and later rows would silently run eager.
-    torch._dynamo.reset()
-    mode = "max-autotune" if device.type == "cuda" else None
-    try:
-        compiled = torch.compile(_reference_model(variant, num_labels, device, dtype), mode=mode, dynamic=False)
-    except Exception as err:  # noqa: BLE001 - any failure of the compiler means "not available here"
-        raise RunnerUnavailable(f"torch.compile failed on {device.type}: {one_line(err)}") from err
+    def factory(variant, num_labels, device, dtype):
+        import torch._dynamo
 
-    def run(pixel_values):
+        # Dynamo's caches are per code object and shared by every Segformer instance: without a reset the
+        # recompile limit is reached after a few settings and later rows would silently run eager.
+        torch._dynamo.reset()
         try:
-            return compiled(pixel_values)
-        except Exception as err:  # noqa: BLE001 - compilation happens on the first call of each shape
-            if is_out_of_memory(err):
-                raise
+            compiled = torch.compile(_reference_model(variant, num_labels, device, dtype), mode=mode, dynamic=False)
+        except Exception as err:  # noqa: BLE001 - any failure of the compiler means "not available here"
             raise RunnerUnavailable(f"torch.compile failed on {device.type}: {one_line(err)}") from err
 
-    run.notes = f"torch.compile(mode={mode or 'default'}, dynamic=False)"
-    return run
+        def run(pixel_values):
+            try:
+                return compiled(pixel_values)
+            except Exception as err:  # noqa: BLE001 - compilation happens on the first call of each shape
+                if is_out_of_memory(err):
+                    raise
+                raise RunnerUnavailable(f"torch.compile failed on {device.type}: {one_line(err)}") from err
+
+        run.notes = f"torch.compile(mode={mode or 'default'}, dynamic=False)"
+        return run
+
+    return factory
 
 
 def engine_runner(variant, num_labels, device, dtype):
@@ -209,7 +212,9 @@ register_runner("reference", reference_runner)
 register_runner("transformers", transformers_runner)
 #: Opt-in on CPU: compiling takes about 40 s per input shape on a 2-core machine (1.5 of the default run's 5 minutes
 #: for two batch sizes on a quiet machine, more than 5 minutes in all on a busy one).
-register_runner("compile", compile_runner, default_on=("cuda",))
+register_runner("compile", _compile_runner(None), default_on=("cuda",))
+# max-autotune: minutes of autotuning per shape on a GPU, so opt-in everywhere
+register_runner("compile-max", _compile_runner("max-autotune"), default_on=())
 # ONNX Runtime and OpenVINO on our ONNX export and on transformers' own (CPU default: the runtimes CPU users pick)
 for _source in ("ours", "transformers"):
     register_runner(f"ort-{_source}", bench_runtimes.ort_factory(_source), default_on=("cpu",))
