@@ -164,7 +164,8 @@ def cmd_info(args) -> int:
     shown = ", ".join(f"{k}: {v}" for k, v in list(sorted(labels.items()))[:10]) if labels else "(no names)"
     more = f" ... ({len(labels)} in all)" if len(labels) > 10 else ""
     print(f"source:          {args.source}")
-    print(f"variant:         MiT-{config.variant.upper()} (embed dims {list(config.embed_dims)}, depths {list(config.depths)}, decoder {config.decoder_dim})")
+    print(f"variant:         MiT-{config.variant.upper()} (embed dims {list(config.embed_dims)}, depths "
+          f"{list(config.depths)}, decoder {config.decoder_dim})")
     print(f"parameters:      {parameters / 1e6:.2f} M")
     print(f"num_labels:      {config.num_labels}")
     print(f"labels:          {shown}{more}")

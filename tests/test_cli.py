@@ -443,11 +443,14 @@ def test_init_writes_a_loadable_random_checkpoint_and_never_replaces_one(tmp_pat
     assert "--num-labels" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["malformed config", "weights are a folder", "no weights"])
+@pytest.mark.parametrize("damage", ["malformed config", "weights are a folder", "no weights", "numbered keys"])
 def test_bad_checkpoints_give_one_line_and_exit_2(damage, tmp_path):
     folder = tmp_path / "ckpt"
     Segformer.from_config("b0", num_labels=3).save_pretrained(folder)
-    if damage == "malformed config":
+    if damage == "numbered keys":
+        folder = tmp_path / "numbered.pth"
+        torch.save({0: torch.zeros(2)}, folder)
+    elif damage == "malformed config":
         (folder / "config.json").write_text('{"num_labels": null, "hidden_sizes": "wide", "id2label": {"x": 1}}')
     elif damage == "weights are a folder":
         (folder / "model.safetensors").unlink()
