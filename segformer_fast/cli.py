@@ -71,22 +71,29 @@ def segment_resize(args) -> dict:
     return resize
 
 
-def segment_summary(out_dir: Path, found: int, already_done: int, failed: int, skipped: list, ignored: list) -> str:
-    """The lines ``segment`` ends with: what was written, what was already there, what failed, and every file of
-    the input folders that was not segmented (special files, files without an image extension)."""
-    done_now = found - already_done - failed
-    notes = [f"{already_done} already done" if already_done else "", f"{failed} failed" if failed else ""]
-    notes = [note for note in notes if note]
-    lines = [f"segmented {done_now} of {plural(found, 'image')} into {out_dir}"
-             + (f" ({', '.join(notes)})" if notes else "")]
+def left_out_lines(skipped: list, ignored: list) -> list[str]:
+    """Summary lines for the files of the input folders that were not images: special files (``skipped``, named on
+    stderr as they were found) and files without an image extension (``ignored``)."""
+    lines = []
     if skipped:
-        lines.append(f"skipped {plural(len(skipped), 'file')} that {'is' if len(skipped) == 1 else 'are'} not "
-                     "regular files (named above)")
+        what = "is not a regular file" if len(skipped) == 1 else "are not regular files"
+        lines.append(f"skipped {plural(len(skipped), 'file')} that {what} (named above)")
     if ignored:
         names = ", ".join(str(path) for path in ignored[:SHOWN_NAMES])
         more = f" and {len(ignored) - SHOWN_NAMES} more" if len(ignored) > SHOWN_NAMES else ""
         lines.append(f"ignored {plural(len(ignored), 'file')} without an image extension: {names}{more}")
-    return "\n".join(lines)
+    return lines
+
+
+def segment_summary(out_dir: Path, found: int, already_done: int, failed: int, skipped: list, ignored: list) -> str:
+    """The lines ``segment`` ends with: what was written, what was already there, what failed, and what in the
+    input folders was left out (see :func:`left_out_lines`)."""
+    done_now = found - already_done - failed
+    notes = [f"{already_done} already done" if already_done else "", f"{failed} failed" if failed else ""]
+    notes = [note for note in notes if note]
+    first = f"segmented {done_now} of {plural(found, 'image')} into {out_dir}" + (
+        f" ({', '.join(notes)})" if notes else "")
+    return "\n".join([first, *left_out_lines(skipped, ignored)])
 
 
 def cmd_segment(args) -> int:
@@ -106,8 +113,8 @@ def cmd_segment(args) -> int:
         print(f"skipped {path}: it {reason}", file=sys.stderr)
     if not images:
         print("segformer-fast: no images found in " + ", ".join(args.inputs), file=sys.stderr)
-        if skipped or ignored:
-            print(segment_summary(out_dir, 0, 0, 0, skipped, ignored), file=sys.stderr)
+        for line in left_out_lines(skipped, ignored):
+            print(line, file=sys.stderr)
         return 2
     roots = [Path(p) for p in args.inputs]
     output_stems(images, roots)  # refuses inputs that would overwrite each other's outputs

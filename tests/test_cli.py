@@ -465,3 +465,17 @@ def test_bad_checkpoints_give_one_line_and_exit_2(damage, tmp_path):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("segformer-fast: ") and str(folder) in lines[0]
+
+
+def test_segment_without_images_says_what_it_found_instead(tmp_path, capsys):
+    import os
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("x")
+    os.mkfifo(tmp_path / "in" / "pipe.jpg")
+    code = main(["segment", str(tmp_path / "in"), "--model", str(tmp_path / "no-such-ckpt"), "--out",
+                 str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no images found" in err
+    assert "skipped 1 file that is not a regular file" in err and "pipe.jpg" in err
+    assert "ignored 1 file without an image extension" in err and "notes.txt" in err
