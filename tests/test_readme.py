@@ -145,5 +145,5 @@ def test_command_line_examples_run(readme_folder, capsys):
 
 
 def test_label_png_formats_are_documented():
-    text = section(README.read_text(), "### Command line")
+    text = " ".join(section(README.read_text(), "### Command line").split())
     assert "palette image" in text and "16-bit grayscale PNG" in text and "more than 256 classes" in text
