@@ -265,6 +265,10 @@ def read_state_dict(path: Path) -> dict:
         raise ValueError(
             f"{path}: expected a dict of tensors (optionally under 'state_dict'), got {type(data).__name__}"
         )
+    odd_keys = [key for key in data if not isinstance(key, str)]
+    if odd_keys:
+        raise ValueError(f"{path}: expected tensor names (strings) as keys, got {odd_keys[0]!r} "
+                         f"({type(odd_keys[0]).__name__})")
     return dict(data)
 
 

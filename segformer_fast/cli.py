@@ -1,6 +1,8 @@
 """The ``segformer-fast`` command: ``segment`` images, ``info`` about a checkpoint, ``eval`` mIoU on a dataset,
-``export`` a model to ONNX / torch.export. Parsing, printing and exit codes; the work is done by the package's
-modules. (The benchmarks are scripts in the repository's benchmarks/ folder: ``make bench``.)"""
+``init`` a random-weight checkpoint, ``export`` a model to ONNX / torch.export; ``segment`` and ``eval`` also run on
+Ray (``--ray``) or under torchrun. Parsing, checking arguments, printing and exit codes; the work is done by the
+package's modules. Every argument and output path is checked before a model is loaded; bad input ends with a
+one-line error and exit code 2. (The benchmarks are scripts in the repository's benchmarks/ folder: ``make bench``.)"""
 
 import argparse
 import math
@@ -8,66 +10,163 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from . import __version__
+from .config import VARIANTS
 from .datasets import FORMATS, default_resize, default_window, open_dataset
 from .distributed import evaluate_torchrun, segment_torchrun
 from .evaluation import evaluate, format_summary, write_report
 from .export import export_onnx, export_program
-from .fileio import find_images
+from .fileio import check_output_file, check_output_folder, find_images, remove_stale_temporaries
 from .inference import resolve_window
 from .model import Segformer
-from .outputs import outputs_exist, segment_files
+from .outputs import output_stems, outputs_exist, segment_files
 from .palettes import palette_for
 from .predictors import ENGINES, make_predictor
+from .processing import output_size
 from .ray_segment import evaluate_with_ray, segment_with_ray
 from .runtime import DTYPES, parse_dtype, resolve_device
 from .scaleout import SegmentSettings, check_model_classes, torchrun_world
 
+DESCRIPTION = (
+    "SegFormer inference: segment images, evaluate mIoU on ADE20K / Cityscapes, describe or create checkpoints, "
+    "export to ONNX / torch.export. Run 'segformer-fast COMMAND --help' for a command's options."
+)
 #: ``eval``'s inference modes: a score comes from one known mode, so the fallback mode "auto" is not offered.
 EVAL_MODES = ("whole", "slide")
+DTYPE_HELP = ("compute dtype (default fp32). fp16 and bf16 are for GPUs: on a CPU they run, usually slower than "
+              "fp32")
+#: Most names of ignored files shown in a summary line.
+SHOWN_NAMES = 5
 
 
-def cmd_segment(args) -> int:
-    """``segformer-fast segment``: label and overlay PNGs for every input image; exit 1 when any image failed."""
-    if wants_scaleout(args):
-        return scaleout_segment(args)
-    device = resolve_device(args.device)
-    dtype = parse_dtype(args.dtype)
-    crop, stride = resolve_window(args.crop, args.stride)
-    images = find_images(args.inputs)
-    if not images:
-        print("segformer-fast: no images found in " + ", ".join(args.inputs), file=sys.stderr)
-        return 2
-    out_dir = Path(args.out)
-    roots = [Path(p) for p in args.inputs]
-    todo = [path for path in images if not (args.skip_existing and outputs_exist(out_dir, path, roots))]
-    skipped = len(images) - len(todo)
-    if skipped:
-        print(f"skipped {skipped} of {len(images)} images whose outputs already exist in {out_dir}")
-    if not todo:
-        print(f"segmented {len(images)} of {len(images)} images into {out_dir} ({skipped} already done, skipped)")
-        return 0
+def plural(count: int, noun: str) -> str:
+    """``"1 image"``, ``"2 images"``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
-    model = Segformer.from_pretrained(args.model).to(device=device)
-    # Resizing: --short-side (keep ratio), --size H W, --no-resize; by default 512 x 512 in whole mode and the
-    # images' own resolution in slide and auto modes (huge images are what those modes are for).
-    if args.short_side:
+
+def note_half_precision_on_cpu(device: torch.device, dtype: torch.dtype) -> None:
+    """One line on stderr when a half-precision dtype will run on a CPU (it works, but is rarely faster)."""
+    if device.type == "cpu" and dtype != torch.float32:
+        name = "fp16" if dtype == torch.float16 else "bf16"
+        print(f"note: --dtype {name} on CPU is usually slower than fp32 (few CPU kernels are fast in half "
+              "precision); it is meant for GPUs", file=sys.stderr)
+
+
+def check_resize(resize: dict) -> None:
+    """The checks ``preprocess`` makes on its resize arguments, made before any work (ValueError)."""
+    if resize.get("short_side") is not None or resize.get("size") is not None:
+        output_size(1, 1, **resize)
+
+
+def segment_resize(args) -> dict:
+    """``segment``'s resize arguments for ``make_predictor``: --short-side (keep ratio), --size H W, --no-resize;
+    by default 512 x 512 in whole mode and the images' own resolution in slide and auto modes (huge images are what
+    those modes are for). ValueError for values ``preprocess`` would refuse."""
+    if args.max_long_side is not None and args.short_side is None:
+        raise ValueError("--max-long-side needs --short-side")
+    if args.short_side is not None:
         resize = {"short_side": args.short_side, "max_long_side": args.max_long_side, "size": None}
     elif args.no_resize or (args.size is None and args.mode != "whole"):
         resize = {"size": None}
     else:
         resize = {"size": tuple(args.size) if args.size else (512, 512)}
-    predict = make_predictor(model, args.engine, args.mode, resize=resize, device=device, dtype=dtype, crop=crop,
-                             stride=stride)
-    failures = segment_files(todo, predict, palette_for(model.config.num_labels), out_dir, roots, alpha=args.alpha,
-                             progress=not args.quiet)
-    done = len(images) - len(failures)
-    note = f" ({skipped} already done, skipped)" if skipped else ""
-    print(f"segmented {done} of {len(images)} images into {out_dir}{note}")
+    check_resize(resize)
+    return resize
+
+
+def left_out_lines(skipped: list, ignored: list) -> list[str]:
+    """Summary lines for the files of the input folders that were not images: special files (``skipped``, named on
+    stderr as they were found) and files without an image extension (``ignored``)."""
+    lines = []
+    if skipped:
+        what = "is not a regular file" if len(skipped) == 1 else "are not regular files"
+        lines.append(f"skipped {plural(len(skipped), 'file')} that {what} (named above)")
+    if ignored:
+        names = ", ".join(str(path) for path in ignored[:SHOWN_NAMES])
+        more = f" and {len(ignored) - SHOWN_NAMES} more" if len(ignored) > SHOWN_NAMES else ""
+        lines.append(f"ignored {plural(len(ignored), 'file')} without an image extension: {names}{more}")
+    return lines
+
+
+def segment_summary(out_dir: Path, found: int, already_done: int, failed: int, skipped: list, ignored: list) -> str:
+    """The lines ``segment`` ends with: what was written, what was already there, what failed, and what in the
+    input folders was left out (see :func:`left_out_lines`)."""
+    done_now = found - already_done - failed
+    notes = [f"{already_done} already done" if already_done else "", f"{failed} failed" if failed else ""]
+    notes = [note for note in notes if note]
+    first = f"segmented {done_now} of {plural(found, 'image')} into {out_dir}" + (
+        f" ({', '.join(notes)})" if notes else "")
+    return "\n".join([first, *left_out_lines(skipped, ignored)])
+
+
+def cmd_segment(args) -> int:
+    """``segformer-fast segment``: label and overlay PNGs for every input image; exit 1 when any image failed."""
+    resize = segment_resize(args)
+    if not 0.0 <= args.alpha <= 1.0:
+        raise ValueError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    crop, stride = resolve_window(args.crop, args.stride)
+    if wants_scaleout(args):
+        return scaleout_segment(args)
+    device = resolve_device(args.device)
+    dtype = parse_dtype(args.dtype)
+    out_dir = Path(args.out)
+    check_output_folder(out_dir, args.inputs)
+
+    skipped, ignored = [], []
+    images = find_images(args.inputs, exclude=[out_dir], skipped=skipped, ignored=ignored)
+    for path, reason in skipped:
+        print(f"skipped {path}: it {reason}", file=sys.stderr)
+    if not images:
+        print("segformer-fast: no images found in " + ", ".join(args.inputs), file=sys.stderr)
+        for line in left_out_lines(skipped, ignored):
+            print(line, file=sys.stderr)
+        return 2
+    roots = [Path(p) for p in args.inputs]
+    output_stems(images, roots)  # refuses inputs that would overwrite each other's outputs
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    todo = images
+    if args.skip_existing:
+        removed = remove_stale_temporaries(out_dir)
+        if removed:
+            print(f"removed {plural(len(removed), 'temporary file')} an interrupted run left in {out_dir}")
+        todo = [path for path in images if not outputs_exist(out_dir, path, roots)]
+    already_done = len(images) - len(todo)
+    if already_done:
+        print(f"skipped {already_done} of {len(images)} images whose outputs already exist in {out_dir}")
+
+    failures = []
+    if todo:
+        note_half_precision_on_cpu(device, dtype)
+        model = Segformer.from_pretrained(args.model).to(device=device)
+        predict = make_predictor(model, args.engine, args.mode, resize=resize, device=device, dtype=dtype,
+                                 crop=crop, stride=stride)
+        failures = segment_files(todo, predict, palette_for(model.config.num_labels), out_dir, roots,
+                                 alpha=args.alpha, progress=not args.quiet, report_windows=True)
+    print(segment_summary(out_dir, len(images), already_done, len(failures), skipped, ignored))
     if failures:
-        print(f"{len(failures)} images failed:", file=sys.stderr)
+        print(f"{plural(len(failures), 'image')} failed:", file=sys.stderr)
         for line in failures:
             print(f"  {line}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_init(args) -> int:
+    """``segformer-fast init``: a checkpoint folder with deterministic random weights, made without network."""
+    folder = Path(args.folder)
+    if args.num_labels < 1:
+        raise ValueError(f"--num-labels must be a positive integer, got {args.num_labels}")
+    check_output_folder(folder, [])
+    existing = [name for name in ("config.json", "model.safetensors") if (folder / name).exists()]
+    if existing:
+        raise ValueError(f"{folder} already holds {' and '.join(existing)}; init never replaces a checkpoint: "
+                         "choose a new or empty folder")
+    Segformer.from_config(args.variant, num_labels=args.num_labels, seed=args.seed).save_pretrained(folder)
+    print(f"wrote a MiT-{args.variant.upper()} checkpoint with random weights ({args.num_labels} classes, seed "
+          f"{args.seed}) to {folder}: it runs every command, but its predictions mean nothing")
     return 0
 
 
@@ -79,8 +178,8 @@ def cmd_info(args) -> int:
     shown = ", ".join(f"{k}: {v}" for k, v in list(sorted(labels.items()))[:10]) if labels else "(no names)"
     more = f" ... ({len(labels)} in all)" if len(labels) > 10 else ""
     print(f"source:          {args.source}")
-    print(f"variant:         MiT-{config.variant.upper()} (embed dims {list(config.embed_dims)}, "
-          f"depths {list(config.depths)}, decoder {config.decoder_dim})")
+    print(f"variant:         MiT-{config.variant.upper()} (embed dims {list(config.embed_dims)}, depths "
+          f"{list(config.depths)}, decoder {config.decoder_dim})")
     print(f"parameters:      {parameters / 1e6:.2f} M")
     print(f"num_labels:      {config.num_labels}")
     print(f"labels:          {shown}{more}")
@@ -114,11 +213,12 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"),
                         help="--mode slide window step (default: cityscapes 768 768, ade20k 341 341)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help=DTYPE_HELP)
     parser.add_argument("--compare", choices=["reference", "transformers"],
                         help="also evaluate this model (same device, dtype, resize and mode) and report both mIoUs "
                              "and the pixel agreement")
-    parser.add_argument("--out", metavar="JSON", help="write the full report (per-class IoU/Acc) to this file")
+    parser.add_argument("--out", metavar="JSON", help="write the full report (per-class IoU/Acc) to this file "
+                        "(missing folders are created)")
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images (quick checks)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -149,15 +249,21 @@ def window_from_args(args) -> dict:
 
 def cmd_eval(args) -> int:
     """``segformer-fast eval``: evaluate a checkpoint on a dataset, print a summary, optionally write the report."""
-    if wants_scaleout(args):
-        return scaleout_eval(args)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive integer, got {args.limit}")
     resize = resize_from_args(args)
+    check_resize(resize)
     mode_options = window_from_args(args)
+    if mode_options:
+        resolve_window(mode_options["crop"], mode_options["stride"])
+    if wants_scaleout(args):
+        return scaleout_eval(args)
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype)
+    if args.out:
+        check_output_file(args.out, "--out report")
     dataset = open_dataset(args.format, args.data, args.limit)
+    note_half_precision_on_cpu(device, dtype)
     model = Segformer.from_pretrained(args.model).to(device=device).eval()
     num_classes = model.config.num_labels
     if num_classes != dataset.num_classes:
@@ -193,7 +299,6 @@ def cmd_eval(args) -> int:
         write_report(result, args.out)
         print(f"report written to {args.out}")
     return 0
-
 
 
 # ------------------------------------------------------------------- scale-out: Ray (--ray) and torchrun
@@ -358,15 +463,22 @@ def add_export_parser(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segformer-fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="segformer-fast", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    segment = commands.add_parser("segment", help="segment images; writes <name>_labels.png and <name>_overlay.png")
+    segment = commands.add_parser(
+        "segment", help="segment images; writes <name>_labels.png and <name>_overlay.png",
+        description="Segment image files and folders (searched recursively). Each image gets <name>_labels.png "
+                    "(class ids: a palette PNG in the dataset's colors for up to 256 classes, a 16-bit grayscale "
+                    "PNG above that) and <name>_overlay.png under --out, mirroring the input folders. Two inputs "
+                    "that would write the same outputs are refused before the run starts.")
     segment.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     segment.add_argument("--model", required=True, help="checkpoint: folder, weights file or hub id")
-    segment.add_argument("--out", required=True, help="output folder (mirrors the input folders' layout)")
+    segment.add_argument("--out", required=True, help="output folder (mirrors the input folders' layout; may be "
+                         "inside an input folder, never an input folder itself)")
     segment.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    segment.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    segment.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help=DTYPE_HELP)
     segment.add_argument("--engine", default="fast", choices=ENGINES,
                          help="fast: segformer_fast.optimize (default); reference: the eager reference model; "
                               "transformers: transformers' model with the same weights")
@@ -380,16 +492,17 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--max-long-side", type=int, metavar="N", help="with --short-side: cap the long side")
     segment.add_argument("--mode", default="whole", choices=["whole", "slide", "auto"],
                          help="whole: one forward per image (default); slide: mmseg's sliding windows (--crop, "
-                              "--stride); auto: whole, and sliding windows (with a warning) where whole runs out of "
-                              "memory")
+                              "--stride), with a progress bar of the windows; auto: whole, and sliding windows (with "
+                              "a warning) where whole runs out of memory, printing the choice per image")
     segment.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"),
                          help="sliding-window size (default 1024 1024)")
     segment.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"),
                          help="sliding-window stride (default 2/3 of the crop)")
     segment.add_argument("--skip-existing", action="store_true",
-                         help="skip images whose _labels.png and _overlay.png both exist (resume a run)")
+                         help="skip images whose _labels.png and _overlay.png both exist, and remove the temporary "
+                              "files an interrupted run left in --out (resume a run)")
     segment.add_argument("--alpha", type=float, default=0.5, help="label color weight in the overlay (0..1)")
-    segment.add_argument("--quiet", action="store_true", help="no progress bar")
+    segment.add_argument("--quiet", action="store_true", help="no progress bars")
     add_scaleout_arguments(segment)
     segment.set_defaults(func=cmd_segment)
 
@@ -402,18 +515,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(eval_parser)
     add_scaleout_arguments(eval_parser)
     eval_parser.set_defaults(func=cmd_eval)
+
+    init = commands.add_parser(
+        "init", help="write a checkpoint with random weights (no network needed)",
+        description="Write config.json and model.safetensors with deterministic random weights into FOLDER: a "
+                    "checkpoint that every command and Segformer.from_pretrained accept, for trying the tools "
+                    "offline (its predictions mean nothing). Refuses a folder that already holds a checkpoint.")
+    init.add_argument("variant", choices=list(VARIANTS), help="model size")
+    init.add_argument("folder", help="checkpoint folder to create (other files in it are left alone)")
+    init.add_argument("--num-labels", type=int, default=150, help="number of classes (default 150, as ADE20K)")
+    init.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    init.set_defaults(func=cmd_init)
+
     add_export_parser(commands)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "max_long_side", None) and not getattr(args, "short_side", None):
-        print("segformer-fast: --max-long-side needs --short-side", file=sys.stderr)
-        return 2
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (ValueError, TypeError, OSError) as err:
         print(f"segformer-fast: {err}", file=sys.stderr)
         return 2
 

@@ -171,8 +171,10 @@ def _json_ready(value):
 
 
 def write_report(result: dict, path: str | os.PathLike) -> None:
-    """Write ``result`` as indented JSON to ``path`` atomically; NaN (undefined metrics) become ``null``."""
+    """Write ``result`` as indented JSON to ``path`` atomically (missing folders created); NaN (undefined metrics)
+    become ``null``."""
     text = json.dumps(_json_ready(result), indent=2, allow_nan=False)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text + "\n")
 
 
@@ -181,15 +183,18 @@ def _percent(value: float) -> str:
 
 
 def format_summary(result: dict, top: int = 5) -> str:
-    """A short text table: mIoU, aAcc, mAcc, the best and worst classes, and the comparison when present."""
+    """A short text table: mIoU (and over how many classes: mmseg averages the classes with a defined IoU, those in
+    the labels or the predictions), aAcc, mAcc, the best and worst classes, and the comparison when present."""
+    num_classes = result["dataset"]["num_classes"]
+    scored = [c for c in result["per_class"] if c["IoU"] is not None and math.isfinite(c["IoU"])]
     lines = [
         f"images: {result['counts']['images']}  valid pixels: {result['counts']['valid_pixels']}  "
-        f"classes present: {result['counts']['classes_present']}/{result['dataset']['num_classes']}",
-        f"mIoU  {_percent(result['mIoU'])} %",
+        f"classes present: {result['counts']['classes_present']}/{num_classes}",
+        f"mIoU  {_percent(result['mIoU'])} % over {len(scored)} of {num_classes} classes"
+        + (" (the others are in neither the labels nor the predictions)" if len(scored) < num_classes else ""),
         f"aAcc  {_percent(result['aAcc'])} %",
         f"mAcc  {_percent(result['mAcc'])} %",
     ]
-    scored = [c for c in result["per_class"] if c["IoU"] is not None and math.isfinite(c["IoU"])]
     scored.sort(key=lambda c: (-c["IoU"], c["id"]))
     if scored:
         n = min(top, len(scored))

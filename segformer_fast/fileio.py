@@ -198,6 +198,7 @@ def find_images(
     *,
     exclude: Iterable[str | os.PathLike] = (),
     skipped: list | None = None,
+    ignored: list | None = None,
 ) -> list[Path]:
     """Expand files and folders into a list of image files.
 
@@ -208,7 +209,9 @@ def find_images(
     input folder is never read as input). Only regular files (or links to them) are images: named pipes, sockets,
     devices, dangling links and link loops are left out, each appended to ``skipped`` as ``(path, reason)`` when a
     list is given. Each folder's images are sorted by path; the inputs keep the order they were given in, and a
-    file reached twice is listed once. A missing input raises ``FileNotFoundError``. (An ``exclude`` folder that is
+    file reached twice is listed once. Files found in a folder without an image extension (not hidden) are appended
+    to ``ignored`` when a list is given, so a caller can say what it left out. A missing input raises
+    ``FileNotFoundError``. (An ``exclude`` folder that is
     an input folder itself, or holds one, excludes nothing: :func:`check_output_folder` refuses that case.)
     """
     if isinstance(inputs, (str, os.PathLike)):
@@ -239,8 +242,12 @@ def find_images(
             for folder, dirnames, filenames in os.walk(root):
                 dirnames[:] = [d for d in dirnames if not _is_hidden(d) and not is_excluded(Path(folder) / d)]
                 for name in filenames:
-                    if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    if _is_hidden(name):
+                        continue
+                    if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                         in_folder.append(Path(folder) / name)
+                    elif ignored is not None:
+                        ignored.append(Path(folder) / name)
             for path in sorted(in_folder, key=lambda q: q.parts):
                 add(path)
         elif root.exists() or root.is_symlink():
@@ -251,13 +258,24 @@ def find_images(
     return found
 
 
-def check_output_folder(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
-    """ValueError when writing into ``out_dir`` would mix outputs with inputs beyond telling them apart.
+def _closest_existing(path: Path) -> Path:
+    """``path`` itself if something is there (a dangling link counts), else its closest existing ancestor."""
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        path = path.parent
+    return path
 
-    An output folder strictly inside an input folder is fine (:func:`find_images` leaves it out with ``exclude``);
-    the output folder being an input folder, or holding one, is refused: a second run would read the first run's
-    outputs as images.
+
+def check_output_folder(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+    """ValueError when ``out_dir`` cannot hold the outputs, or writing into it would mix outputs with inputs.
+
+    An output folder that exists as a file (or a dangling link) or lies under a file is refused. An output folder
+    strictly inside an input folder is fine (:func:`find_images` leaves it out with ``exclude``); the output folder
+    being an input folder, or holding one, is refused: a second run would read the first run's outputs as images.
     """
+    existing = _closest_existing(Path(out_dir))
+    if not existing.is_dir():
+        where = "is" if existing == Path(out_dir) else f"lies under {existing}, which is"
+        raise ValueError(f"the output folder {out_dir} {where} a file (or a dangling link), not a folder")
     out = Path(out_dir).resolve()
     for item in inputs:
         root = Path(item)
@@ -269,3 +287,14 @@ def check_output_folder(out_dir: str | os.PathLike, inputs: Iterable[str | os.Pa
                 f"the output folder {out_dir} is (or holds) the input folder {item}: outputs would be read as inputs "
                 "on the next run; choose an output folder outside the inputs, or a subfolder of them"
             )
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> None:
+    """ValueError unless ``path`` can be written as a file: it must not be a folder, and its closest existing
+    ancestor must be a folder (missing parent folders are created by the writer). Call it before the work starts."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is an existing folder; expected a file name")
+    existing = _closest_existing(path.parent)
+    if not existing.is_dir():
+        raise ValueError(f"cannot write {what} {path}: {existing} is a file (or a dangling link), not a folder")

@@ -325,6 +325,7 @@ def segment_images(
     whole_labels: Callable | None = None,
     windows_per_call: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    on_auto_choice: Callable[[str, tuple[int, int]], None] | None = None,
 ):
     """Label maps (int64, (H_i, W_i) at each image's own size) for PIL images, HWC uint8 arrays or paths.
 
@@ -334,7 +335,9 @@ def segment_images(
     "slide": :func:`slide_logits` with ``crop`` (default 1024x1024) and ``stride`` (default 2/3 of the crop),
     resized to each image's size, argmax, streamed by :func:`slide_labels` (``progress(done, total)`` after each
     forward call, windows counted per group of same-size images); "auto": whole, and where that runs out of memory
-    a warning and slide. Returns one tensor for a single image, else a list.
+    a warning and slide, with ``on_auto_choice(mode, (H, W))`` called per group of same-size images with the mode
+    it ran in ("whole" or "slide") and the size the images were resized to. Returns one tensor for a single image,
+    else a list.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -372,6 +375,8 @@ def segment_images(
                 if not is_out_of_memory(error):
                     raise
                 failure = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if on_auto_choice is not None:
+                on_auto_choice("whole" if failure is None else "slide", target)
             if failure is not None:  # outside the except block: the failed attempt's tensors are released by now
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

@@ -5,6 +5,11 @@ Each input image ``<root>/<relative>/<name>.<ext>`` found under one of the input
 ``<out_dir>/<relative>/<name>_labels.png`` (class ids) and ``<name>_overlay.png`` (the labels' colors over the
 image); an input given as a file (not under a root folder) gives ``<out_dir>/<name>_labels.png``. Every file is
 written to a temporary name and renamed, so an interrupted run never leaves a partial PNG under the final name.
+
+Two inputs that would get the same outputs (``a.jpg`` and ``a.png`` in one folder, ``x.png`` in two input folders)
+are refused before any work by :func:`output_stems`, naming them: the names stay predictable (they never depend on
+which other files a run was given, so ``--skip-existing`` finds the same outputs on every run), and no result is
+ever lost to another. Every way of running ``segment`` (one process or many) plans its outputs with it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,26 @@ def output_stem(image_path: Path, roots: list) -> Path:
             except ValueError:
                 continue
     return Path(image_path.stem)
+
+
+def output_stems(image_paths: Sequence[Path], roots: list) -> list[Path]:
+    """:func:`output_stem` of every input, in order; ValueError naming the inputs when two or more would write the
+    same output files (the run must refuse before it starts rather than let one result overwrite another)."""
+    stems = [output_stem(Path(path), roots) for path in image_paths]
+    sources: dict[Path, list] = {}
+    for path, stem in zip(image_paths, stems):
+        sources.setdefault(stem, []).append(path)
+    shared = {stem: paths for stem, paths in sources.items() if len(paths) > 1}
+    if shared:
+        examples = [f"{stem}_labels.png from " + " and ".join(str(p) for p in paths)
+                    for stem, paths in list(shared.items())[:5]]
+        more = f" (and {len(shared) - 5} more)" if len(shared) > 5 else ""
+        raise ValueError(
+            f"{len(shared)} output name{'s' if len(shared) > 1 else ''} would be written by several inputs, and one "
+            f"result would overwrite the other: {'; '.join(examples)}{more}. Rename the inputs, or segment them into "
+            "separate output folders"
+        )
+    return stems
 
 
 def label_paths(out_dir: Path, image_path: Path, roots: list) -> tuple[Path, Path]:
@@ -71,21 +96,44 @@ def describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+class _WindowProgress:
+    """``progress(done, total)`` for one image's sliding windows: a second progress bar, opened at the first report
+    (a whole-image run reports nothing and shows none), redrawn at every report (a window takes long enough)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.name, unit="window", leave=False, position=1, mininterval=0)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def segment_files(
     image_paths: Sequence[Path],
-    predict: Callable[[Image.Image], np.ndarray],
+    predict: Callable[..., np.ndarray],
     palette: np.ndarray,
     out_dir: Path,
     roots: list,
     *,
     alpha: float = 0.5,
     progress: bool = True,
+    report_windows: bool = False,
 ) -> list[str]:
     """Segment each image file with ``predict`` (image -> (H, W) labels) and write its labels and overlay PNGs.
 
     One bad image (unreadable, out of memory, unwritable output, ...) is reported on stderr and skipped; the loop
-    goes on. Warnings raised while segmenting an image are printed with its path. Returns one ``"<path>: <error>"``
-    line per image that failed (empty when every image was written).
+    goes on. Warnings raised while segmenting an image are printed with its path. With ``report_windows`` and
+    ``progress``, ``predict`` is called with the ``progress=`` and ``on_auto_choice=`` keywords of
+    :func:`segformer_fast.predictors.make_predictor`'s predictors: a bar per image counts its sliding windows, and
+    the mode and size that ``mode="auto"`` chose is printed per image. Returns one ``"<path>: <error>"`` line per
+    image that failed (empty when every image was written).
     """
     failures = []
     for image_path in tqdm(image_paths, desc="segment", unit="img", disable=not progress):
@@ -98,7 +146,10 @@ def segment_files(
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                labels = predict(image)
+                if progress and report_windows:
+                    labels = _predict_with_reports(predict, image, image_path)
+                else:
+                    labels = predict(image)
             for warning in caught:
                 tqdm.write(f"{image_path}: {warning.message}", file=sys.stderr)
             labels_path, overlay_path = label_paths(out_dir, image_path, roots)
@@ -110,3 +161,17 @@ def segment_files(
             tqdm.write(f"failed {image_path}: {describe_error(err)}", file=sys.stderr)
             torch.cuda.empty_cache()  # a no-op unless CUDA is in use; frees what the failed image left cached
     return failures
+
+
+def _predict_with_reports(predict: Callable[..., np.ndarray], image: Image.Image, image_path: Path) -> np.ndarray:
+    """``predict(image)`` with a sliding-window progress bar and a stderr line for the mode "auto" chose."""
+
+    def say_choice(mode: str, size: tuple[int, int]) -> None:
+        how = "whole image" if mode == "whole" else "sliding windows"
+        tqdm.write(f"{image_path}: mode auto chose {how} at {size[0]}x{size[1]}", file=sys.stderr)
+
+    windows = _WindowProgress(image_path.name)
+    try:
+        return predict(image, progress=windows, on_auto_choice=say_choice)
+    finally:
+        windows.close()

@@ -63,7 +63,9 @@ def make_predictor(
     engine: as in :func:`build_forward`. mode: "whole" (resize, one forward, upsample the logits to the image size
     and argmax), "slide" (sliding windows of ``crop`` every ``stride``) or "auto" (whole, slide where whole runs out
     of memory). resize: ``segment_images``' resize arguments (``size``, or ``short_side`` / ``max_long_side``;
-    default: fixed 512x512). dtype: a compute dtype or its name (default float32).
+    default: fixed 512x512). dtype: a compute dtype or its name (default float32). The predictor's optional
+    ``progress`` and ``on_auto_choice`` keywords are passed to ``segment_images`` (sliding-window progress, the mode
+    "auto" chose).
     """
     if mode not in MODES:
         raise ValueError(f"unknown inference mode {mode!r}; available: {list(MODES)}")
@@ -72,11 +74,12 @@ def make_predictor(
     forward, whole_labels = build_forward(model, engine, dtype)
     options = dict(resize) if resize else {"size": (512, 512)}
 
-    def predict(image: Image.Image) -> np.ndarray:
+    def predict(image: Image.Image, *, progress=None, on_auto_choice=None) -> np.ndarray:
         with torch.inference_mode():
             labels = segment_images(image, forward, num_labels=model.config.num_labels, device=device, dtype=dtype,
                                     mode=mode, crop=crop, stride=stride, whole_labels=whole_labels,
-                                    windows_per_call=windows_per_call, **options)
+                                    windows_per_call=windows_per_call, progress=progress,
+                                    on_auto_choice=on_auto_choice, **options)
         return labels.cpu().numpy()
 
     return predict

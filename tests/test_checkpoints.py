@@ -350,6 +350,13 @@ def test_torch_file_not_a_dict_of_tensors(tmp_path, payload, kind):
         assert "dict of tensors" in str(info.value) and kind in str(info.value)
 
 
+def test_torch_file_with_keys_that_are_not_names(tmp_path):
+    path = tmp_path / "numbered.pth"
+    torch.save({1: torch.zeros(2), "decode_head.classifier.bias": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*tensor names.*1 \\(int\\)"):
+        Segformer.from_pretrained(path)
+
+
 def test_unknown_key_family(tmp_path):
     keys = [f"encoder_{i}.layer.weight" for i in range(8)]
     path = _write(tmp_path / "resnet.safetensors", {k: torch.zeros(2) for k in keys})

@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -459,6 +460,7 @@ def test_eval_command_end_to_end(tmp_path, random_b0, capsys):
     assert cmd_eval(args) == 0
     printed = capsys.readouterr().out
     assert "mIoU" in printed and "aAcc" in printed and "mAcc" in printed and "pixel agreement" in printed
+    assert re.search(r"mIoU +\d+\.\d+ % over \d+ of 150 classes", printed), printed
     report = json.loads(out.read_text())
     for key in ("mIoU", "aAcc", "mAcc", "per_class", "dataset", "counts", "settings", "comparison"):
         assert key in report, key

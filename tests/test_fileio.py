@@ -298,3 +298,34 @@ def test_remove_stale_temporaries_removes_only_atomic_leftovers(tmp_path):
         assert remove_stale_temporaries(tmp_path) == [tmp]
         tmp.write_bytes(b"x")  # recreate it so the rename at the end of the block succeeds
     assert (tmp_path / "written.png").exists()
+
+
+def test_find_images_lists_what_it_ignored(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _image(photos / "a.png")
+    (photos / "notes.txt").write_text("x")
+    (photos / "sub").mkdir()
+    (photos / "sub" / "data.csv").write_text("x")
+    (photos / ".hidden.txt").write_text("x")
+    ignored = []
+    assert find_images(photos, ignored=ignored) == [photos / "a.png"]
+    assert sorted(ignored) == [photos / "notes.txt", photos / "sub" / "data.csv"]
+
+
+def test_check_output_file_and_folder_refuse_what_cannot_be_written(tmp_path):
+    from segformer_fast.fileio import check_output_file
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    check_output_file(tmp_path / "new" / "deeper" / "r.json")
+    check_output_file(tmp_path / "file")  # replacing a file is a write like any other
+    with pytest.raises(ValueError, match="existing folder"):
+        check_output_file(tmp_path / "folder")
+    with pytest.raises(ValueError, match="is a file"):
+        check_output_file(tmp_path / "file" / "r.json")
+    check_output_folder(tmp_path / "new" / "out", [])
+    with pytest.raises(ValueError, match="is a file"):
+        check_output_folder(tmp_path / "file", [])
+    with pytest.raises(ValueError, match="lies under"):
+        check_output_folder(tmp_path / "file" / "out", [])

@@ -17,6 +17,7 @@ from segformer_fast import Segformer, optimize, postprocess, preprocess
 from segformer_fast.inference import (
     estimate_peak_memory_bytes,
     resolve_window,
+    segment_images,
     slide_labels,
     slide_logits,
     window_grid,
@@ -431,3 +432,17 @@ def test_slide_labels_memory_follows_the_windows_not_the_image(model):
         estimate_peak_memory_bytes("b0", 1, 64, 64, mode="slide", reference=True)
     with pytest.raises(ValueError, match="mode must be"):
         estimate_peak_memory_bytes("b0", 1, 64, 64, mode="tiles")
+
+
+def test_auto_mode_reports_the_mode_and_size_it_chose(engine, image):
+    choices = []
+    common = dict(num_labels=NUM_LABELS, mode="auto", crop=(64, 64), on_auto_choice=lambda *c: choices.append(c))
+    segment_images(image, engine.logits, size=(64, 96), whole_labels=engine.whole_labels, **common)
+    assert choices == [("whole", (64, 96))]
+
+    def out_of_memory(pixel_values, sizes):
+        raise MemoryError()
+
+    with pytest.warns(RuntimeWarning, match="sliding windows"):
+        segment_images([image, image], engine.logits, size=None, whole_labels=out_of_memory, **common)
+    assert choices[1:] == [("slide", (90, 130))]  # one report per group of same-size images

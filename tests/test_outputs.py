@@ -113,3 +113,19 @@ def test_segment_files_writes_outputs_and_reports_failures(tmp_path, capsys):
             np.asarray(overlay(image, expected, palette, alpha=0.5)))
     assert not (tmp_path / "out" / "boom_labels.png").exists() and not (tmp_path / "out" / "broken_labels.png").exists()
     assert not list((tmp_path / "out").rglob(".*")), "temporary files left behind"
+
+
+def test_output_stems_refuse_inputs_that_share_outputs(tmp_path):
+    from segformer_fast.outputs import output_stems
+
+    day, night = tmp_path / "day", tmp_path / "night"
+    for path in (day / "a.jpg", day / "a.png", day / "b.png", night / "b.png", night / "c.png"):
+        _write_rgb(path, 4, 4, 0)
+    assert output_stems([day / "b.png", night / "c.png"], [day, night]) == [Path("b"), Path("c")]
+    assert output_stems([day / "b.png", night / "b.png"], [tmp_path]) == [Path("day/b"), Path("night/b")]
+    with pytest.raises(ValueError) as info:
+        output_stems([day / "a.jpg", day / "a.png", day / "b.png", night / "b.png"], [day, night])
+    message = str(info.value)
+    assert message.startswith("2 output names would be written by several inputs")
+    for path in (day / "a.jpg", day / "a.png", day / "b.png", night / "b.png"):
+        assert str(path) in message
