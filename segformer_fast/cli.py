@@ -303,18 +303,12 @@ def cmd_eval(args) -> int:
 
 # ------------------------------------------------------------------- scale-out: Ray (--ray) and torchrun
 def settings_from_segment_args(args) -> SegmentSettings:
-    """The settings ``segformer-fast segment`` options select (its resize defaults: 512 x 512 in whole mode, the
-    images' own size in slide and auto modes)."""
-    if args.no_resize or (args.size is None and args.mode != "whole" and not args.short_side):
-        size = None
-    else:
-        size = tuple(args.size) if args.size else (512, 512)
-    return SegmentSettings(model=str(args.model), engine=args.engine, dtype=args.dtype, size=size,
-                           short_side=args.short_side, max_long_side=args.max_long_side, mode=args.mode,
-                           crop=tuple(args.crop) if args.crop else None,
+    """The settings ``segformer-fast segment`` options select, resized as :func:`segment_resize` says."""
+    resize = segment_resize(args)
+    return SegmentSettings(model=str(args.model), engine=args.engine, dtype=args.dtype, size=resize.get("size"),
+                           short_side=resize.get("short_side"), max_long_side=resize.get("max_long_side"),
+                           mode=args.mode, crop=tuple(args.crop) if args.crop else None,
                            stride=tuple(args.stride) if args.stride else None, overlay=True, alpha=args.alpha)
-
-
 
 
 def eval_settings_from_args(args) -> tuple:

@@ -33,11 +33,11 @@ import torch
 from tqdm import tqdm
 
 from .datasets import Sample
-from .fileio import atomic_path, find_images, load_image
+from .fileio import atomic_path, check_output_folder, find_images, load_image
 from .inference import resolve_window, segment_images
 from .metrics import MetricAccumulator
 from .model import Segformer
-from .outputs import describe_error, label_paths, save_label_png
+from .outputs import describe_error, label_paths, output_stems, save_label_png
 from .palettes import overlay, palette_for
 from .predictors import build_forward
 from .runtime import parse_dtype
@@ -215,13 +215,17 @@ class SegmentPlan:
 def plan_segment(inputs, out_dir, with_overlay: bool, retry_failed: bool = False) -> SegmentPlan:
     """Find the images (files, folders searched recursively) and leave out those the manifest says are finished.
 
+    The same rules as ``segment``: an output folder that is or holds an input folder is refused, one inside an input
+    folder is never read as input, and inputs whose outputs would collide are refused before anything runs.
     ValueError when no images are found; FileNotFoundError for a missing input."""
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    images = find_images(inputs)
+    out_dir = Path(out_dir)
+    check_output_folder(out_dir, inputs)
+    images = find_images(inputs, exclude=[out_dir])
     if not images:
         raise ValueError("no images found in " + ", ".join(str(p) for p in inputs))
-    out_dir = Path(out_dir)
     roots = [Path(p) for p in inputs]
+    output_stems(images, roots)
     previous = read_manifest(out_dir / MANIFEST_NAME)
     todo, done_before, failed_before = [], 0, []
     for image in images:
