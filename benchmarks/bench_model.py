@@ -48,6 +48,7 @@ import torch
 
 from segformer_fast.config import VARIANTS, SegformerConfig
 from segformer_fast.engine import optimize
+from segformer_fast.fileio import check_output_file
 from segformer_fast.model import Segformer
 from segformer_fast.runtime import DTYPES, is_out_of_memory, resolve_device
 
@@ -120,7 +121,7 @@ DEFAULTS = {
 }
 QUICK = {"variants": ["b0"], "resolutions": ["64x64"], "batch": [1], "dtype": ["fp32"], "repeats": 1, "warmup": 1}
 #: Runners left out of --quick unless named with --runners (compilation alone takes about a minute on a CPU).
-QUICK_EXCLUDE = {"compile", "compile-max"}
+QUICK_EXCLUDE = {"compile", "compile-max", "ort-ours", "ort-transformers", "openvino-ours", "openvino-transformers"}
 MIN_REPEATS = 3
 
 
@@ -674,6 +675,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     out_path, kept, message = None, [], None
     if not args.no_save:
         requested = args.out if args.out is not None else default_out_path(config.device)
+        check_output_file(requested, "--out results file")  # before the work, not after it
         out_path, kept, message = choose_output(Path(requested), document, args.overwrite)
         say(message)
 
@@ -714,7 +716,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return main_from_args(args)
+    try:
+        return main_from_args(args)
+    except ValueError as err:  # a bad option value or output path, found before the work: one line, exit 2
+        print(f"bench_model.py: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

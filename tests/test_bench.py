@@ -350,3 +350,26 @@ def test_compile_failure_skips_the_rows(tmp_path, monkeypatch, capsys):
     assert rows[0]["reason"] == "torch.compile failed on cpu: RuntimeError: InductorError: no C++ compiler found"
     assert "compile: skipped (torch.compile failed on cpu" in capsys.readouterr().out
     assert bench.RUNNER_DEFAULT_ON["compile"] == ("cuda",)  # opt-in on CPU: compiling alone takes ~40 s per shape
+
+
+def test_out_checked_before_the_work(tmp_path, capsys):
+    (tmp_path / "existing").mkdir()
+    code = bench.main(["--quick", "--out", str(tmp_path / "existing")])
+    captured = capsys.readouterr()
+    assert code == 2 and "existing folder" in captured.err and "images/s" not in captured.out
+
+
+def test_runtime_runners_run_on_both_exports(tmp_path, capsys):
+    """ONNX Runtime and OpenVINO on our export and on transformers' own: real sessions, logits checked finite."""
+    pytest.importorskip("onnxruntime", reason="the ort runners need onnxruntime (the test extra installs it)")
+    pytest.importorskip("openvino", reason="the openvino runners need openvino (the test extra installs it)")
+    pytest.importorskip("onnx", reason="our export writes ONNX with the onnx package")
+    out = tmp_path / "runtimes.json"
+    runners = ["ort-ours", "openvino-ours"]
+    if HAS_TRANSFORMERS:
+        runners += ["ort-transformers", "openvino-transformers"]
+    assert bench.main(["--quick", "--out", str(out), "--runners", "engine", *runners]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["runner"] for row in rows] == ["engine", *runners]
+    for row in rows:
+        assert row["status"] == "ok" and row["output_finite"] is True, row

@@ -356,15 +356,12 @@ def test_segment_out_naming_a_file_is_refused_first(tmp_path, capsys):
     assert (tmp_path / "taken").read_text() == "a file"
 
 
-def test_eval_and_bench_out_checked_before_the_work(tmp_path, capsys):
+def test_eval_out_checked_before_the_work(tmp_path, capsys):
     (tmp_path / "existing").mkdir()
     code = main(["eval", "--model", str(tmp_path / "no-such-ckpt"), "--data", str(tmp_path / "no-data"),
                  "--format", "ade20k", "--out", str(tmp_path / "existing")])
     err = capsys.readouterr().err
     assert code == 2 and "existing folder" in err and "no-such-ckpt" not in err and "no-data" not in err
-    code = main(["bench", "--quick", "--out", str(tmp_path / "existing")])
-    captured = capsys.readouterr()
-    assert code == 2 and "existing folder" in captured.err and "images/s" not in captured.out
 
 
 def test_slide_mode_shows_window_progress_and_auto_says_what_it_chose(checkpoint, tmp_path, capsys):
@@ -395,7 +392,7 @@ def test_auto_fallback_is_announced(checkpoint, image_folder, tmp_path, capsys, 
 
 def test_help_is_plain_text_and_version_is_shown(capsys):
     parser_texts = []
-    for command in ([], ["segment"], ["eval"], ["info"], ["init"], ["bench"]):
+    for command in ([], ["segment"], ["eval"], ["info"], ["init"], ["export"]):
         with pytest.raises(SystemExit) as exit_info:
             main([*command, "--help"])
         assert exit_info.value.code == 0
