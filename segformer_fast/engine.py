@@ -258,8 +258,9 @@ def optimize(model, *, dtype=None, kernels="auto", cuda_graphs=True, verify=True
     read, never modified; a model in train() mode is neither run in train mode nor switched to eval: the engine and
     its verification use an eval-mode copy, so BatchNorm statistics and the training flag stay as they were).
     NaN or Inf in the model's weights raise ValueError naming the tensors. dtype: the compute dtype (default: the
-    model's, for transformers models too; an fp32 engine runs without TF32, see the module docstring). kernels: "auto" (Triton on CUDA, torch
-    ops on CPU), "triton" (also on CPU tensors under TRITON_INTERPRET=1), "torch", or "eager" (debugging).
+    model's, for transformers models too; an fp32 engine runs without TF32, see the module docstring).
+    kernels: "auto" (Triton on CUDA, torch ops on CPU), "triton" (also on CPU tensors under TRITON_INTERPRET=1),
+    "torch", or "eager" (debugging).
     cuda_graphs: replay a CUDA graph per (batch, H, W, dtype), at most ``graph_cache_size`` kept (LRU).
     verify: check the engine against the reference on a random input now (raises VerificationError).
     """
