@@ -86,7 +86,7 @@ def linear(x, weight, bias, residual=None, out=None):
         HAS_RESIDUAL=residual is not None,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=8,
         UPCAST=upcast_dot(x.dtype),
-        num_warps=4, num_stages=3,
+        num_warps=8 if x.dtype == torch.float32 else 4, num_stages=3,
     )
     return y
 

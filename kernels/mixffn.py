@@ -12,6 +12,7 @@ All accumulation in fp32; the GELU output is rounded to the activation dtype bef
 references (``dwconv_gelu_ref``, ``mixffn_ref``) are ``segformer_fast.torch_ops``'s ops in the reference dtype.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -96,7 +97,9 @@ def mixffn_fc2(h, H, W, dw_weight, dw_bias, fc2_weight, fc2_bias, residual=None,
     y = check_out(out, (B, N, C), h)
     M = B * N
     if M and C:
-        BLOCK_M, BLOCK_K = 64, 32
+        # fp32 dots run on FMA units with the operands in registers: half the rows keeps them from spilling
+        BLOCK_M = 32 if h.dtype == torch.float32 else 64
+        BLOCK_K = 32
         BLOCK_N = max(16, min(256, triton.next_power_of_2(C)))
         _mixffn_fc2_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_N))](
             h, dw_weight, dw_bias, fc2_weight, fc2_bias, residual if residual is not None else y, y,

@@ -19,7 +19,9 @@ Kernels:
    an online softmax over the short KV in fp32 (the N x Nkv score matrix never exists), and, when C <= 256 (B0's
    32/64/160/256 and B1-B5's 64/128), the output projection + bias + residual in the epilogue, accumulated over
    heads in registers. For C > 256 (B1-B5's 320 and 512) the kernel writes the concatenated head outputs and a
-   separate ``linear`` launch does the output projection + bias + residual.
+   separate ``linear`` launch does the output projection + bias + residual. fp32 has its own tiles (fp32 dots
+   run on FMA units, operands in registers): BLOCK_M 32 (16 for 64-wide heads), BLOCK_N <= 32, 8 warps, and the
+   fused output projection only up to C = 64 with 64-wide heads; no fp32 configuration spills on sm_90.
 
 Constraints: head_dim d = C / num_heads a power of two in [16, 128] (SegFormer: 32 for B0, 64 for B1-B5);
 R > 1 needs H >= R and W >= R (at least one reduced token), and C <= 512 for the fused KV kernel.
@@ -242,11 +244,14 @@ def flash_sr_attention(x_norm, kv, params, residual=None, out=None):
     y = check_out(out, (B, N, C), x_norm)
     if B == 0 or N == 0:
         return y
-    fuse_out = C <= MAX_FUSED_OUT_CHANNELS
+    fp32 = x_norm.dtype == torch.float32
+    # fp32 dots run on FMA units with the operands in registers: smaller query tiles keep them from spilling, and
+    # with 64-wide heads the fused output projection only fits up to C = 64
+    fuse_out = C <= (64 if fp32 and params.head_dim > 32 else MAX_FUSED_OUT_CHANNELS)
     attn = y if fuse_out else torch.empty_like(y)
     C_PAD = triton.next_power_of_2(C)
-    BLOCK_M = 64
-    BLOCK_N = max(16, min(64, triton.next_power_of_2(NKV)))
+    BLOCK_M = (16 if params.head_dim > 32 else 32) if fp32 else 64
+    BLOCK_N = max(16, min(32 if fp32 else 64, triton.next_power_of_2(NKV)))
     _flash_sr_attention_kernel[(triton.cdiv(N, BLOCK_M), B)](
         x_norm, params.q_weight, params.q_bias, kv, params.o_weight, params.o_bias,
         residual if residual is not None else x_norm, attn,
@@ -254,7 +259,7 @@ def flash_sr_attention(x_norm, kv, params, residual=None, out=None):
         C=C, NUM_HEADS=params.num_heads, HEAD_DIM=params.head_dim, C_PAD=C_PAD,
         FUSE_OUT=fuse_out, HAS_RESIDUAL=residual is not None,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=32, UPCAST=upcast_dot(x_norm.dtype),
-        num_warps=8 if fuse_out and C_PAD >= 256 else 4, num_stages=2,
+        num_warps=8 if fp32 or (fuse_out and C_PAD >= 256) else 4, num_stages=2,
     )
     if not fuse_out:
         linear(attn, params.o_weight, params.o_bias, residual=residual, out=y)

@@ -17,8 +17,16 @@ SegFormer's forward pass, each step run by the ops object of the backend chosen 
 The engine is checked against the reference when it is built (``verify=True``): a random input runs through both
 and the build fails with :class:`VerificationError`, giving the measured error and the tolerance, if they differ
 beyond the tolerance rule of docs/DESIGN.md section 5.
+
+fp32 means IEEE fp32 on both sides: the ground truth in ``verify`` runs with TensorFloat-32 off (``testing.no_tf32``),
+and so does an fp32 engine on CUDA (its cuDNN patch-embed convolutions and cuBLAS decoder projections; the Triton
+kernels never use TF32 for fp32), so it passes the fp32 tolerance honestly. Users who want TF32 speed should ask
+for ``dtype=torch.float16`` or ``torch.bfloat16``, which are faster still and have their own tolerance.
+
+The source model is only read: never run in train mode, its weights and BatchNorm statistics never changed.
 """
 
+import contextlib
 import os
 import warnings
 
@@ -27,14 +35,14 @@ import torch.nn.functional as F
 
 from . import ops
 from .backends import EagerOps, TorchOps
-from .checkpoints import is_transformers_segformer
+from .checkpoints import check_finite, is_transformers_segformer
 from .decoder_fold import FoldedDecodeHead, fold_decode_head
 from .graph_cache import CUDAGraphCache
 from .inference import segment_images
 from .model import Segformer, check_pixel_values
 from .prepared import StageParams, prepare_stages
 from .runtime import COMPUTE_DTYPES
-from .testing import max_abs_error, tolerance
+from .testing import max_abs_error, no_tf32, tolerance
 
 KERNEL_CHOICES = ("auto", "triton", "torch", "eager")
 
@@ -79,10 +87,15 @@ class SegformerEngine:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
         if is_transformers_segformer(model):
             self._transformers_output = True
-            reference = Segformer.from_transformers(model)
+            check_finite(model.state_dict(), f"optimize({type(model).__name__})")
+            source_dtype = next(model.parameters()).dtype
+            reference = Segformer.from_transformers(model)  # fp32, eval mode, a copy
         elif isinstance(model, Segformer):
             self._transformers_output = False
-            reference = model
+            check_finite(model.state_dict(), "optimize(Segformer)")
+            source_dtype = model.dtype
+            # a model left in train() mode is never run as it is (BatchNorm would update its statistics)
+            reference = _copy_to(model, model.dtype) if any(m.training for m in model.modules()) else model
         else:
             raise TypeError(
                 "optimize() takes a segformer_fast.Segformer or a transformers SegformerForSemanticSegmentation, "
@@ -90,7 +103,7 @@ class SegformerEngine:
             )
         self.config = reference.config
         self.device = reference.device
-        self.dtype = dtype if dtype is not None else reference.dtype
+        self.dtype = dtype if dtype is not None else source_dtype
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {self.dtype}")
         if kernels == "auto":
@@ -145,7 +158,14 @@ class SegformerEngine:
         if batch == 0:
             return pixel_values.new_empty(0, self.config.num_labels, -(-height // 4), -(-width // 4))
         pixel_values = pixel_values.contiguous()
-        return self.graph_cache(pixel_values) if self.use_cuda_graphs else self._forward(pixel_values)
+        with self._precision_scope():
+            return self.graph_cache(pixel_values) if self.use_cuda_graphs else self._forward(pixel_values)
+
+    def _precision_scope(self):
+        """TF32 off around an fp32 CUDA forward (and so in its captured graphs): fp32 means IEEE fp32."""
+        if self.dtype == torch.float32 and self.device.type == "cuda":
+            return no_tf32()
+        return contextlib.nullcontext()
 
     def __call__(self, pixel_values=None, **kwargs):
         if pixel_values is None:
@@ -195,17 +215,21 @@ class SegformerEngine:
     def verify(self, reference: Segformer, height: int = 67, width: int = 91, batch: int = 2, seed: int = 0):
         """Run a random input through the engine and the reference; raise VerificationError beyond tolerance.
 
-        The reference runs in fp32 (the ground truth) and, for fp16/bf16 engines, also in the engine's dtype (the
-        eager error the rule allows twice of). Returns a dict with the measured error and the tolerance.
+        The reference runs in fp32 with TF32 off (the ground truth) and, for fp16/bf16 engines, also in the engine's
+        dtype (the eager error the rule allows twice of), always in eval mode (a copy when ``reference`` is in train
+        mode). Returns a dict with the measured error and the tolerance.
         """
         generator = torch.Generator().manual_seed(seed)
         pixels = torch.randn(batch, 3, height, width, generator=generator).to(self.device)
-        reference_fp32 = reference if reference.dtype == torch.float32 else _copy_to(reference, torch.float32)
-        expected = reference_fp32(pixels).float()
+        in_eval_mode = not any(m.training for m in reference.modules())
+        reference_fp32 = reference if reference.dtype == torch.float32 and in_eval_mode else _copy_to(
+            reference, torch.float32)
         eager_error = 0.0
-        if self.dtype != torch.float32:
-            eager = _copy_to(reference, self.dtype)(pixels.to(self.dtype)).float()
-            eager_error = max_abs_error(eager, expected)
+        with no_tf32():
+            expected = reference_fp32(pixels).float()
+            if self.dtype != torch.float32:
+                eager = _copy_to(reference, self.dtype)(pixels.to(self.dtype)).float()
+                eager_error = max_abs_error(eager, expected)
         got = self.logits(pixels).float()
         error = max_abs_error(got, expected)
         allowed = tolerance(expected, self.dtype, eager_error)
@@ -221,6 +245,7 @@ class SegformerEngine:
 
 
 def _copy_to(reference: Segformer, dtype: torch.dtype) -> Segformer:
+    """An eval-mode copy of ``reference`` in ``dtype`` on its device (the caller's model is never run or changed)."""
     copy = Segformer(reference.config).to(reference.device)
     copy.load_state_dict(reference.state_dict())
     return copy.to(dtype).eval()
@@ -230,8 +255,12 @@ def optimize(model, *, dtype=None, kernels="auto", cuda_graphs=True, verify=True
     """The fastest correct SegFormer for ``model``'s device: a :class:`SegformerEngine`.
 
     model: a ``segformer_fast.Segformer`` or a transformers ``SegformerForSemanticSegmentation`` (its weights are
-    read, never modified). dtype: the compute dtype (default: the model's). kernels: "auto" (Triton on CUDA, torch
-    ops on CPU), "triton" (also on CPU tensors under TRITON_INTERPRET=1), "torch", or "eager" (debugging).
+    read, never modified; a model in train() mode is neither run in train mode nor switched to eval: the engine and
+    its verification use an eval-mode copy, so BatchNorm statistics and the training flag stay as they were).
+    NaN or Inf in the model's weights raise ValueError naming the tensors. dtype: the compute dtype (default: the
+    model's, for transformers models too; an fp32 engine runs without TF32, see the module docstring).
+    kernels: "auto" (Triton on CUDA, torch ops on CPU), "triton" (also on CPU tensors under TRITON_INTERPRET=1),
+    "torch", or "eager" (debugging).
     cuda_graphs: replay a CUDA graph per (batch, H, W, dtype), at most ``graph_cache_size`` kept (LRU).
     verify: check the engine against the reference on a random input now (raises VerificationError).
     """

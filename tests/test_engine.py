@@ -112,6 +112,78 @@ def test_verify_catches_corrupted_prepared_weight():
         engine.verify(model)
 
 
+def test_verify_runs_the_reference_without_tf32_and_restores_the_flags():
+    model = Segformer.from_config("b0", num_labels=4, seed=1)
+    saved = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    seen = []
+    hook = model.register_forward_hook(
+        lambda module, args, output: seen.append((torch.backends.cudnn.allow_tf32,
+                                                  torch.get_float32_matmul_precision())))
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        optimize(model)
+        assert seen == [(False, "highest")], "verify ran the reference with TF32 allowed"
+        assert (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()) == (True, "high")
+    finally:
+        hook.remove()
+        torch.backends.cudnn.allow_tf32 = saved[0]
+        torch.set_float32_matmul_precision(saved[1])
+
+
+def test_optimize_never_runs_or_changes_a_model_in_train_mode():
+    model = Segformer.from_config("b0", num_labels=5, seed=4).train()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, output: calls.append(module.training))
+    engine = optimize(model)  # verify=True: passes against an eval-mode copy
+    hook.remove()
+    assert calls == [], "optimize() ran the caller's model"
+    assert all(module.training for module in model.modules()), "optimize() changed the caller's training flag"
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before), "BatchNorm statistics or weights changed"
+    assert engine.last_verification["max_abs_error"] <= engine.last_verification["tolerance"]
+    engine.verify(model)  # a train-mode reference handed to verify directly is copied too
+    assert all(module.training for module in model.modules())
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    pixels = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(2))
+    expected = model.eval()(pixels).detach()
+    assert_relative_close(engine(pixels), expected, 1e-5, "engine of a train-mode model vs eval reference")
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_optimize_rejects_non_finite_weights_naming_them(bad_value):
+    model = Segformer.from_config("b0", num_labels=4, seed=1)
+    with torch.no_grad():
+        model.stages[1].blocks[0].attn.q.weight[0, 0] = bad_value
+        model.decode_head.classifier.bias[2] = bad_value
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN or Inf\) in 2 tensors: "
+                                         r"stages\.1\.blocks\.0\.attn\.q\.weight, decode_head\.classifier\.bias"):
+        optimize(model)
+
+
+def test_optimize_rejects_non_finite_transformers_weights():
+    pytest.importorskip("transformers")
+    hf_model = random_transformers_model("b0", num_labels=3, seed=2)
+    with torch.no_grad():
+        hf_model.decode_head.classifier.weight[1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values .* 1 tensors: decode_head\.classifier\.weight"):
+        optimize(hf_model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_optimize_transformers_model_defaults_to_its_dtype(dtype):
+    pytest.importorskip("transformers")
+    hf_model = random_transformers_model("b0", num_labels=6, seed=5).to(dtype)
+    engine = optimize(hf_model, kernels="eager")
+    assert engine.dtype == dtype
+    assert all(tensor.dtype == dtype for tensor in engine.decoder.__dict__.values() if torch.is_tensor(tensor))
+    pixels = torch.randn(1, 3, 48, 40, generator=torch.Generator().manual_seed(7))
+    assert engine(pixel_values=pixels).logits.dtype == dtype
+    assert optimize(hf_model, dtype=torch.float32).dtype == torch.float32  # an explicit dtype still wins
+    assert next(hf_model.parameters()).dtype == dtype
+
+
 def test_optimize_rejects_bad_arguments(monkeypatch):
     model = Segformer.from_config("b0", num_labels=4, seed=1)
     with pytest.raises(ValueError, match="kernels must be one of"):
@@ -212,22 +284,3 @@ def test_cuda_graph_replay_equals_plain_launch_and_recaptures():
         pixels = torch.randn(shape, device="cuda")
         assert torch.equal(graphed(pixels), plain(pixels))
     assert len(graphed.graph_cache.graphs) == 2
-
-
-def test_graph_cache_remembers_failed_captures_and_evicts_lru(monkeypatch):
-    """The CUDA-graph cache logic, on CPU: a shape whose capture failed is not captured again, and the cache keeps
-    at most graph_cache_size shapes (least recently used evicted)."""
-    model = Segformer.from_config("b0", num_labels=3, seed=1)
-    engine = optimize(model, verify=False, graph_cache_size=2)
-    engine.use_cuda_graphs = True
-    captured = []
-    monkeypatch.setattr(engine.graph_cache, "capture", lambda pixels: captured.append(tuple(pixels.shape)))
-    shapes = [(1, 3, 32, 32), (1, 3, 32, 32), (1, 3, 40, 32), (1, 3, 48, 32), (1, 3, 32, 32)]
-    for shape in shapes:
-        pixels = torch.randn(shape)
-        with torch.no_grad():
-            assert_relative_close(engine(pixels), model(pixels), 1e-5, f"plain launches for {shape}")
-    # 32x32 captured once, then evicted by 40 and 48 (cache of 2), so captured again at the end
-    assert captured == [(1, 3, 32, 32), (1, 3, 40, 32), (1, 3, 48, 32), (1, 3, 32, 32)]
-    assert list(engine.graph_cache.graphs) == [((1, 3, 48, 32), torch.float32, torch.device("cpu")),
-                                    ((1, 3, 32, 32), torch.float32, torch.device("cpu"))]

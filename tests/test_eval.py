@@ -7,8 +7,6 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from PIL import Image
 
 from segformer_fast.cli import add_eval_arguments, cmd_eval, resize_from_args
@@ -17,6 +15,10 @@ from segformer_fast.evaluation import compare, evaluate, write_report
 from segformer_fast.metrics import CITYSCAPES_LABEL_TO_TRAIN_ID, MetricAccumulator, reduce_zero_label
 from segformer_fast.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES
 from segformer_fast.predictors import make_predictor
+
+pytest.importorskip("hypothesis", reason="the property tests need hypothesis (pip install -e .[test])")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ known metrics
 

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from PIL import Image
 
 from segformer_fast.palettes import (
@@ -22,6 +20,10 @@ from segformer_fast.palettes import (
     palette_for,
 )
 from segformer_fast.processing import IMAGENET_MEAN, IMAGENET_STD, output_size, postprocess, preprocess
+
+pytest.importorskip("hypothesis", reason="the property tests need hypothesis (pip install -e .[test])")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 

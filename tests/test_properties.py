@@ -12,8 +12,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, note, settings
-from hypothesis import strategies as st
 
 from segformer_fast import ops
 from segformer_fast.engine import optimize
@@ -21,6 +19,10 @@ from segformer_fast.model import Segformer
 from segformer_fast.testing import assert_within_tolerance, max_abs_error, poison_
 
 from helpers import counting_calls
+
+pytest.importorskip("hypothesis", reason="the property tests need hypothesis (pip install -e .[test])")
+from hypothesis import HealthCheck, given, note, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 #: Every embed dim of the variants (B0: 32/64/160/256, B1-B5: 64/128/320/512).

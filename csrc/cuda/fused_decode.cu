@@ -26,6 +26,8 @@ constexpr int SIMT_PIXELS = 32;
 constexpr int SIMT_LD = SIMT_PIXELS + 1;
 constexpr int SIMT_LABELS_PER_THREAD = 4;
 
+// Passed to the kernels as a __grid_constant__ parameter: indexed with a runtime stage, a plain by-value struct
+// would be copied to local memory (96 bytes of stack per thread on sm_90); this way it is read in place.
 struct Maps {
   const void* data[4];
   int height[4];
@@ -115,8 +117,9 @@ __host__ __device__ TensorCoreLayout tensor_core_layout(int dim) {
 // pixel rows 16 * (w % 4) and label columns 32 * (w / 4) of each 64 x 64 output tile.
 template <typename T>
 __global__ void __launch_bounds__(THREADS)
-    fused_decode_tensor_core_kernel(Maps maps, const T* __restrict__ bias, const T* __restrict__ cls_weight,
-                                    const T* __restrict__ cls_bias, T* __restrict__ logits, int dim, int num_labels) {
+    fused_decode_tensor_core_kernel(const __grid_constant__ Maps maps, const T* __restrict__ bias,
+                                    const T* __restrict__ cls_weight, const T* __restrict__ cls_bias,
+                                    T* __restrict__ logits, int dim, int num_labels) {
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smem[];
   const TensorCoreLayout layout = tensor_core_layout<T>(dim);
@@ -189,8 +192,9 @@ size_t simt_shared_bytes(int dim) { return sizeof(float) * dim * SIMT_LD + sizeo
 // fp32: hidden tile stored [d][pixel] (padded), lane = pixel, each warp runs 4 labels at a time; W_cls reads are
 // warp-uniform (broadcast through the cache).
 __global__ void __launch_bounds__(THREADS)
-    fused_decode_simt_kernel(Maps maps, const float* __restrict__ bias, const float* __restrict__ cls_weight,
-                             const float* __restrict__ cls_bias, float* __restrict__ logits, int dim, int num_labels) {
+    fused_decode_simt_kernel(const __grid_constant__ Maps maps, const float* __restrict__ bias,
+                             const float* __restrict__ cls_weight, const float* __restrict__ cls_bias,
+                             float* __restrict__ logits, int dim, int num_labels) {
   extern __shared__ __align__(128) unsigned char smem[];
   float* hidden = reinterpret_cast<float*>(smem);
   PixelTaps* taps = reinterpret_cast<PixelTaps*>(smem + sizeof(float) * dim * SIMT_LD);

@@ -6,13 +6,16 @@ are marked ``@pytest.mark.cuda`` and skipped without a GPU (the interpreter woul
 
 ``record_launches`` + ``compile_for_sm90`` let a CPU-only run prove that every kernel configuration the
 launchers pick also compiles for an H100/H200 (sm_90): the launches are recorded (not executed) in the
-interpreter, then compiled by the real Triton compiler in a subprocess (no GPU needed to compile).
+interpreter, then compiled by the real Triton compiler in a subprocess (no GPU needed to compile). Each compiled
+kernel's PTX also goes through ptxas -v (Triton's own ptxas) for its register spills: a spill fails the test for
+fp16/bf16 kernels and is reported (a warning listing each kernel and its bytes) for fp32 ones.
 """
 
 import json
 import os
 import subprocess
 import sys
+import warnings
 import zlib
 
 import torch
@@ -94,7 +97,8 @@ def record_launches(monkeypatch):
             value = values[name]
             if param.annotation is tl.constexpr:
                 signature[name] = "constexpr"
-                constexprs[name] = value
+                # UPCAST is the interpreter's bf16 workaround; on a GPU it is always False
+                constexprs[name] = False if name == "UPCAST" else value
             elif isinstance(value, torch.Tensor):
                 dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[value.dtype]
                 signature[name] = "*" + dtype_name
@@ -117,7 +121,26 @@ def record_launches(monkeypatch):
 
 
 _COMPILE_SCRIPT = r"""
-import concurrent.futures, importlib, json, os, sys
+import concurrent.futures, importlib, json, os, re, subprocess, sys, tempfile
+
+def ptxas_path():
+    from triton.backends.nvidia import compiler
+    try:
+        return compiler.get_ptxas(90).path  # Triton >= 3.7 picks ptxas per architecture
+    except TypeError:
+        return compiler.get_ptxas().path
+
+def spills(ptx):
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as handle:
+            handle.write(ptx)
+        proc = subprocess.run([ptxas_path(), "-v", "--gpu-name=sm_90a", source, "-o", source + ".o"],
+                              capture_output=True, text=True, check=True)
+    report = proc.stdout + proc.stderr
+    stores, loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report).groups())
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    return {"spill_stores": stores, "spill_loads": loads, "registers": registers}
 
 def build(spec):
     from triton.backends.compiler import GPUTarget
@@ -126,7 +149,7 @@ def build(spec):
     attrs = {(i,): [["tt.divisibility", 16]] for i in spec["divisible"]}
     kernel = compile(ASTSource(fn, spec["signature"], spec["constexprs"], attrs), target=GPUTarget("cuda", 90, 32),
                      options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
-    return {"name": spec["name"], "shared": kernel.metadata.shared}
+    return {"name": spec["name"], "shared": kernel.metadata.shared, **spills(kernel.asm["ptx"])}
 
 if __name__ == "__main__":
     specs = json.load(sys.stdin)
@@ -144,8 +167,20 @@ def compile_for_sm90(tmp_path):
     return lambda launches: _compile_for_sm90(launches, tmp_path)
 
 
+def _launch_dtype(spec) -> str:
+    """The activation dtype of a recorded launch: fp16 / bf16 when any pointer has it, else fp32."""
+    pointers = {kind[1:] for kind in spec["signature"].values() if kind.startswith("*")}
+    return next((name for name in ("fp16", "bf16") if name in pointers), "fp32")
+
+
+def _describe(spec) -> str:
+    constexprs = {k: v for k, v in spec["constexprs"].items() if k != "UPCAST"}
+    return f"{spec['name']} {_launch_dtype(spec)} {constexprs} num_warps={spec['num_warps']}"
+
+
 def _compile_for_sm90(launches, tmp_dir):
-    """Compile each recorded launch for sm_90 in a subprocess without the interpreter; check shared memory."""
+    """Compile each recorded launch for sm_90 in a subprocess without the interpreter; check shared memory and
+    spills (none allowed in fp16/bf16; fp32 spills reported as a warning). Returns the per-launch results."""
     unique = {json.dumps(spec, sort_keys=True): spec for spec in launches}
     assert unique, "no kernel launch was recorded"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -157,9 +192,16 @@ def _compile_for_sm90(launches, tmp_dir):
     if proc.returncode:
         pytest.fail(f"sm_90 compile failed:\n{proc.stderr[-4000:]}")
     results = json.loads(proc.stdout.strip().splitlines()[-1])
+    fp32_spills, low_precision_spills = [], []
     for spec, result in zip(unique.values(), results):
         assert result["shared"] <= SM90_MAX_SHARED, (
-            f"{spec['name']} {spec['constexprs']}: {result['shared']} bytes of shared memory, "
-            f"sm_90 allows {SM90_MAX_SHARED}"
+            f"{_describe(spec)}: {result['shared']} bytes of shared memory, sm_90 allows {SM90_MAX_SHARED}"
         )
+        spilled = f"{_describe(spec)}: {result['spill_stores']} bytes spill stores / {result['spill_loads']} loads " \
+                  f"per thread ({result['registers']} registers)"
+        if result["spill_stores"] or result["spill_loads"]:
+            (fp32_spills if _launch_dtype(spec) == "fp32" else low_precision_spills).append(spilled)
+    assert not low_precision_spills, "fp16/bf16 kernels spill registers on sm_90:\n" + "\n".join(low_precision_spills)
+    if fp32_spills:
+        warnings.warn("fp32 kernels spill registers on sm_90:\n" + "\n".join(fp32_spills), stacklevel=2)
     return results

@@ -92,7 +92,7 @@ def test_layer_norm_input_checks(randn, device, other_device):
 
 def test_layer_norm_compiles_for_sm90(record_launches, compile_for_sm90, device):
     for C in WIDTHS:
-        for dtype in (torch.float32, torch.float16):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
             x = torch.empty(1, 4, C, dtype=dtype)
             w = torch.empty(C, dtype=dtype)
             layer_norm(x, w, w, 1e-6)

@@ -42,7 +42,7 @@ def test_linear_input_checks(randn, device, other_device):
 
 
 def test_linear_compiles_for_sm90(record_launches, compile_for_sm90, device):
-    for dtype in (torch.float32, torch.float16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for K, N in ((32, 128), (512, 2048), (2048, 512)):
             x = torch.empty(8, K, dtype=dtype)
             residual = torch.empty(8, N, dtype=dtype)

@@ -96,7 +96,7 @@ def test_mixffn_input_checks(randn, device, other_device):
 
 def test_mixffn_compiles_for_sm90(record_launches, compile_for_sm90, device):
     for C in WIDTHS:
-        for dtype in (torch.float16, torch.float32) if C >= 256 else (torch.float16,):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
             params = prepare_mixffn_params(torch.empty(4 * C, C), torch.empty(4 * C), torch.empty(4 * C, 1, 3, 3),
                                            torch.empty(4 * C), torch.empty(C, 4 * C), torch.empty(C), dtype=dtype)
             x = torch.empty(1, 64, C, dtype=dtype)
