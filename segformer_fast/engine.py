@@ -134,11 +134,8 @@ class SegformerEngine:
         image = pixel_values
         features = []
         for stage in self.stages:
-            # overlapping patch embedding: strided conv, then LayerNorm of the tokens
-            embedded = F.conv2d(image, stage.patch_weight, stage.patch_bias, stride=stage.stride,
-                                padding=stage.padding)
-            batch, channels, height, width = embedded.shape
-            tokens = self.ops.patch_embed_norm(embedded, stage.patch_norm)
+            tokens, height, width = self._patch_embed(image, stage)
+            batch, _, channels = tokens.shape
             for block in stage.blocks:
                 tokens = self.ops.attention(self.ops.layer_norm(tokens, block.norm1), tokens, height, width, block.attn)
                 tokens = self.ops.mixffn(self.ops.layer_norm(tokens, block.norm2), tokens, height, width, block.mlp)
@@ -149,6 +146,13 @@ class SegformerEngine:
             features.append(image)
         # folded All-MLP head: per-stage projections at their own resolution, then upsample-sum-ReLU-classifier
         return self.ops.decode(features, self.decoder)
+
+    def _patch_embed(self, image: torch.Tensor, stage: StageParams) -> tuple:
+        """Overlapping patch embedding: strided conv, then LayerNorm of the tokens: (tokens (B, h*w, C), h, w).
+
+        A method of its own so that the conv output is freed on return, not kept through the stage's blocks."""
+        embedded = F.conv2d(image, stage.patch_weight, stage.patch_bias, stride=stage.stride, padding=stage.padding)
+        return self.ops.patch_embed_norm(embedded, stage.patch_norm), embedded.shape[2], embedded.shape[3]
 
     @torch.no_grad()
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
