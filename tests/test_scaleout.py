@@ -14,7 +14,10 @@ from test_eval import make_ade20k
 
 from segformer_fast import Segformer
 from segformer_fast.cli import main
+from segformer_fast.datasets import open_dataset
+from segformer_fast.evaluation import evaluate
 from segformer_fast.fileio import find_images
+from segformer_fast.predictors import make_predictor
 from segformer_fast.ray_segment import RaySegmentPredictor, evaluate_with_ray, pool_arguments, segment_with_ray
 from segformer_fast.scaleout import MANIFEST_NAME, SegmentSettings, read_manifest
 
@@ -177,8 +180,6 @@ def test_ray_eval_equals_single_process(ray_session, checkpoint, ade_dataset, tm
 
 
 def test_ray_eval_function_matches_counts(ray_session, checkpoint, ade_dataset):
-    from segformer_fast.evaluation import evaluate, make_predictor, open_dataset
-
     dataset = open_dataset("ade20k", ade_dataset)
     model = Segformer.from_pretrained(checkpoint)
     expected = evaluate(make_predictor(model, "reference", resize={"size": (64, 64)}), dataset, progress=False)
