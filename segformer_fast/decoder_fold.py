@@ -96,7 +96,8 @@ def project_features(features, folded: FoldedDecodeHead) -> list:
     """P_i = F_i W'_i^T at each stage's own resolution.
 
     features: four (B, C_i, h_i, w_i) maps -> four channels-last (B, h_i, w_i, D) contiguous maps, the layout
-    :func:`segformer_fast.ops.fused_decode` takes. One batched GEMM per stage, no copy of the features.
+    :func:`segformer_fast.ops.fused_decode` takes. One GEMM per stage, over every token of the batch (no copy of
+    channels-last features, the engine's layout).
     """
     projected = []
     for feature, weight in zip(features, folded.weights):
@@ -104,7 +105,8 @@ def project_features(features, folded: FoldedDecodeHead) -> list:
         if weight.shape[1] != channels:
             raise ValueError(f"stage feature has {channels} channels but the folded weight expects {weight.shape[1]}")
         tokens = feature.reshape(batch, channels, height * width).transpose(1, 2)
-        out = torch.matmul(tokens, weight.t()) if batch == 1 else torch.bmm(tokens, weight.t().expand(batch, -1, -1))
+        # one GEMM over all B*N tokens: a view for the engine's channels-last features (bmm per image was slower)
+        out = torch.matmul(tokens, weight.t())
         projected.append(out.reshape(batch, height, width, weight.shape[0]))
     return projected
 
