@@ -285,11 +285,11 @@ def test_scripts_run_from_anywhere_without_path_patches(tmp_path):
 
 def test_saved_cpu_results_render_the_readme_table(capsys):
     """The README's CPU table is make_table.py's rendering of the saved results file, line for line."""
-    source = ROOT / "benchmarks" / "results" / "cpu-amd-epyc-2026-11-21.json"
+    source = ROOT / "benchmarks" / "results" / "cpu-amd-epyc-2026-11-30.json"
     assert make_table.main([str(source)]) == 0
     rendered = [line for line in capsys.readouterr().out.splitlines() if line]
     readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
-    assert len(rendered) == 15  # caption, header, separator and 12 rows
+    assert len(rendered) == 31  # caption, header, separator and 28 rows
     start = readme.index(rendered[0])
     assert readme[start + 2:start + 2 + len(rendered) - 1] == rendered[1:]
 
