@@ -9,8 +9,8 @@ channels-last tokens (B, H*W, C), row-major over the stage grid.
 - ``TritonOps`` (``segformer_fast.triton_backend``, the CUDA default): the fused Triton kernels.
 """
 
-from . import torch_ops
-from .decoder_fold import FoldedDecodeHead, folded_decode, folded_decode_ref
+from . import ops, torch_ops
+from .decoder_fold import FoldedDecodeHead
 from .prepared import MixFFNParams, NormParams, SRAttentionParams
 
 
@@ -35,9 +35,10 @@ class TorchOps:
         """residual + Mix-FFN of the normalized tokens x_norm (B, h*w, C) on an h x w grid."""
         return torch_ops.mixffn(x_norm, height, width, params, residual=residual)
 
-    def decode(self, features, decoder: FoldedDecodeHead):
-        """The folded decode head: four stage maps (B, C_i, h_i, w_i) -> logits (B, K, h_1, w_1)."""
-        return folded_decode(features, decoder)
+    def decode(self, projected, decoder: FoldedDecodeHead):
+        """The folded decode head's tail: the four projected stage maps (B, h_i, w_i, D) -> logits (B, K, h_1, w_1)
+        (bilinear upsampling to the stage-1 grid, sum, folded bias, ReLU, classifier: the extension's fused op)."""
+        return ops.fused_decode(*projected, decoder.bias, decoder.cls_weight, decoder.cls_bias)
 
 
 class EagerOps(TorchOps):
@@ -45,5 +46,5 @@ class EagerOps(TorchOps):
 
     name = "eager"
 
-    def decode(self, features, decoder: FoldedDecodeHead):
-        return folded_decode_ref(features, decoder)
+    def decode(self, projected, decoder: FoldedDecodeHead):
+        return torch_ops.fused_decode(*projected, decoder.bias, decoder.cls_weight, decoder.cls_bias)

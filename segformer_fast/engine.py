@@ -132,20 +132,22 @@ class SegformerEngine:
     def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """SegFormer's forward on the prepared weights: (B, 3, H, W) -> logits (B, K, ceil(H/4), ceil(W/4))."""
         image = pixel_values
-        features = []
-        for stage in self.stages:
+        projected = []
+        for stage, fold_weight in zip(self.stages, self.decoder.weights):
             tokens, height, width = self._patch_embed(image, stage)
             batch, _, channels = tokens.shape
             for block in stage.blocks:
                 tokens = self.ops.attention(self.ops.layer_norm(tokens, block.norm1), tokens, height, width, block.attn)
                 tokens = self.ops.mixffn(self.ops.layer_norm(tokens, block.norm2), tokens, height, width, block.mlp)
             tokens = self.ops.layer_norm(tokens, stage.norm)
-            # channels-last (B, C, h, w) view of the stage output: the next patch-embed conv and the decoder's
-            # projection read it without a copy
+            # the folded head's projection of this stage, P_i = F_i W'_i^T, at the stage's own resolution, as
+            # channels-last (B, h_i, w_i, D): computed now, while the tokens are in cache, so the stage output
+            # need not be kept until the encoder is done
+            projected.append(F.linear(tokens, fold_weight).view(batch, height, width, -1))
+            # channels-last (B, C, h, w) view of the stage output: the next patch-embed conv reads it without a copy
             image = tokens.view(batch, height, width, channels).permute(0, 3, 1, 2)
-            features.append(image)
-        # folded All-MLP head: per-stage projections at their own resolution, then upsample-sum-ReLU-classifier
-        return self.ops.decode(features, self.decoder)
+        # folded All-MLP head: bilinear upsampling of the projections, sum, bias, ReLU, classifier
+        return self.ops.decode(projected, self.decoder)
 
     def _patch_embed(self, image: torch.Tensor, stage: StageParams) -> tuple:
         """Overlapping patch embedding: strided conv, then LayerNorm of the tokens: (tokens (B, h*w, C), h, w).

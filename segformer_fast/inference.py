@@ -475,8 +475,8 @@ def estimate_peak_memory_bytes(
     Weights: the engine's prepared tensors (encoder + folded decoder; the Triton path keeps the SR convolutions
     twice, as a conv weight and in GEMM layout), the reference's parameters and BatchNorm statistics.
 
-    Engine phases (in stage i the earlier stages' outputs B N_j C_j s, j < i, are live: the decoder projects them
-    once the encoder is done):
+    Engine phases (in stage i the earlier stages' decoder projections B N_j D s, j < i, and the previous stage's
+    tokens B N_(i-1) C_(i-1) s are live):
 
     - patch embed: conv output, its contiguous copy, normalized tokens: 3 B N_i C_i s;
     - attention (Triton): block input, LN1 output, kv (2 B Nkv_i C_i s), output (+ one more B N_i C_i s for
@@ -486,7 +486,7 @@ def estimate_peak_memory_bytes(
     - Mix-FFN (Triton): block input, attention output, LN2 output, the 4C-wide fc1 hidden, block output:
       8 B N_i C_i s (dwconv + GELU are fused into fc2's operand load); torch path: the three C-wide tensors plus
       three 4C-wide ones (fc1 hidden, dwconv output, GELU output or its token-major copy): 15 B N_i C_i s;
-    - decoder: the four stage outputs and their projections B N_j (C_j + D) s, and the logits B K N_1 s;
+    - decoder: all four projections B N_j D s, the logits B K N_1 s and the stage-4 tokens;
     - post-processing: logits + int64 labels 8 B H W.
 
     Reference phases (earlier stage outputs B N_j C_j s are kept for the decoder):
@@ -545,7 +545,9 @@ def estimate_peak_memory_bytes(
                    + (params["sr_weights"] if kernels == "triton" else 0)) * s
         for i, c in enumerate(dims):
             n, nkv = batch * tokens[i], batch * reduced[i]
-            live = sum(batch * tokens[j] * dims[j] for j in range(i)) * s
+            live = sum(batch * tokens[j] * decoder for j in range(i)) * s
+            if i:
+                live += batch * tokens[i - 1] * dims[i - 1] * s
             if kernels == "triton":
                 attention = 3 * n * c + 2 * nkv * c + (n * c if c > _MAX_FUSED_OUT_CHANNELS else 0)
                 mixffn = 8 * n * c
@@ -553,7 +555,7 @@ def estimate_peak_memory_bytes(
                 attention = 6 * n * c + 3 * nkv * c
                 mixffn = 15 * n * c
             phases.append(live + s * max(3 * n * c, attention, mixffn, n * (c + decoder)))
-        phases.append(sum(batch * t * (c + decoder) for t, c in zip(tokens, dims)) * s + logits_bytes)
+        phases.append(sum(batch * t * decoder for t in tokens) * s + logits_bytes + batch * tokens[3] * dims[3] * s)
         if labels:
             phases.append(logits_bytes + 8 * pixels)
     else:
