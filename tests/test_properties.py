@@ -9,13 +9,16 @@ run in the CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from segformer_fast import ops
 from segformer_fast.engine import optimize
+from segformer_fast.metrics import MetricAccumulator
 from segformer_fast.model import Segformer
+from segformer_fast.processing import output_size
 from segformer_fast.testing import assert_within_tolerance, max_abs_error, poison_
 
 from helpers import counting_calls
@@ -306,3 +309,61 @@ def test_reference_shape_extremes(H, W):
     assert logits.shape == (1, 5, math.ceil(H / 4), math.ceil(W / 4))
     assert torch.isfinite(logits).all()
     assert_relative(b0_engine(5, 1, "torch")(pixels), logits, 1e-5, f"torch engine {H}x{W}")
+
+
+# ------------------------------------------------------------------ processing sizes and mmseg metrics
+@settings(max_examples=200, deadline=None)
+@given(
+    height=st.integers(1, 5000),
+    width=st.integers(1, 5000),
+    short_side=st.sampled_from([512, 640, 768, 1024]),
+    divisor=st.sampled_from([1, 16, 32]),
+)
+def test_keep_ratio_size_properties(height, width, short_side, divisor):
+    new_h, new_w = output_size(height, width, short_side=short_side, max_long_side=2048, size_divisor=None)
+    scale = min(2048 / max(height, width), short_side / min(height, width))
+    assert new_h == max(1, math.floor(height * scale + 0.5)) and new_w == max(1, math.floor(width * scale + 0.5))
+    assert min(new_h, new_w) <= short_side and max(new_h, new_w) <= 2048
+    assert min(new_h, new_w) == short_side or max(new_h, new_w) == 2048 or min(new_h, new_w) == 1
+    aligned = output_size(height, width, short_side=short_side, max_long_side=2048, size_divisor=divisor)
+    assert aligned[0] % divisor == 0 and aligned[1] % divisor == 0
+    assert 0 <= aligned[0] - new_h < divisor and 0 <= aligned[1] - new_w < divisor
+
+
+def _confusion_metrics(preds, labels, k, ignore=255):
+    """Independent implementation: a k x k confusion matrix (rows: label, columns: prediction) via np.bincount."""
+    conf = np.zeros((k, k), dtype=np.int64)
+    for p, lab in zip(preds, labels):
+        keep = lab.ravel() != ignore
+        conf += np.bincount(lab.ravel()[keep] * k + p.ravel()[keep], minlength=k * k).reshape(k, k)
+    tp = np.diag(conf).astype(float)
+    union = conf.sum(0) + conf.sum(1) - np.diag(conf)
+    iou = [tp[c] / union[c] if union[c] else np.nan for c in range(k)]
+    acc = [tp[c] / conf[c].sum() if conf[c].sum() else np.nan for c in range(k)]
+    return np.array(iou), np.array(acc), tp.sum() / conf.sum()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(1, 12), n=st.integers(1, 4), ignore_frac=st.floats(0, 0.6))
+def test_matches_a_confusion_matrix_implementation(seed, k, n, ignore_frac):
+    rng = np.random.default_rng(seed)
+    preds, labels = [], []
+    for _ in range(n):
+        shape = tuple(rng.integers(1, 20, 2))
+        # labels use only some classes so that empty classes occur
+        used = rng.choice(k, size=rng.integers(1, k + 1), replace=False)
+        labels.append(np.where(rng.random(shape) < ignore_frac, 255, rng.choice(used, shape)).astype(np.uint8))
+        preds.append(rng.integers(0, k, shape))
+    acc = MetricAccumulator(k)
+    for p, lab in zip(preds, labels):
+        acc.update(p, lab)
+    m = acc.compute()
+    iou, cls_acc, a_acc = _confusion_metrics(preds, labels, k)
+    np.testing.assert_allclose(m["IoU"], iou, equal_nan=True)
+    np.testing.assert_allclose(m["Acc"], cls_acc, equal_nan=True)
+    if np.isnan(iou).all():
+        assert math.isnan(m["mIoU"])
+    else:
+        assert m["mIoU"] == pytest.approx(np.nanmean(iou))
+        assert m["mAcc"] == pytest.approx(np.nanmean(cls_acc))
+        assert m["aAcc"] == pytest.approx(a_acc)
