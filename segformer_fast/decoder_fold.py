@@ -93,23 +93,27 @@ def fold_decode_head(head, dtype: torch.dtype = torch.float32, device=None) -> F
     return FoldedDecodeHead(tuple(weights), bias, cls_weight, cls_bias).to(device=device, dtype=dtype)
 
 
+def project_stage(tokens, weight, batch: int, height: int, width: int):
+    """One stage's P_i = F_i W'_i^T: tokens (B, h*w, C_i) or (B*h*w, C_i) -> channels-last (B, h, w, D), one
+    GEMM over the whole batch."""
+    return F.linear(tokens, weight).view(batch, height, width, weight.shape[0])
+
+
 def project_features(features, folded: FoldedDecodeHead) -> list:
     """P_i = F_i W'_i^T at each stage's own resolution.
 
     features: four (B, C_i, h_i, w_i) maps -> four channels-last (B, h_i, w_i, D) contiguous maps, the layout
-    :func:`segformer_fast.ops.fused_decode` takes. One GEMM per stage, over every token of the batch (no copy of
-    channels-last features, the engine's layout).
+    :func:`segformer_fast.ops.fused_decode` takes (:func:`project_stage` on each; no copy of channels-last
+    features, the engine's layout).
     """
     projected = []
     for feature, weight in zip(features, folded.weights):
         batch, channels, height, width = feature.shape
         if weight.shape[1] != channels:
             raise ValueError(f"stage feature has {channels} channels but the folded weight expects {weight.shape[1]}")
-        # (B*h*w, C) rows, a view of the engine's channels-last features: one 2-D GEMM over the whole batch (3-D
-        # matmul / linear on the same view took a slower batched path)
+        # (B*h*w, C) rows: 2-D, since 3-D matmul / linear on a batch-1 view took a slower batched path
         rows = feature.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
-        out = F.linear(rows, weight)
-        projected.append(out.reshape(batch, height, width, weight.shape[0]))
+        projected.append(project_stage(rows, weight, batch, height, width))
     return projected
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from . import ops
 from .backends import EagerOps, TorchOps
 from .checkpoints import check_finite, is_transformers_segformer
-from .decoder_fold import FoldedDecodeHead, fold_decode_head
+from .decoder_fold import FoldedDecodeHead, fold_decode_head, project_stage
 from .graph_cache import CUDAGraphCache
 from .inference import segment_images
 from .model import Segformer, check_pixel_values
@@ -143,7 +143,7 @@ class SegformerEngine:
             # the folded head's projection of this stage, P_i = F_i W'_i^T, at the stage's own resolution, as
             # channels-last (B, h_i, w_i, D): computed now, while the tokens are in cache, so the stage output
             # need not be kept until the encoder is done
-            projected.append(F.linear(tokens, fold_weight).view(batch, height, width, -1))
+            projected.append(project_stage(tokens, fold_weight, batch, height, width))
             # channels-last (B, C, h, w) view of the stage output: the next patch-embed conv reads it without a copy
             image = tokens.view(batch, height, width, channels).permute(0, 3, 1, 2)
         # folded All-MLP head: bilinear upsampling of the projections, sum, bias, ReLU, classifier

@@ -36,7 +36,7 @@ from .checkpoints import is_transformers_segformer
 from .engine import SegformerEngine, VerificationError, optimize
 from .fileio import atomic_path
 from .model import Segformer
-from .prepared import MixFFNParams, SRAttentionParams
+from .prepared import MixFFNParams, NormParams, SRAttentionParams
 from .processing import postprocess
 from .runtime import parse_dtype
 from .testing import max_abs_error, tolerance
@@ -84,14 +84,7 @@ def _unpack(module):
     return module.params_type(**tensors, **module.static_fields)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Norm:
-    weight: torch.Tensor
-    bias: torch.Tensor
-    eps: float
-
-
-def _layer_norm_fp32(x, norm: _Norm):
+def _layer_norm_fp32(x, norm: NormParams):
     """LayerNorm over the last dim with fp32 statistics, result in x's dtype.
 
     Why not torch_ops.layer_norm: in an fp16 graph a runtime may compute E[x²] in fp16, which overflows once
@@ -187,7 +180,7 @@ class PreparedSegformer(nn.Module):
         norm_dtype = torch.float32 if mode == "onnx" else engine.dtype
 
         def norm(prepared):
-            return _holder(_Norm(prepared.weight.to(device, norm_dtype), prepared.bias.to(device, norm_dtype),
+            return _holder(NormParams(prepared.weight.to(device, norm_dtype), prepared.bias.to(device, norm_dtype),
                                  prepared.eps))
 
         self.stages = nn.ModuleList()
@@ -203,7 +196,7 @@ class PreparedSegformer(nn.Module):
                 held.norm1, held.norm2 = norm(block.norm1), norm(block.norm2)
                 held.attn, held.mlp = _holder(block.attn.to(device=device)), _holder(block.mlp.to(device=device))
                 if block.attn.sr_ratio > 1:
-                    held.sr_norm = norm(_Norm(block.attn.sr_ln_weight, block.attn.sr_ln_bias, block.attn.sr_eps))
+                    held.sr_norm = norm(NormParams(block.attn.sr_ln_weight, block.attn.sr_ln_bias, block.attn.sr_eps))
                 stage.blocks.append(held)
             self.stages.append(stage)
         decoder = engine.decoder.to(device=device)
