@@ -58,6 +58,23 @@ void store_logits(const float* acc, const float* cls_bias, int64_t num_labels, i
   }
 }
 
+// out[k, p] = logits[p, k] in the output dtype (logits (pixels, K) fp32, the bias already added); out rows have
+// stride out_stride. Blocks of 16 pixels keep the transposed reads within a few cache lines.
+template <typename scalar_t>
+void store_pixel_major_logits(const float* logits, int64_t num_labels, int64_t pixels, scalar_t* out,
+                              int64_t out_stride) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t p0 = 0; p0 < pixels; p0 += kBlock) {
+    const int64_t p1 = p0 + kBlock < pixels ? p0 + kBlock : pixels;
+    for (int64_t k = 0; k < num_labels; ++k) {
+      scalar_t* o = out + k * out_stride;
+      for (int64_t p = p0; p < p1; ++p) {
+        o[p] = static_cast<scalar_t>(logits[p * num_labels + k]);
+      }
+    }
+  }
+}
+
 // rows[k, X] = fma(L[k, ys, x0[X]], w0[X], L[k, ys, x1[X]] * w1[X]) for every label k: the horizontal pass of
 // PyTorch's bilinear formula for one source row ys of a (K, h, w) logits image.
 template <typename scalar_t>

@@ -9,15 +9,45 @@ channels-last tokens (B, H*W, C), row-major over the stage grid.
 - ``TritonOps`` (``segformer_fast.triton_backend``, the CUDA default): the fused Triton kernels.
 """
 
+import dataclasses
+
 from . import ops, torch_ops
 from .decoder_fold import FoldedDecodeHead
-from .prepared import MixFFNParams, NormParams, SRAttentionParams
+from .prepared import BlockParams, MixFFNParams, NormParams, SRAttentionParams
+
+#: The GEMM weights of each params dataclass, the ones ``TorchOps.prepare`` packs for oneDNN.
+_GEMM_WEIGHTS = {
+    SRAttentionParams: ("q_weight", "kv_weight", "o_weight", "sr_weight"),
+    MixFFNParams: ("fc1_weight", "fc2_weight"),
+}
+
+
+def _pack_gemm_weights(params):
+    """A copy of an SRAttentionParams / MixFFNParams with its GEMM weights packed (torch_ops.pack_linear_weight)."""
+    return dataclasses.replace(params, **{
+        name: torch_ops.pack_linear_weight(getattr(params, name)) for name in _GEMM_WEIGHTS[type(params)]
+    })
 
 
 class TorchOps:
     """The prepared forward's steps in plain PyTorch, with the extension's fused decode head."""
 
     name = "torch"
+
+    def prepare(self, stages: list, decoder: FoldedDecodeHead) -> tuple:
+        """The (stages, decoder) this backend runs on, made once from the prepared weights: on CPU every GEMM
+        weight packed for oneDNN (``torch_ops.pack_linear_weight``; weights it cannot pack stay as they are). The
+        prepared weights themselves are left unchanged (export and the Triton path read them)."""
+        packed_stages = [
+            dataclasses.replace(stage, blocks=[
+                BlockParams(block.norm1, _pack_gemm_weights(block.attn), block.norm2, _pack_gemm_weights(block.mlp))
+                for block in stage.blocks
+            ])
+            for stage in stages
+        ]
+        packed_decoder = dataclasses.replace(
+            decoder, weights=tuple(torch_ops.pack_linear_weight(weight) for weight in decoder.weights))
+        return packed_stages, packed_decoder
 
     def patch_embed_norm(self, features, norm: NormParams):
         """The patch-embed conv output (B, C, h, w), any layout -> LayerNorm-ed tokens (B, h*w, C)."""
@@ -45,6 +75,10 @@ class EagerOps(TorchOps):
     """Plain PyTorch ops throughout: the decoder's tail too (``torch_ops.fused_decode`` instead of the extension)."""
 
     name = "eager"
+
+    def prepare(self, stages: list, decoder: FoldedDecodeHead) -> tuple:
+        """The prepared weights as they are (plain PyTorch GEMMs)."""
+        return stages, decoder
 
     def decode(self, projected, decoder: FoldedDecodeHead):
         return torch_ops.fused_decode(*projected, decoder.bias, decoder.cls_weight, decoder.cls_bias)

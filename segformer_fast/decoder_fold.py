@@ -18,7 +18,6 @@ and the (B, 4D, H/4, W/4) concat never exists.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import ops, torch_ops
 
@@ -96,7 +95,7 @@ def fold_decode_head(head, dtype: torch.dtype = torch.float32, device=None) -> F
 def project_stage(tokens, weight, batch: int, height: int, width: int):
     """One stage's P_i = F_i W'_i^T: tokens (B, h*w, C_i) or (B*h*w, C_i) -> channels-last (B, h, w, D), one
     GEMM over the whole batch."""
-    return F.linear(tokens, weight).view(batch, height, width, weight.shape[0])
+    return torch_ops.linear(tokens, weight).view(batch, height, width, weight.shape[0])
 
 
 def project_features(features, folded: FoldedDecodeHead) -> list:

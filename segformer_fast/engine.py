@@ -119,6 +119,9 @@ class SegformerEngine:
         self.graph_cache = CUDAGraphCache(self._forward, graph_cache_size)
         self.stages: list[StageParams] = prepare_stages(reference, self.dtype, self.device)
         self.decoder: FoldedDecodeHead = fold_decode_head(reference.decode_head, dtype=self.dtype, device=self.device)
+        # what the forward runs on: the prepared weights in the backend's own layout (on CPU, GEMM weights packed
+        # for oneDNN); self.stages / self.decoder stay plain for export and inspection
+        self._run_stages, self._run_decoder = self.ops.prepare(self.stages, self.decoder)
         self.last_verification = None
         if verify:
             self.verify(reference)
@@ -133,7 +136,7 @@ class SegformerEngine:
         """SegFormer's forward on the prepared weights: (B, 3, H, W) -> logits (B, K, ceil(H/4), ceil(W/4))."""
         image = pixel_values
         projected = []
-        for stage, fold_weight in zip(self.stages, self.decoder.weights):
+        for stage, fold_weight in zip(self._run_stages, self._run_decoder.weights):
             tokens, height, width = self._patch_embed(image, stage)
             batch, _, channels = tokens.shape
             for block in stage.blocks:
@@ -147,7 +150,7 @@ class SegformerEngine:
             # channels-last (B, C, h, w) view of the stage output: the next patch-embed conv reads it without a copy
             image = tokens.view(batch, height, width, channels).permute(0, 3, 1, 2)
         # folded All-MLP head: bilinear upsampling of the projections, sum, bias, ReLU, classifier
-        return self.ops.decode(projected, self.decoder)
+        return self.ops.decode(projected, self._run_decoder)
 
     def _patch_embed(self, image: torch.Tensor, stage: StageParams) -> tuple:
         """Overlapping patch embedding: strided conv, then LayerNorm of the tokens: (tokens (B, h*w, C), h, w).

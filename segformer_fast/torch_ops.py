@@ -5,6 +5,10 @@ extension's eager fallbacks are ``fused_decode`` and ``upsample_argmax`` below. 
 the prepared weight dataclasses only.
 
 Tokens are channels-last and row-major over the stage grid: x[b, y * W + x, c].
+
+Every GEMM goes through :func:`linear`, which takes a plain (N, K) weight or one packed once by
+:func:`pack_linear_weight` for oneDNN, the CPU GEMM library that uses AVX-512 on any x86 CPU that has it (ATen's
+default CPU GEMM, MKL, ran at half of oneDNN's rate on the AMD EPYC we measure on; benchmarks/NOTES.md).
 """
 
 import torch
@@ -25,10 +29,44 @@ def patch_embed_layer_norm(x, weight, bias, eps):
     return F.layer_norm(x.flatten(2).transpose(1, 2), (x.shape[1],), weight, bias, eps)
 
 
-def linear(x, weight, bias, residual=None):
-    """x (..., K) Wᵀ + b (+ residual): weight (N, K), bias (N,), residual (..., N)."""
+def linear(x, weight, bias=None, residual=None):
+    """x (..., K) Wᵀ + b (+ residual): weight (N, K) plain or packed (:func:`pack_linear_weight`), bias (N,) or
+    None, residual (..., N) or None. On CPU in fp32 / bf16 it runs oneDNN's GEMM (the residual add fused into its
+    epilogue), elsewhere ``F.linear``."""
+    if weight.is_mkldnn or _runs_on_onednn(weight):
+        if residual is None:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), weight, bias, "add")
     y = F.linear(x, weight, bias)
     return y if residual is None else y + residual
+
+
+def _runs_on_onednn(weight) -> bool:
+    """Whether a GEMM with this (plain) weight runs on oneDNN: a CPU fp32 tensor, or bf16 where oneDNN has bf16
+    on this CPU, with a torch built with oneDNN."""
+    if weight.device.type != "cpu" or not _ONEDNN_LINEAR or _tracing():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return _ONEDNN_BF16
+    return weight.dtype == torch.float32
+
+
+def _tracing() -> bool:
+    """Whether the ops are being traced or compiled (ONNX / torch.export / torch.compile): those get the standard
+    ops (``F.linear``), never the CPU-only oneDNN op."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN_BF16 = _ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def pack_linear_weight(weight):
+    """The (N, K) weight reordered once into oneDNN's blocked layout (an mkldnn tensor :func:`linear` takes), or
+    the weight itself where :func:`linear` would not run it on oneDNN."""
+    if weight is None or weight.is_mkldnn or not _runs_on_onednn(weight):
+        return weight
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
 
 
 def sr_kv(x_norm, H, W, params: SRAttentionParams):
@@ -49,9 +87,9 @@ def sr_kv(x_norm, H, W, params: SRAttentionParams):
         rows, cols = grid.shape[1] // ratio, grid.shape[2] // ratio
         patches = grid[:, :rows * ratio, :cols * ratio].reshape(batch, rows, ratio, cols, ratio, channels)
         patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(batch, rows * cols, ratio * ratio * channels)
-        reduced = F.linear(patches, params.sr_weight, params.sr_bias)
+        reduced = linear(patches, params.sr_weight, params.sr_bias)
         kv_tokens = F.layer_norm(reduced, (channels,), params.sr_ln_weight, params.sr_ln_bias, params.sr_eps)
-    return F.linear(kv_tokens, params.kv_weight, params.kv_bias)
+    return linear(kv_tokens, params.kv_weight, params.kv_bias)
 
 
 def sr_attention(x_norm, residual, H, W, params: SRAttentionParams):
@@ -62,12 +100,43 @@ def sr_attention(x_norm, residual, H, W, params: SRAttentionParams):
     """
     batch, tokens, channels = x_norm.shape
     heads, head_dim = params.num_heads, params.head_dim
-    q = F.linear(x_norm, params.q_weight, params.q_bias).view(batch, tokens, heads, head_dim).transpose(1, 2)
-    kv = sr_kv(x_norm, H, W, params).view(batch, -1, 2, heads, head_dim)
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    attended = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-    return linear(attended.transpose(1, 2).reshape(batch, tokens, channels), params.o_weight, params.o_bias,
-                  residual)
+    q = linear(x_norm, params.q_weight, params.q_bias)
+    kv = sr_kv(x_norm, H, W, params)
+    if x_norm.device.type == "cpu" and not _tracing():
+        attended = _attention_by_row_chunks(q, kv, heads)
+    else:
+        q = q.view(batch, tokens, heads, head_dim).transpose(1, 2)
+        kv = kv.view(batch, -1, 2, heads, head_dim)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q, k, v, scale=1.0).transpose(1, 2).reshape(batch, tokens, channels)
+    return linear(attended, params.o_weight, params.o_bias, residual)
+
+
+#: Query rows per score block of the CPU attention: the (rows, Nkv) scores stay at 4 Mi elements (16 MiB fp32).
+_SCORE_BLOCK_ELEMENTS = 4 << 20
+
+
+def _attention_by_row_chunks(q, kv, heads):
+    """softmax(q kᵀ) v per head on CPU: q (B, N, C) head-major, kv (B, Nkv, 2C) = [k | v] -> (B, N, C).
+
+    Per image, head and block of query rows: the scores as one GEMM, softmax in place, then one GEMM with v; both
+    GEMMs on oneDNN (:func:`linear`), which runs at about twice the rate of ``scaled_dot_product_attention``'s CPU
+    kernel on the short key side (Nkv = 256 at 512²). Row blocks bound the scores' memory at long key sides."""
+    batch, tokens, channels = q.shape
+    head_dim = channels // heads
+    rows_per_block = max(1, _SCORE_BLOCK_ELEMENTS // kv.shape[1])
+    attended = torch.empty_like(q)
+    for image in range(batch):
+        for head in range(heads):
+            columns = slice(head * head_dim, (head + 1) * head_dim)
+            k = kv[image, :, columns].contiguous()
+            v_t = kv[image, :, channels + head * head_dim:channels + (head + 1) * head_dim].t().contiguous()
+            q_head = q[image, :, columns] if heads == 1 else q[image, :, columns].contiguous()
+            for start in range(0, tokens, rows_per_block):
+                scores = linear(q_head[start:start + rows_per_block], k)
+                torch.softmax(scores, -1, out=scores)
+                attended[image, start:start + rows_per_block, columns] = linear(scores, v_t)
+    return attended
 
 
 def dwconv_gelu(h, H, W, dw_weight, dw_bias):
@@ -87,7 +156,7 @@ def dwconv_gelu(h, H, W, dw_weight, dw_bias):
 
 def mixffn(x_norm, H, W, params: MixFFNParams, residual=None):
     """Mix-FFN of (B, H*W, C) normalized tokens: fc1, depthwise conv + GELU, fc2 (+ residual unless None)."""
-    hidden = F.linear(x_norm, params.fc1_weight, params.fc1_bias)
+    hidden = linear(x_norm, params.fc1_weight, params.fc1_bias)
     hidden = dwconv_gelu(hidden, H, W, params.dw_weight, params.dw_bias)
     return linear(hidden, params.fc2_weight, params.fc2_bias, residual)
 

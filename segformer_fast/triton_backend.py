@@ -8,6 +8,7 @@ import torch
 
 from . import kernels, torch_ops
 from .backends import TorchOps
+from .decoder_fold import FoldedDecodeHead
 from .prepared import MixFFNParams, NormParams, SRAttentionParams
 
 
@@ -17,6 +18,10 @@ class TritonOps(TorchOps):
     stage-1 ratio 8) have no reduced token for the SR kernel: their attention runs ``torch_ops`` (padded SR conv)."""
 
     name = "triton"
+
+    def prepare(self, stages: list, decoder: FoldedDecodeHead) -> tuple:
+        """The prepared weights as they are: the kernels read the plain (N, K) layout."""
+        return stages, decoder
 
     def patch_embed_norm(self, features, norm: NormParams):
         batch, channels, height, width = features.shape

@@ -103,11 +103,14 @@ def test_verify_catches_corrupted_prepared_weight():
     channels = attn.q_weight.shape[0]
     with torch.no_grad():  # swap the k and v halves of the merged projection: a classic layout bug
         attn.kv_weight.copy_(torch.cat([attn.kv_weight[channels:], attn.kv_weight[:channels]]))
+    # the forward runs on the backend's copy of the prepared weights (GEMM weights packed on CPU): remake it
+    engine._run_stages, engine._run_decoder = engine.ops.prepare(engine.stages, engine.decoder)
     with pytest.raises(VerificationError, match=r"max abs error .* > tolerance .*"):
         engine.verify(model)
     engine = optimize(model, verify=False)
     with torch.no_grad():  # a decoder fold that forgot the BatchNorm shift in one channel
         engine.decoder.bias[3] += 0.5
+    engine._run_stages, engine._run_decoder = engine.ops.prepare(engine.stages, engine.decoder)
     with pytest.raises(VerificationError, match=r"max abs error .* > tolerance .*"):
         engine.verify(model)
 
