@@ -46,6 +46,7 @@ from typing import Callable
 import bench_runtimes
 import torch
 
+from segformer_fast import malloc_tuning
 from segformer_fast.config import VARIANTS, SegformerConfig
 from segformer_fast.engine import optimize
 from segformer_fast.fileio import check_output_file
@@ -641,6 +642,8 @@ def results_document(config: BenchConfig, rows: list, argv_text: str | None = No
             "peak_mem": PeakMemory(config.device).kind,
             "cuda_matmul_tf32": torch.backends.cuda.matmul.allow_tf32 if config.device.type == "cuda" else None,
             "cudnn_tf32": torch.backends.cudnn.allow_tf32 if config.device.type == "cuda" else None,
+            # every runner shares the process, so every CPU runner runs with the same malloc settings
+            "malloc_tuned": malloc_tuning.keep_freed_memory() if config.device.type == "cpu" else None,
             "command": argv_text,
         },
         "rows": add_ratios(rows),
@@ -657,6 +660,9 @@ def main_from_args(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
+    if config.device.type == "cpu":
+        # the engine tunes glibc malloc when it is built; doing it first gives every runner the same allocator
+        say(f"glibc malloc tuned for reuse (segformer_fast.malloc_tuning): {malloc_tuning.keep_freed_memory()}")
     say(f"device: {device_name(config.device)} ({config.device}); torch {torch.__version__}; "
         f"torch threads: {torch.get_num_threads()} (of {os.cpu_count()} CPUs)")
     say(f"grid: variants {','.join(config.variants)} · resolutions "

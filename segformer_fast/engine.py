@@ -33,7 +33,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import malloc_tuning, ops
 from .backends import EagerOps, TorchOps
 from .checkpoints import check_finite, is_transformers_segformer
 from .decoder_fold import FoldedDecodeHead, fold_decode_head, project_stage
@@ -115,6 +115,8 @@ class SegformerEngine:
             )
         self.kernels = kernels
         self.ops = _make_ops(kernels)
+        if self.device.type == "cpu":
+            malloc_tuning.keep_freed_memory()  # reuse freed temporaries, no page faults per call
         self.use_cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self.graph_cache = CUDAGraphCache(self._forward, graph_cache_size)
         self.stages: list[StageParams] = prepare_stages(reference, self.dtype, self.device)
