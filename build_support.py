@@ -46,6 +46,18 @@ def filter_cuda_arch_list(arch_list: str | None) -> tuple[str, list[str]]:
     return ";".join(kept), dropped
 
 
+def openmp_flags(platform: str) -> list[str]:
+    """Compiler and linker flags that make ``at::parallel_for`` in the extension's CPU kernels run in parallel.
+
+    ATen's ``parallel_for`` is a header template whose OpenMP branch is compiled only under ``-fopenmp``; without
+    it every CPU kernel of the extension runs on one thread. On Linux the extension then needs ``libgomp.so.1``,
+    which is the OpenMP runtime torch itself loads, so the process keeps one thread pool. Elsewhere (macOS clang
+    has no -fopenmp by default, MSVC spells it differently) no flag: the kernels run on one thread.
+    platform: ``sys.platform``.
+    """
+    return ["-fopenmp"] if platform.startswith("linux") else []
+
+
 def cxx_standard(torch_version: str) -> str:
     """The -std value for a torch version string such as "2.13.0+cpu": "c++20" from torch 2.10 on, else "c++17"."""
     match = re.match(r"^(\d+)\.(\d+)", torch_version)

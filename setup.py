@@ -18,7 +18,7 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)  # setuptools' PEP 517 backend does not put the project folder on sys.path
 
-from build_support import cxx_standard, filter_cuda_arch_list  # noqa: E402
+from build_support import cxx_standard, filter_cuda_arch_list, openmp_flags  # noqa: E402
 
 
 def _extension_modules():
@@ -38,7 +38,8 @@ def _extension_modules():
         and bool(cuda_sources)
     )
     std_flag = f"-std={cxx_standard(torch.__version__)}"
-    cxx_flags = ["-O3", std_flag]
+    openmp = openmp_flags(sys.platform)
+    cxx_flags = ["-O3", std_flag, *openmp]
     if want_cuda:
         arch_list, dropped = filter_cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
         if dropped:
@@ -49,9 +50,11 @@ def _extension_modules():
             cpp_sources + cuda_sources,
             define_macros=[("SEGFORMER_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", std_flag]},
+            extra_link_args=openmp,
         )
     else:
-        extension = cpp_extension.CppExtension("segformer_fast._C", cpp_sources, extra_compile_args=cxx_flags)
+        extension = cpp_extension.CppExtension("segformer_fast._C", cpp_sources, extra_compile_args=cxx_flags,
+                                               extra_link_args=openmp)
     return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

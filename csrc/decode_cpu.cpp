@@ -22,6 +22,8 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "bilinear.h"
@@ -48,7 +50,12 @@ constexpr int64_t TARGET_GEMM_PIXELS = 512;
 
 bool use_avx2() {
 #ifdef SEGFORMER_FAST_AVX2_DISPATCH
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // SEGFORMER_FAST_CPU_BASELINE=1 keeps the baseline loops (read once; the tests compare both paths)
+  static const bool supported = [] {
+    const char* baseline = std::getenv("SEGFORMER_FAST_CPU_BASELINE");
+    const bool forced = baseline != nullptr && std::string(baseline) == "1";
+    return !forced && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return supported;
 #else
   return false;

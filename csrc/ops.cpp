@@ -1,4 +1,5 @@
-// The segformer_fast operator library: schemas here, kernels in decode_cpu.cpp (CPU) and cuda_launch.cpp (CUDA).
+// The segformer_fast operator library: schemas here, kernels in decode_cpu.cpp and dwconv_gelu_cpu.cpp (CPU) and
+// cuda_launch.cpp (CUDA).
 // Fake (meta) implementations for torch.compile / torch.export live in segformer_fast/ops.py.
 
 #include <Python.h>
@@ -20,4 +21,7 @@ TORCH_LIBRARY(segformer_fast, m) {
       "-> Tensor");
   // logits: (B, K, h, w) contiguous -> int64 labels (B, height, width).
   m.def("upsample_argmax(Tensor logits, int height, int width) -> Tensor");
+  // tokens: (B, H*W, C) contiguous channels-last; weight: (C, 1, 3, 3); bias: (C,) -> GELU(dwconv3x3(tokens) + bias),
+  // (B, H*W, C). CPU only (the CUDA path fuses it into the Mix-FFN's fc2 kernel).
+  m.def("dwconv_gelu(Tensor tokens, int height, int width, Tensor weight, Tensor bias) -> Tensor");
 }

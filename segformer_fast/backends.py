@@ -62,8 +62,11 @@ class TorchOps:
         return torch_ops.sr_attention(x_norm, residual, height, width, params)
 
     def mixffn(self, x_norm, residual, height, width, params: MixFFNParams):
-        """residual + Mix-FFN of the normalized tokens x_norm (B, h*w, C) on an h x w grid."""
-        return torch_ops.mixffn(x_norm, height, width, params, residual=residual)
+        """residual + Mix-FFN of the normalized tokens x_norm (B, h*w, C) on an h x w grid: fc1, the extension's
+        fused depthwise conv + GELU (``ops.dwconv_gelu``), fc2 with the residual add in its epilogue."""
+        hidden = torch_ops.linear(x_norm, params.fc1_weight, params.fc1_bias)
+        hidden = ops.dwconv_gelu(hidden, height, width, params.dw_weight, params.dw_bias)
+        return torch_ops.linear(hidden, params.fc2_weight, params.fc2_bias, residual)
 
     def decode(self, projected, decoder: FoldedDecodeHead):
         """The folded decode head's tail: the four projected stage maps (B, h_i, w_i, D) -> logits (B, K, h_1, w_1)
@@ -79,6 +82,9 @@ class EagerOps(TorchOps):
     def prepare(self, stages: list, decoder: FoldedDecodeHead) -> tuple:
         """The prepared weights as they are (plain PyTorch GEMMs)."""
         return stages, decoder
+
+    def mixffn(self, x_norm, residual, height, width, params: MixFFNParams):
+        return torch_ops.mixffn(x_norm, height, width, params, residual=residual)
 
     def decode(self, projected, decoder: FoldedDecodeHead):
         return torch_ops.fused_decode(*projected, decoder.bias, decoder.cls_weight, decoder.cls_bias)

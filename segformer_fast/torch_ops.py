@@ -44,14 +44,14 @@ def linear(x, weight, bias=None, residual=None):
 def _runs_on_onednn(weight) -> bool:
     """Whether a GEMM with this (plain) weight runs on oneDNN: a CPU fp32 tensor, or bf16 where oneDNN has bf16
     on this CPU, with a torch built with oneDNN."""
-    if weight.device.type != "cpu" or not _ONEDNN_LINEAR or _tracing():
+    if weight.device.type != "cpu" or not _ONEDNN_LINEAR or tracing():
         return False
     if weight.dtype == torch.bfloat16:
         return _ONEDNN_BF16
     return weight.dtype == torch.float32
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
     """Whether the ops are being traced or compiled (ONNX / torch.export / torch.compile): those get the standard
     ops (``F.linear``), never the CPU-only oneDNN op."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
@@ -102,7 +102,7 @@ def sr_attention(x_norm, residual, H, W, params: SRAttentionParams):
     heads, head_dim = params.num_heads, params.head_dim
     q = linear(x_norm, params.q_weight, params.q_bias)
     kv = sr_kv(x_norm, H, W, params)
-    if x_norm.device.type == "cpu" and not _tracing():
+    if x_norm.device.type == "cpu" and not tracing():
         attended = _attention_by_row_chunks(q, kv, heads)
     else:
         q = q.view(batch, tokens, heads, head_dim).transpose(1, 2)

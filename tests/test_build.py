@@ -15,7 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import segformer_fast  # noqa: E402
-from build_support import DEFAULT_CUDA_ARCH_LIST, cxx_standard, filter_cuda_arch_list  # noqa: E402
+from build_support import DEFAULT_CUDA_ARCH_LIST, cxx_standard, filter_cuda_arch_list, openmp_flags  # noqa: E402
 
 
 # -------------------------------------------------------------------------------------------- CUDA architectures
@@ -69,8 +69,9 @@ def test_cxx_standard_rejects_a_malformed_version():
         cxx_standard("nightly")
 
 
-def test_extension_source_compiles_without_warnings_in_the_chosen_standard():
-    """csrc/ops.cpp (torch/library.h) with setup.py's -std: torch >= 2.10's headers warn under C++17."""
+@pytest.mark.parametrize("source", sorted(path.name for path in (ROOT / "csrc").glob("*.cpp")))
+def test_extension_source_compiles_without_warnings_in_the_chosen_standard(source):
+    """Every csrc/*.cpp with setup.py's -std and OpenMP flags: torch >= 2.10's headers warn under C++17."""
     from torch.utils import cpp_extension
 
     compiler = os.environ.get("CXX", "c++")
@@ -78,10 +79,34 @@ def test_extension_source_compiles_without_warnings_in_the_chosen_standard():
         pytest.skip(f"no C++ compiler ({compiler!r}) on PATH")
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     command = [compiler, "-fsyntax-only", f"-std={cxx_standard(torch.__version__)}", "-Wall",
-               *(f"-I{path}" for path in includes), str(ROOT / "csrc" / "ops.cpp")]
+               *openmp_flags(sys.platform), *(f"-I{path}" for path in includes), str(ROOT / "csrc" / source)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning" not in result.stderr, result.stderr[-3000:]
+
+
+def test_openmp_flags_per_platform():
+    assert openmp_flags("linux") == ["-fopenmp"]
+    assert openmp_flags("darwin") == [] and openmp_flags("win32") == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP link is checked on Linux only")
+def test_extension_shares_torchs_openmp_runtime():
+    """Built with -fopenmp, the extension's at::parallel_for really runs in parallel; it needs libgomp.so.1, which
+    must resolve to the runtime torch already loaded (one thread pool in the process, not two)."""
+    from segformer_fast import ops
+
+    if not ops.extension_available():
+        pytest.skip("segformer_fast._C is not built")
+    from segformer_fast import _C
+
+    if shutil.which("ldd") is None:
+        pytest.skip("no ldd on PATH")
+    needed = subprocess.run(["ldd", _C.__file__], capture_output=True, text=True, timeout=60).stdout
+    assert "libgomp" in needed, needed
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes
 
 
 # ----------------------------------------------------------------------------------------------------- version
