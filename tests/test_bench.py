@@ -13,6 +13,7 @@ from pathlib import Path
 
 import bench_model as bench
 import make_table
+import profile_cpu
 import pytest
 import torch
 
@@ -275,7 +276,7 @@ def test_scripts_run_from_anywhere_without_path_patches(tmp_path):
     """`python benchmarks/<name>.py` from another folder: the scripts find bench_common beside them and the package
     through its installation; none of them edits sys.path. The package itself holds no benchmark code."""
     assert importlib.util.find_spec("segformer_fast.bench") is None
-    for name in ("bench_model", "bench_kernels", "bench_decoder", "ceilings", "make_table"):
+    for name in ("bench_model", "bench_kernels", "bench_decoder", "ceilings", "make_table", "profile_cpu"):
         script = ROOT / "benchmarks" / f"{name}.py"
         assert "sys.path" not in script.read_text(), f"{name}.py patches sys.path"
         result = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
@@ -373,3 +374,88 @@ def test_runtime_runners_run_on_both_exports(tmp_path, capsys):
     assert [row["runner"] for row in rows] == ["engine", *runners]
     for row in rows:
         assert row["status"] == "ok" and row["output_finite"] is True, row
+
+
+def _b0_floors(height: int, width: int, num_labels: int) -> dict:
+    """Floors of one B0 forward on a height x width image, counted here from the config, apart from the profile's
+    shape parsing: GEMM FLOPs of the folded model (per block q, the SR conv as a GEMM, k/v, the two attention GEMMs,
+    o, fc1, fc2; per stage its decoder projection; the classifier), patch-embed and depthwise conv FLOPs, and the
+    LayerNorms' fp32 bytes read + written (patch-embed, block and SR norms, stage norm)."""
+    from segformer_fast.config import MLP_RATIO, PATCH_SIZES, SR_RATIOS, STRIDES, VARIANTS
+
+    dims, depths, decoder_dim = VARIANTS["b0"]
+    gemm = patch_conv = depthwise = norm_elements = 0
+    in_channels, stage_tokens = 3, []
+    for channels, depth, ratio, kernel, stride in zip(dims, depths, SR_RATIOS, PATCH_SIZES, STRIDES):
+        height = (height + 2 * (kernel // 2) - kernel) // stride + 1
+        width = (width + 2 * (kernel // 2) - kernel) // stride + 1
+        tokens, hidden = height * width, MLP_RATIO * channels
+        kv_tokens = tokens if ratio == 1 else (max(height, ratio) // ratio) * (max(width, ratio) // ratio)
+        block_gemm = (2 * tokens * channels * channels * 2  # q and o
+                      + (2 * kv_tokens * ratio * ratio * channels * channels if ratio > 1 else 0)  # SR conv
+                      + 2 * kv_tokens * channels * 2 * channels  # k | v
+                      + 2 * 2 * tokens * kv_tokens * channels  # q kᵀ and scores v over all heads
+                      + 2 * 2 * tokens * channels * hidden)  # fc1 and fc2
+        gemm += depth * block_gemm + 2 * tokens * channels * decoder_dim
+        patch_conv += 2 * tokens * channels * kernel * kernel * in_channels
+        depthwise += depth * 2 * tokens * hidden * 9
+        sr_norm_elements = kv_tokens * channels if ratio > 1 else 0
+        norm_elements += 2 * tokens * channels + depth * (2 * tokens * channels + sr_norm_elements)
+        in_channels = channels
+        stage_tokens.append(tokens)
+    gemm += 2 * stage_tokens[0] * decoder_dim * num_labels  # the classifier on the stage-1 grid
+    return {"gemm": gemm, "patch-embed conv": patch_conv, "depthwise conv": depthwise,
+            "layer_norm bytes": 2 * norm_elements * 4}
+
+
+def test_profile_cpu_quick_run(tmp_path, capsys):
+    out = tmp_path / "results" / "profile.json"
+    assert profile_cpu.main(["--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert list(out.parent.iterdir()) == [out], "a temporary file was left next to the results"
+    results = json.loads(out.read_text())
+    assert results["schema"] == profile_cpu.SCHEMA and results["device_type"] == "cpu"
+    assert results["versions"]["torch"] == torch.__version__
+    assert results["date"] == datetime.date.today().isoformat()
+    settings = results["settings"]
+    assert (settings["repeats"], settings["dtypes"], settings["latency_calls"]) == (1, ["fp32"], 10)
+    assert settings["command"] == f"profile_cpu.py --quick --out {out}"
+    ceiling = results["ceilings"]["fp32"]
+    assert results["ceilings"]["size"] == 256 and ceiling["aten_gflops_per_s"] > 0
+    assert ceiling["onednn_gflops_per_s"] is None or ceiling["onednn_gflops_per_s"] > 0
+
+    [row] = results["rows"]
+    assert (row["variant"], row["height"], row["width"], row["batch"], row["dtype"]) == ("b0", 64, 64, 1, "fp32")
+    assert row["latency_ms"] > 0 and row["num_labels"] == 150
+    categories = row["categories"]
+    assert list(categories) == list(profile_cpu.CATEGORIES)
+    for name, category in categories.items():
+        assert set(category) == {"ms", "flops", "bytes", "gflops_per_s", "gb_per_s"}, name
+        assert category["ms"] >= 0, name
+    assert row["profiled_ms"] == pytest.approx(sum(category["ms"] for category in categories.values()))
+    expected = _b0_floors(64, 64, 150)
+    for name in ("gemm", "patch-embed conv", "depthwise conv"):
+        assert categories[name]["flops"] == expected[name], name
+        assert categories[name]["ms"] > 0 and categories[name]["bytes"] is None, name
+        assert categories[name]["gflops_per_s"] == pytest.approx(expected[name] / (categories[name]["ms"] * 1e6))
+    assert categories["layer_norm"]["bytes"] == expected["layer_norm bytes"]
+    assert categories["layer_norm"]["flops"] is None and categories["layer_norm"]["gb_per_s"] > 0
+    assert categories["sdpa"] == {"ms": 0.0, "flops": None, "bytes": None, "gflops_per_s": None, "gb_per_s": None}
+    assert categories["attention softmax"]["bytes"] > 0 and categories["other"]["flops"] is None
+
+    top = row["top_ops"]
+    assert 1 <= len(top) <= profile_cpu.TOP_OPS
+    assert [op["ms"] for op in top] == sorted((op["ms"] for op in top), reverse=True)
+    for op in top:
+        assert set(op) == {"name", "input_shapes", "ms", "calls"} and isinstance(op["name"], str) and op["calls"] > 0
+    assert "b0 64x64 batch 1 fp32: latency" in printed and "depthwise conv" in printed
+
+
+def test_profile_cpu_checks_its_options_before_the_work(tmp_path, capsys):
+    (tmp_path / "existing").mkdir()
+    assert profile_cpu.main(["--quick", "--out", str(tmp_path / "existing")]) == 2
+    captured = capsys.readouterr()
+    assert "existing folder" in captured.err and "GEMM ceiling" not in captured.out
+    with pytest.raises(SystemExit) as exit_info:
+        profile_cpu.main(["--dtype", "fp16"])
+    assert exit_info.value.code == 2 and "unknown dtype 'fp16'; valid: fp32, bf16" in capsys.readouterr().err

@@ -1,0 +1,430 @@
+"""Per-op CPU profile of the engine's forward (kernels="torch"): where the time goes, by category, against the
+FLOP and byte floors of each category and the measured GEMM ceiling of the machine.
+
+    python benchmarks/profile_cpu.py                               # b0 b2 at 512x512, batch 1 4, fp32 bf16
+    python benchmarks/profile_cpu.py --variants b0 --batch 1 --dtype fp32 --resolutions ade cityscapes
+    python benchmarks/profile_cpu.py --quick --no-save             # smoke run: b0, 64x64, batch 1, fp32, 1 repeat
+
+Per row (variant, resolution, batch, dtype): a random model (``Segformer(SegformerConfig(...))``) through
+``optimize(model, dtype=...)``, ``warmup`` untimed calls of ``engine.logits``, the median latency of
+``LATENCY_CALLS`` unprofiled calls, then ``repeats`` calls under ``torch.profiler`` with the input shapes recorded.
+glibc malloc is tuned first (``segformer_fast.malloc_tuning``), as the engine does.
+
+Categories: each profiler event's self CPU time goes to the category of the nearest op, the event itself or an
+enclosing one, that names a category (``CATEGORY_OF_OP``; a convolution is "depthwise conv" when its weight has
+one input channel per group, else "patch-embed conv"); events under no such op are "other". So the copies that
+``.contiguous()`` makes inside an op count as "copy", and the decoder's inner classifier GEMM counts as "gemm",
+leaving "decoder" the fused op's own upsample-sum-ReLU work. Times are averaged per forward.
+
+Floors, per forward, from the recorded input shapes and dtypes: GEMM FLOPs 2·M·N·K (counted at the GEMM ops
+themselves: ``mkldnn::_linear_pointwise``, ``aten::addmm``, ``aten::mm``, ``aten::bmm``), convolution FLOPs
+2·output elements·k·k·C_in/groups, attention FLOPs of SDPA 4·B·heads·N·Nkv·d, and bytes read + written for the
+memory-bound ops (LayerNorm, GELU, softmax, copies: 2·elements·itemsize; the decoder: its four projected maps and
+its logits). Achieved GFLOP/s and GB/s divide a floor by the category's time.
+
+Ceilings, once per run: GFLOP/s of a size³ GEMM (2048 by default) on oneDNN (``torch_ops.linear`` with a packed
+weight: ``mkldnn::_linear_pointwise``) and on ATen's default path (``F.linear``), in each profiled dtype (median of
+``CEILING_CALLS`` calls after one warm-up).
+
+Results: benchmarks/results/profile-cpu-<YYYY-MM-DD>.json (schema ``SCHEMA``), rewritten atomically after each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_model import Resolution, make_inputs, parse_resolution
+from torch.profiler import ProfilerActivity, profile
+
+from segformer_fast import malloc_tuning, torch_ops
+from segformer_fast.config import VARIANTS, SegformerConfig
+from segformer_fast.engine import optimize
+from segformer_fast.fileio import check_output_file
+from segformer_fast.model import Segformer
+from segformer_fast.runtime import DTYPES
+
+from bench_common import (
+    RESULTS_DIR,
+    console_table,
+    environment,
+    flatten,
+    format_number,
+    list_argument,
+    loadavg,
+    machine_is_busy,
+    median_ms,
+    positive_int,
+    say,
+    split_list,
+    time_calls_ms,
+    write_json,
+)
+
+SCHEMA = "segformer-fast/profile-cpu/v1"
+CPU = torch.device("cpu")
+PROFILE_DTYPES = ("fp32", "bf16")
+DEFAULTS = {"variants": ["b0", "b2"], "resolutions": ["ade"], "batch": [1, 4], "dtype": list(PROFILE_DTYPES),
+            "repeats": 5, "warmup": 2, "ceiling_size": 2048}
+#: --quick: a smoke run (the ceiling GEMM shrunk too: its number then means nothing).
+QUICK = {"variants": ["b0"], "resolutions": ["64x64"], "batch": [1], "dtype": ["fp32"], "repeats": 1, "warmup": 1,
+         "ceiling_size": 256}
+LATENCY_CALLS = 10
+CEILING_CALLS = 3
+TOP_OPS = 15
+
+CATEGORIES = ("gemm", "attention softmax", "sdpa", "patch-embed conv", "depthwise conv", "gelu", "layer_norm",
+              "decoder", "copy", "other")
+#: The ops that name a category; a convolution op names "patch-embed conv" or "depthwise conv" by its weight.
+CATEGORY_OF_OP = {
+    "mkldnn::_linear_pointwise": "gemm", "aten::addmm": "gemm", "aten::mm": "gemm", "aten::bmm": "gemm",
+    "aten::linear": "gemm", "aten::matmul": "gemm",
+    "aten::softmax": "attention softmax", "aten::_softmax": "attention softmax",
+    "aten::scaled_dot_product_attention": "sdpa", "aten::_scaled_dot_product_flash_attention_for_cpu": "sdpa",
+    "aten::gelu": "gelu",
+    "aten::layer_norm": "layer_norm", "aten::native_layer_norm": "layer_norm",
+    "segformer_fast::fused_decode": "decoder",
+    "aten::copy_": "copy", "aten::clone": "copy",
+}
+#: The convolution ops (aten::conv2d down to the implementations); each takes (input, weight, ...) first.
+CONV_OPS = ("aten::conv2d", "aten::convolution", "aten::_convolution", "aten::mkldnn_convolution",
+            "aten::thnn_conv2d", "aten::_slow_conv2d_forward", "aten::_nnpack_spatial_convolution")
+#: The GEMM ops whose FLOPs are counted (an enclosing aten::linear / aten::matmul calls one of these).
+GEMM_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::bmm")
+#: Bytes per element of the dtype names the profiler records.
+ITEMSIZE = {"double": 8, "float": 4, "c10::BFloat16": 2, "c10::Half": 2, "long int": 8, "int": 4, "short int": 2,
+            "signed char": 1, "unsigned char": 1, "bool": 1}
+
+
+# --------------------------------------------------------------------------------------------------- categories
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def conv_category(event) -> str:
+    """"depthwise conv" when the conv's weight (C_out, C_in / groups, k, k) has one input channel per group and as
+    many output channels as the input has channels, else "patch-embed conv"."""
+    input_shape, weight_shape = event.input_shapes[0], event.input_shapes[1]
+    depthwise = len(weight_shape) == 4 and weight_shape[1] == 1 and weight_shape[0] == input_shape[1] > 1
+    return "depthwise conv" if depthwise else "patch-embed conv"
+
+
+def category_of(event) -> str:
+    """The category of an event's self time: that of the nearest op naming one, the event itself or an enclosing
+    op; "other" when there is none."""
+    node = event
+    while node is not None:
+        if node.name in CONV_OPS:
+            return conv_category(node)
+        if node.name in CATEGORY_OF_OP:
+            return CATEGORY_OF_OP[node.name]
+        node = node.cpu_parent
+    return "other"
+
+
+def _under_gemm(event) -> bool:
+    node = event.cpu_parent
+    while node is not None:
+        if node.name in GEMM_OPS:
+            return True
+        node = node.cpu_parent
+    return False
+
+
+def _conv_output_elements(event) -> int:
+    """Output elements of an ``aten::convolution(input, weight, bias, stride, padding, dilation, ...)`` event."""
+    input_shape, weight_shape = event.input_shapes[0], event.input_shapes[1]
+    stride, padding, dilation = event.concrete_inputs[3:6]
+    spatial = [
+        (size + 2 * pad - dil * (kernel - 1) - 1) // step + 1
+        for size, kernel, step, pad, dil in zip(input_shape[2:], weight_shape[2:], stride, padding, dilation)
+    ]
+    return input_shape[0] * weight_shape[0] * _numel(spatial)
+
+
+def _bytes(event, index: int) -> int | None:
+    """Bytes of the event's input ``index`` (None when its dtype is not one we know)."""
+    itemsize = ITEMSIZE.get(event.input_dtypes[index])
+    return None if itemsize is None else _numel(event.input_shapes[index]) * itemsize
+
+
+def floors(event) -> tuple:
+    """(FLOPs, bytes) floors of one event, each None where the event counts none (see the module docstring)."""
+    name, shapes = event.name, event.input_shapes
+    if name in GEMM_OPS and not _under_gemm(event):
+        if name == "mkldnn::_linear_pointwise":
+            # (x, weight, bias, attr, scalars, algorithm), or the .binary overload (x, other, weight, bias, attr)
+            x, weight = shapes[0], shapes[1] if len(shapes) == 6 else shapes[2]
+            return 2 * _numel(x[:-1]) * x[-1] * weight[0], None
+        a, b = (shapes[1], shapes[2]) if name == "aten::addmm" else (shapes[0], shapes[1])
+        return 2 * _numel(a) * b[-1], None  # a (..., M, K), b (..., K, N)
+    if name == "aten::convolution":
+        weight = shapes[1]
+        return 2 * _conv_output_elements(event) * _numel(weight[1:]), None
+    if name == "aten::_scaled_dot_product_flash_attention_for_cpu":
+        q, k = shapes[0], shapes[1]  # (B, heads, N, d), (B, heads, Nkv, d)
+        return 4 * _numel(q) * k[2], None
+    if name in ("aten::native_layer_norm", "aten::gelu", "aten::_softmax"):
+        read = _bytes(event, 0)
+        return None, None if read is None else 2 * read
+    if name == "aten::copy_":
+        written, read = _bytes(event, 0), _bytes(event, 1)
+        return None, None if written is None or read is None else written + read
+    if name == "segformer_fast::fused_decode":
+        maps = [_bytes(event, i) for i in range(4)]
+        (batch, height, width, _), num_labels = shapes[0], shapes[5][0]
+        itemsize = ITEMSIZE.get(event.input_dtypes[0])
+        if itemsize is None or None in maps:
+            return None, None
+        return None, sum(maps) + batch * num_labels * height * width * itemsize
+    return None, None
+
+
+def summarize(events, forwards: int) -> dict:
+    """{category: {ms, flops, bytes, gflops_per_s, gb_per_s}} per forward from the events of ``forwards`` calls."""
+    totals = {name: {"us": 0.0, "flops": None, "bytes": None} for name in CATEGORIES}
+    for event in events:
+        category = category_of(event)
+        total = totals[category]
+        total["us"] += event.self_cpu_time_total
+        for key, value in zip(("flops", "bytes"), floors(event)):
+            if value is not None:
+                total[key] = (total[key] or 0) + value
+    summary = {}
+    for name, total in totals.items():
+        ms = total["us"] / 1e3 / forwards
+        flops = None if total["flops"] is None else total["flops"] // forwards
+        moved = None if total["bytes"] is None else total["bytes"] // forwards
+        summary[name] = {
+            "ms": ms,
+            "flops": flops,
+            "bytes": moved,
+            "gflops_per_s": flops / (ms * 1e6) if flops is not None and ms > 0 else None,
+            "gb_per_s": moved / (ms * 1e6) if moved is not None and ms > 0 else None,
+        }
+    return summary
+
+
+def top_ops(profiler, forwards: int, count: int = TOP_OPS) -> list:
+    """The ``count`` ops (grouped by name and input shapes) of most self CPU time, per forward."""
+    averages = sorted(profiler.key_averages(group_by_input_shape=True), key=lambda a: a.self_cpu_time_total,
+                      reverse=True)
+    return [
+        {"name": average.key, "input_shapes": average.input_shapes,
+         "ms": average.self_cpu_time_total / 1e3 / forwards, "calls": average.count / forwards}
+        for average in averages[:count]
+    ]
+
+
+# --------------------------------------------------------------------------------------------------- measuring
+
+
+def _gflops_per_s(fn, size: int) -> float:
+    return 2 * size**3 / (median_ms(fn, CPU, repeats=CEILING_CALLS, warmup=1) * 1e6)
+
+
+@torch.no_grad()
+def dtype_ceiling(dtype_name: str, size: int) -> dict:
+    """GFLOP/s of a size x size x size GEMM in one dtype, on oneDNN (a packed weight) and on ATen's ``F.linear``."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(size, size, generator=generator).to(DTYPES[dtype_name])
+    weight = torch.randn(size, size, generator=generator).to(DTYPES[dtype_name])
+    packed = torch_ops.pack_linear_weight(weight)
+    ceiling = {"aten_gflops_per_s": _gflops_per_s(lambda: F.linear(x, weight), size)}
+    if packed.is_mkldnn:
+        ceiling["onednn_gflops_per_s"] = _gflops_per_s(lambda: torch_ops.linear(x, packed), size)
+    else:
+        ceiling["onednn_gflops_per_s"] = None
+        ceiling["reason"] = f"oneDNN has no {dtype_name} GEMM here (torch_ops.pack_linear_weight left it plain)"
+    return ceiling
+
+
+def gemm_ceilings(dtype_names: list, size: int) -> dict:
+    """{"size", "calls", <dtype name>: :func:`dtype_ceiling`} for each profiled dtype."""
+    return {"size": size, "calls": CEILING_CALLS, **{name: dtype_ceiling(name, size) for name in dtype_names}}
+
+
+def profile_row(engine, variant: str, resolution: Resolution, batch: int, dtype_name: str, *, repeats: int,
+                warmup: int) -> dict:
+    """One row: warm-up, the median latency of ``LATENCY_CALLS`` plain calls, then ``repeats`` profiled calls."""
+    pixel_values = make_inputs(batch, resolution, CPU, DTYPES[dtype_name])
+    for _ in range(warmup):
+        engine.logits(pixel_values)
+    latency_ms = statistics.median(time_calls_ms(lambda: engine.logits(pixel_values), CPU, LATENCY_CALLS))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+        for _ in range(repeats):
+            engine.logits(pixel_values)
+    categories = summarize(profiler.events(), repeats)
+    return {
+        "variant": variant,
+        "height": resolution.height,
+        "width": resolution.width,
+        "num_labels": resolution.num_labels,
+        "batch": batch,
+        "dtype": dtype_name,
+        "repeats": repeats,
+        "latency_ms": latency_ms,
+        # the profiled ops' self time per forward: above latency_ms by the profiler's cost per op (large for the
+        # many small ops of small inputs) and by time the thread waited for the CPU
+        "profiled_ms": sum(category["ms"] for category in categories.values()),
+        "categories": categories,
+        "top_ops": top_ops(profiler, repeats),
+    }
+
+
+def format_row(row: dict, ceilings: dict) -> str:
+    """The row's header line, its category table and the GEMM rate against the ceiling."""
+    categories, total_ms = row["categories"], row["profiled_ms"]
+    cells = [
+        [name, format_number(category["ms"], 2),
+         format_number(100 * category["ms"] / total_ms if total_ms else None, 1),
+         format_number(category["gflops_per_s"]), format_number(category["gb_per_s"])]
+        for name, category in categories.items() if category["ms"] > 0 or category["flops"] or category["bytes"]
+    ]
+    lines = [f"{row['variant']} {row['height']}x{row['width']} batch {row['batch']} {row['dtype']}: latency "
+             f"{row['latency_ms']:.2f} ms (median of {LATENCY_CALLS} calls); profiled ops {total_ms:.2f} ms of self "
+             f"CPU time per forward",
+             console_table(["category", "ms", "%", "GFLOP/s", "GB/s"], cells, {0})]
+    ceiling = ceilings.get(row["dtype"], {}).get("onednn_gflops_per_s")
+    gemm_rate = categories["gemm"]["gflops_per_s"]
+    if ceiling and gemm_rate:
+        lines.append(f"gemm: {100 * gemm_rate / ceiling:.0f} % of the measured oneDNN {row['dtype']} GEMM ceiling "
+                     f"({ceiling:.0f} GFLOP/s at {ceilings['size']}^3)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- entry points
+
+
+def _resolutions_type(text: str) -> list:
+    try:
+        return [parse_resolution(item) for item in split_list(text)]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="profile_cpu.py",
+        description="Per-op CPU profile of the engine's forward by category, against FLOP / byte floors and the "
+                    "measured GEMM ceiling.")
+    variants = list_argument("variant", lambda: list(VARIANTS))
+    dtypes = list_argument("dtype", lambda: list(PROFILE_DTYPES))
+    parser.add_argument("--variants", nargs="+", type=variants, metavar="V", help="b0..b5 (default: b0 b2)")
+    parser.add_argument("--resolutions", nargs="+", type=_resolutions_type, metavar="R",
+                        help="ade (512x512, 150 labels), ade640, cityscapes (1024x2048, 19 labels), HxW or HxW:LABELS "
+                             "(default: ade)")
+    parser.add_argument("--batch", nargs="+", type=positive_int, metavar="N", help="batch sizes (default: 1 4)")
+    parser.add_argument("--dtype", nargs="+", type=dtypes, metavar="D", help="fp32, bf16 (default: both)")
+    parser.add_argument("--repeats", type=positive_int, help="profiled calls per row (default 5)")
+    parser.add_argument("--warmup", type=positive_int, help="untimed calls before each row (default 2)")
+    parser.add_argument("--ceiling-size", type=positive_int, help="M = N = K of the ceiling GEMM (default 2048)")
+    parser.add_argument("--out", type=Path,
+                        help="results JSON (default: benchmarks/results/profile-cpu-<YYYY-MM-DD>.json; replaced)")
+    parser.add_argument("--no-save", action="store_true", help="print the tables only, write no JSON")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: b0, 64x64, batch 1, fp32, 1 repeat, a 256^3 ceiling (explicit options win)")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> dict:
+    """The run's settings: the defaults (and --quick's) filled in where an option is not given."""
+    defaults = dict(DEFAULTS, **(QUICK if args.quick else {}))
+    return {
+        "variants": flatten(args.variants) or defaults["variants"],
+        "resolutions": flatten(args.resolutions) or [parse_resolution(r) for r in defaults["resolutions"]],
+        "batches": flatten(args.batch) or defaults["batch"],
+        "dtypes": flatten(args.dtype) or defaults["dtype"],
+        "repeats": args.repeats or defaults["repeats"],
+        "warmup": args.warmup or defaults["warmup"],
+        "ceiling_size": args.ceiling_size or defaults["ceiling_size"],
+    }
+
+
+def run(settings: dict, out_path: Path | None, command: str) -> int:
+    """Profile every row of ``settings`` (:func:`settings_from_args`); write the JSON to ``out_path`` unless None."""
+    wall_start = time.perf_counter()
+    malloc_tuned = malloc_tuning.keep_freed_memory()
+    notes = []
+    load = loadavg()
+    if machine_is_busy(load):
+        notes.append(f"the machine is busy (1-min load average {load[0]:.1f} on {os.cpu_count()} CPUs): times "
+                     "include contention with other processes")
+    say(f"torch {torch.__version__}; {torch.get_num_threads()} threads of {os.cpu_count()} CPUs; glibc malloc tuned: "
+        f"{malloc_tuned}")
+    for note in notes:
+        say(f"note: {note}")
+
+    ceilings = gemm_ceilings(settings["dtypes"], settings["ceiling_size"])
+    for name in settings["dtypes"]:
+        onednn = ceilings[name]["onednn_gflops_per_s"]
+        say(f"GEMM ceiling {name} at {settings['ceiling_size']}^3: oneDNN {format_number(onednn)} GFLOP/s, "
+            f"F.linear {format_number(ceilings[name]['aten_gflops_per_s'])} GFLOP/s")
+    document = {
+        "schema": SCHEMA,
+        **environment(CPU),
+        "settings": {
+            "variants": settings["variants"],
+            "resolutions": [f"{r.height}x{r.width}:{r.num_labels}" for r in settings["resolutions"]],
+            "batches": settings["batches"],
+            "dtypes": settings["dtypes"],
+            "repeats": settings["repeats"],
+            "warmup": settings["warmup"],
+            "latency_calls": LATENCY_CALLS,
+            "threads": torch.get_num_threads(),
+            "malloc_tuned": malloc_tuned,
+            "notes": notes,
+            "command": command,
+        },
+        "ceilings": ceilings,
+        "rows": [],
+    }
+    for variant in settings["variants"]:
+        for resolution in settings["resolutions"]:
+            for dtype_name in settings["dtypes"]:
+                model = Segformer(SegformerConfig(variant=variant, num_labels=resolution.num_labels)).eval()
+                engine = optimize(model, dtype=DTYPES[dtype_name])
+                for batch in settings["batches"]:
+                    row = profile_row(engine, variant, resolution, batch, dtype_name, repeats=settings["repeats"],
+                                      warmup=settings["warmup"])
+                    document["rows"].append(row)
+                    say("")
+                    say(format_row(row, ceilings))
+                    if out_path is not None:
+                        write_json(out_path, document)
+                del model, engine
+    if out_path is not None:
+        say(f"\nresults: {out_path} ({len(document['rows'])} rows)")
+    say(f"wall time: {time.perf_counter() - wall_start:.1f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    out_path = None
+    if not args.no_save:
+        out_path = args.out or RESULTS_DIR / f"profile-cpu-{datetime.date.today().isoformat()}.json"
+        try:
+            check_output_file(out_path, "--out results file")  # before the work, not after it
+        except ValueError as err:
+            print(f"profile_cpu.py: {err}", file=sys.stderr)
+            return 2
+    return run(settings_from_args(args), out_path, shlex.join(["profile_cpu.py", *argv]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
