@@ -81,8 +81,8 @@ LATENCY_CALLS = 10
 CEILING_CALLS = 3
 TOP_OPS = 15
 
-CATEGORIES = ("gemm", "attention softmax", "sdpa", "patch-embed conv", "depthwise conv", "gelu", "layer_norm",
-              "decoder", "copy", "other")
+CATEGORIES = ("gemm", "attention softmax", "sdpa", "patch-embed conv", "depthwise conv", "gelu",
+              "depthwise conv + gelu", "layer_norm", "decoder", "copy", "other")
 #: The ops that name a category; a convolution op names "patch-embed conv" or "depthwise conv" by its weight.
 CATEGORY_OF_OP = {
     "mkldnn::_linear_pointwise": "gemm", "aten::addmm": "gemm", "aten::mm": "gemm", "aten::bmm": "gemm",
@@ -92,6 +92,7 @@ CATEGORY_OF_OP = {
     "aten::gelu": "gelu",
     "aten::layer_norm": "layer_norm", "aten::native_layer_norm": "layer_norm",
     "segformer_fast::fused_decode": "decoder",
+    "segformer_fast::dwconv_gelu": "depthwise conv + gelu",
     "aten::copy_": "copy", "aten::clone": "copy",
 }
 #: The convolution ops (aten::conv2d down to the implementations); each takes (input, weight, ...) first.
@@ -183,6 +184,10 @@ def floors(event) -> tuple:
     if name == "aten::copy_":
         written, read = _bytes(event, 0), _bytes(event, 1)
         return None, None if written is None or read is None else written + read
+    if name == "segformer_fast::dwconv_gelu":
+        # (tokens, height, width, weight, bias): 9 multiply-adds per output; tokens read once, written once
+        read = _bytes(event, 0)
+        return 18 * _numel(shapes[0]), None if read is None else 2 * read
     if name == "segformer_fast::fused_decode":
         maps = [_bytes(event, i) for i in range(4)]
         (batch, height, width, _), num_labels = shapes[0], shapes[5][0]
