@@ -81,7 +81,7 @@ LATENCY_CALLS = 10
 CEILING_CALLS = 3
 TOP_OPS = 15
 
-CATEGORIES = ("gemm", "attention softmax", "sdpa", "patch-embed conv", "depthwise conv", "gelu",
+CATEGORIES = ("gemm", "attention softmax", "sdpa", "attention kernel", "patch-embed conv", "depthwise conv", "gelu",
               "depthwise conv + gelu", "layer_norm", "decoder", "copy", "other")
 #: The ops that name a category; a convolution op names "patch-embed conv" or "depthwise conv" by its weight.
 CATEGORY_OF_OP = {
@@ -93,6 +93,7 @@ CATEGORY_OF_OP = {
     "aten::layer_norm": "layer_norm", "aten::native_layer_norm": "layer_norm",
     "segformer_fast::fused_decode": "decoder",
     "segformer_fast::dwconv_gelu": "depthwise conv + gelu",
+    "segformer_fast::kv_attention": "attention kernel",
     "aten::copy_": "copy", "aten::clone": "copy",
 }
 #: The convolution ops (aten::conv2d down to the implementations); each takes (input, weight, ...) first.
@@ -184,6 +185,9 @@ def floors(event) -> tuple:
     if name == "aten::copy_":
         written, read = _bytes(event, 0), _bytes(event, 1)
         return None, None if written is None or read is None else written + read
+    if name == "segformer_fast::kv_attention":
+        q, kv = shapes[0], shapes[1]  # (B, N, C), (B, Nkv, 2C): q kᵀ and the product with v, over all heads
+        return 4 * _numel(q) * kv[1], None
     if name == "segformer_fast::dwconv_gelu":
         # (tokens, height, width, weight, bias): 9 multiply-adds per output; tokens read once, written once
         read = _bytes(event, 0)

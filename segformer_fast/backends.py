@@ -58,8 +58,12 @@ class TorchOps:
         return torch_ops.layer_norm(tokens, norm.weight, norm.bias, norm.eps)
 
     def attention(self, x_norm, residual, height, width, params: SRAttentionParams):
-        """residual + SR attention of the normalized tokens x_norm (B, h*w, C) on an h x w grid."""
-        return torch_ops.sr_attention(x_norm, residual, height, width, params)
+        """residual + SR attention of the normalized tokens x_norm (B, h*w, C) on an h x w grid: q and the merged
+        k/v projections, the extension's attention kernel (``ops.kv_attention``), the output projection with the
+        residual add in its epilogue."""
+        q = torch_ops.linear(x_norm, params.q_weight, params.q_bias)
+        attended = ops.kv_attention(q, torch_ops.sr_kv(x_norm, height, width, params), params.num_heads)
+        return torch_ops.linear(attended, params.o_weight, params.o_bias, residual)
 
     def mixffn(self, x_norm, residual, height, width, params: MixFFNParams):
         """residual + Mix-FFN of the normalized tokens x_norm (B, h*w, C) on an h x w grid: fc1, the extension's
@@ -82,6 +86,9 @@ class EagerOps(TorchOps):
     def prepare(self, stages: list, decoder: FoldedDecodeHead) -> tuple:
         """The prepared weights as they are (plain PyTorch GEMMs)."""
         return stages, decoder
+
+    def attention(self, x_norm, residual, height, width, params: SRAttentionParams):
+        return torch_ops.sr_attention(x_norm, residual, height, width, params)
 
     def mixffn(self, x_norm, residual, height, width, params: MixFFNParams):
         return torch_ops.mixffn(x_norm, height, width, params, residual=residual)

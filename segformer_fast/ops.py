@@ -5,6 +5,8 @@
 - :func:`upsample_argmax`: logits -> full-resolution labels, bilinear upsampling and argmax fused.
 - :func:`dwconv_gelu`: Mix-FFN's depthwise 3x3 conv + bias + exact GELU in one pass over channels-last tokens
   (a CPU kernel only: on CUDA the Triton Mix-FFN kernel fuses it into fc2).
+- :func:`kv_attention`: softmax(q kᵀ) v per head over SR attention's merged k/v, the scores never written (a CPU
+  kernel only: on CUDA the Triton flash SR-attention kernel does this).
 
 When the extension is built the functions call ``torch.ops.segformer_fast.*`` (CPU kernels always, CUDA kernels
 when built with CUDA). Otherwise, or for a device the build has no kernel for, they run an eager PyTorch fallback
@@ -38,7 +40,7 @@ def extension_available() -> bool:
 
 def _kernel_devices() -> dict:
     """{op name: device types with a compiled kernel}, computed once (plain lookups keep torch.compile tracing)."""
-    devices = {"fused_decode": frozenset(), "upsample_argmax": frozenset(), "dwconv_gelu": frozenset()}
+    devices = {name: frozenset() for name in ("fused_decode", "upsample_argmax", "dwconv_gelu", "kv_attention")}
     if _EXTENSION_ERROR is None:
         for op_name in devices:
             devices[op_name] = frozenset(
@@ -192,6 +194,38 @@ if extension_available():
         return torch.empty_like(tokens)
 
 
+def _check_kv_attention(q, kv, heads) -> None:
+    """The checks of csrc/kv_attention_cpu.cpp, with the same messages (used by the fake impl)."""
+    if q.dim() != 3:
+        raise RuntimeError(f"kv_attention: q must be 3-D (B, N, C), got a {q.dim()}-D tensor of shape {list(q.shape)}")
+    if kv.dim() != 3:
+        raise RuntimeError(
+            f"kv_attention: kv must be 3-D (B, Nkv, 2C), got a {kv.dim()}-D tensor of shape {list(kv.shape)}"
+        )
+    batch, _, channels = q.shape
+    if kv.shape[0] != batch or kv.shape[2] != 2 * channels:
+        raise RuntimeError(
+            f"kv_attention: kv must have shape (B, Nkv, 2C) = ({batch}, Nkv, {2 * channels}) for q of shape "
+            f"{list(q.shape)}, got {list(kv.shape)}"
+        )
+    if kv.shape[1] < 1:
+        raise RuntimeError(f"kv_attention: kv must have at least one token, got shape {list(kv.shape)}")
+    if heads < 1 or channels % heads:
+        raise RuntimeError(f"kv_attention: heads must divide C = {channels}, got {heads}")
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise RuntimeError(f"kv_attention: expected float32, float16 or bfloat16 inputs, got {q.dtype}")
+    if kv.dtype != q.dtype:
+        raise RuntimeError(f"kv_attention: dtype mismatch: q is {q.dtype} but kv is {kv.dtype}")
+
+
+if extension_available():
+
+    @torch.library.register_fake("segformer_fast::kv_attention")
+    def _kv_attention_fake(q, kv, heads):
+        _check_kv_attention(q, kv, heads)
+        return torch.empty_like(q)
+
+
 def fused_decode_eager(p1, p2, p3, p4, bias, cls_weight, cls_bias) -> torch.Tensor:
     """Eager PyTorch version of :func:`fused_decode` (fp32 arithmetic, result in the inputs' dtype)."""
     _check_fused_decode((p1, p2, p3, p4), bias, cls_weight, cls_bias)
@@ -231,6 +265,21 @@ def dwconv_gelu(tokens, height: int, width: int, weight, bias) -> torch.Tensor:
             return torch.ops.segformer_fast.dwconv_gelu(tokens.contiguous(), int(height), int(width), weight, bias)
         _warn_fallback("dwconv_gelu", tokens.device)
     return torch_ops.dwconv_gelu(tokens, height, width, weight, bias)
+
+
+def kv_attention(q, kv, heads: int) -> torch.Tensor:
+    """softmax(q kᵀ) v per head: q (B, N, C) projected and scaled, kv (B, Nkv, 2C) = [k | v], ``heads`` splitting C
+    head-major -> (B, N, C) in q's dtype, computed in fp32.
+
+    The extension's CPU kernel where it is built (scores kept per block of query rows in a thread-local buffer);
+    elsewhere, and while tracing, ``torch_ops.kv_attention``. CUDA has no kernel of its own here, by design: its SR
+    attention is the Triton flash kernel.
+    """
+    if q.device.type == "cpu" and not torch_ops.tracing():
+        if _has_kernel("kv_attention", q.device):
+            return torch.ops.segformer_fast.kv_attention(q.contiguous(), kv.contiguous(), int(heads))
+        _warn_fallback("kv_attention", q.device)
+    return torch_ops.kv_attention(q, kv, heads)
 
 
 def upsample_argmax(logits, height: int, width: int) -> torch.Tensor:

@@ -96,20 +96,25 @@ def sr_attention(x_norm, residual, H, W, params: SRAttentionParams):
     """Spatial-reduction attention of (B, H*W, C) normalized tokens, + residual (B, H*W, C) unless None.
 
     q = x Wqᵀ + bq (the scale d^-0.5 is already in Wq, bq), k/v from :func:`sr_kv`, softmax(q kᵀ) v per head
-    (head-major channel split), output projection + bias.
+    (:func:`kv_attention`), output projection + bias.
     """
-    batch, tokens, channels = x_norm.shape
-    heads, head_dim = params.num_heads, params.head_dim
     q = linear(x_norm, params.q_weight, params.q_bias)
-    kv = sr_kv(x_norm, H, W, params)
-    if x_norm.device.type == "cpu" and not tracing():
-        attended = _attention_by_row_chunks(q, kv, heads)
-    else:
-        q = q.view(batch, tokens, heads, head_dim).transpose(1, 2)
-        kv = kv.view(batch, -1, 2, heads, head_dim)
-        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-        attended = F.scaled_dot_product_attention(q, k, v, scale=1.0).transpose(1, 2).reshape(batch, tokens, channels)
+    attended = kv_attention(q, sr_kv(x_norm, H, W, params), params.num_heads)
     return linear(attended, params.o_weight, params.o_bias, residual)
+
+
+def kv_attention(q, kv, heads):
+    """softmax(q kᵀ) v per head: q (B, N, C) projected and scaled, kv (B, Nkv, 2C) = [k | v], heads splitting C
+    head-major -> (B, N, C). On CPU two oneDNN GEMMs per head and row block, elsewhere (and while tracing)
+    ``scaled_dot_product_attention``."""
+    if q.device.type == "cpu" and not tracing():
+        return _attention_by_row_chunks(q, kv, heads)
+    batch, tokens, channels = q.shape
+    head_dim = channels // heads
+    q = q.view(batch, tokens, heads, head_dim).transpose(1, 2)
+    kv = kv.view(batch, -1, 2, heads, head_dim)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, scale=1.0).transpose(1, 2).reshape(batch, tokens, channels)
 
 
 #: Query rows per score block of the CPU attention: the (rows, Nkv) scores stay at 4 Mi elements (16 MiB fp32).

@@ -386,7 +386,7 @@ def _b0_floors(height: int, width: int, num_labels: int) -> dict:
     from segformer_fast.config import MLP_RATIO, PATCH_SIZES, SR_RATIOS, STRIDES, VARIANTS
 
     dims, depths, decoder_dim = VARIANTS["b0"]
-    gemm = patch_conv = depthwise = norm_elements = 0
+    gemm = attention = patch_conv = depthwise = norm_elements = 0
     in_channels, stage_tokens = 3, []
     for channels, depth, ratio, kernel, stride in zip(dims, depths, SR_RATIOS, PATCH_SIZES, STRIDES):
         height = (height + 2 * (kernel // 2) - kernel) // stride + 1
@@ -396,9 +396,9 @@ def _b0_floors(height: int, width: int, num_labels: int) -> dict:
         block_gemm = (2 * tokens * channels * channels * 2  # q and o
                       + (2 * kv_tokens * ratio * ratio * channels * channels if ratio > 1 else 0)  # SR conv
                       + 2 * kv_tokens * channels * 2 * channels  # k | v
-                      + 2 * 2 * tokens * kv_tokens * channels  # q kᵀ and scores v over all heads
                       + 2 * 2 * tokens * channels * hidden)  # fc1 and fc2
         gemm += depth * block_gemm + 2 * tokens * channels * decoder_dim
+        attention += depth * 2 * 2 * tokens * kv_tokens * channels  # q kᵀ and scores v over all heads
         patch_conv += 2 * tokens * channels * kernel * kernel * in_channels
         depthwise += depth * 2 * tokens * hidden * 9
         sr_norm_elements = kv_tokens * channels if ratio > 1 else 0
@@ -406,7 +406,7 @@ def _b0_floors(height: int, width: int, num_labels: int) -> dict:
         in_channels = channels
         stage_tokens.append(tokens)
     gemm += 2 * stage_tokens[0] * decoder_dim * num_labels  # the classifier on the stage-1 grid
-    return {"gemm": gemm, "patch-embed conv": patch_conv, "depthwise conv": depthwise,
+    return {"gemm": gemm, "attention": attention, "patch-embed conv": patch_conv, "depthwise conv": depthwise,
             "layer_norm bytes": 2 * norm_elements * 4}
 
 
@@ -439,7 +439,14 @@ def test_profile_cpu_quick_run(tmp_path, capsys):
     # the depthwise conv runs in the extension's fused dwconv_gelu op where it is built, else as an ATen conv
     fused_depthwise = ops._has_kernel("dwconv_gelu", torch.device("cpu"))
     expected["depthwise conv + gelu" if fused_depthwise else "depthwise conv"] = expected.pop("depthwise conv")
-    for name in ("gemm", "patch-embed conv", "depthwise conv + gelu" if fused_depthwise else "depthwise conv"):
+    # attention's two GEMMs run in the extension's kv_attention op where it is built, else as oneDNN GEMMs
+    fused_attention = ops._has_kernel("kv_attention", torch.device("cpu"))
+    if fused_attention:
+        expected["attention kernel"] = expected.pop("attention")
+    else:
+        expected["gemm"] += expected.pop("attention")
+    for name in ("gemm", "patch-embed conv", "depthwise conv + gelu" if fused_depthwise else "depthwise conv",
+                 *(("attention kernel",) if fused_attention else ())):
         assert categories[name]["flops"] == expected[name], name
         assert categories[name]["ms"] > 0, name
         assert categories[name]["gflops_per_s"] == pytest.approx(expected[name] / (categories[name]["ms"] * 1e6))
@@ -448,7 +455,11 @@ def test_profile_cpu_quick_run(tmp_path, capsys):
     assert categories["layer_norm"]["bytes"] == expected["layer_norm bytes"]
     assert categories["layer_norm"]["flops"] is None and categories["layer_norm"]["gb_per_s"] > 0
     assert categories["sdpa"] == {"ms": 0.0, "flops": None, "bytes": None, "gflops_per_s": None, "gb_per_s": None}
-    assert categories["attention softmax"]["bytes"] > 0 and categories["other"]["flops"] is None
+    assert categories["other"]["flops"] is None
+    if fused_attention:  # the softmax runs inside the kernel
+        assert categories["attention softmax"]["ms"] == 0.0
+    else:
+        assert categories["attention softmax"]["bytes"] > 0
 
     top = row["top_ops"]
     assert 1 <= len(top) <= profile_cpu.TOP_OPS
