@@ -82,7 +82,7 @@ CEILING_CALLS = 3
 TOP_OPS = 15
 
 CATEGORIES = ("gemm", "attention softmax", "sdpa", "attention kernel", "patch-embed conv", "depthwise conv", "gelu",
-              "depthwise conv + gelu", "layer_norm", "decoder", "copy", "other")
+              "layer_norm", "decoder", "copy", "other")
 #: The ops that name a category; a convolution op names "patch-embed conv" or "depthwise conv" by its weight.
 CATEGORY_OF_OP = {
     "mkldnn::_linear_pointwise": "gemm", "aten::addmm": "gemm", "aten::mm": "gemm", "aten::bmm": "gemm",
@@ -92,7 +92,6 @@ CATEGORY_OF_OP = {
     "aten::gelu": "gelu",
     "aten::layer_norm": "layer_norm", "aten::native_layer_norm": "layer_norm",
     "segformer_fast::fused_decode": "decoder",
-    "segformer_fast::dwconv_gelu": "depthwise conv + gelu",
     "segformer_fast::kv_attention": "attention kernel",
     "aten::copy_": "copy", "aten::clone": "copy",
 }
@@ -188,10 +187,6 @@ def floors(event) -> tuple:
     if name == "segformer_fast::kv_attention":
         q, kv = shapes[0], shapes[1]  # (B, N, C), (B, Nkv, 2C): q kᵀ and the product with v, over all heads
         return 4 * _numel(q) * kv[1], None
-    if name == "segformer_fast::dwconv_gelu":
-        # (tokens, height, width, weight, bias): 9 multiply-adds per output; tokens read once, written once
-        read = _bytes(event, 0)
-        return 18 * _numel(shapes[0]), None if read is None else 2 * read
     if name == "segformer_fast::fused_decode":
         maps = [_bytes(event, i) for i in range(4)]
         (batch, height, width, _), num_labels = shapes[0], shapes[5][0]

@@ -58,10 +58,10 @@ void store_logits(const float* acc, const float* cls_bias, int64_t num_labels, i
   }
 }
 
-// out[k, p] = logits[p, k] in the output dtype (logits (pixels, K) fp32, the bias already added); out rows have
-// stride out_stride. Blocks of 16 pixels keep the transposed reads within a few cache lines.
-template <typename scalar_t>
-void store_pixel_major_logits(const float* logits, int64_t num_labels, int64_t pixels, scalar_t* out,
+// out[k, p] = logits[p, k] in the output dtype (logits (pixels, K) in fp32, or already in the output dtype, the bias
+// added); out rows have stride out_stride. Blocks of 16 pixels keep the transposed reads within a few cache lines.
+template <typename source_t, typename scalar_t>
+void store_pixel_major_logits(const source_t* logits, int64_t num_labels, int64_t pixels, scalar_t* out,
                               int64_t out_stride) {
   constexpr int64_t kBlock = 16;
   for (int64_t p0 = 0; p0 < pixels; p0 += kBlock) {

@@ -1,5 +1,5 @@
-// The segformer_fast operator library: schemas here, kernels in decode_cpu.cpp, dwconv_gelu_cpu.cpp and
-// kv_attention_cpu.cpp (CPU) and cuda_launch.cpp (CUDA).
+// The segformer_fast operator library: schemas here, kernels in decode_cpu.cpp and kv_attention_cpu.cpp (CPU) and
+// cuda_launch.cpp (CUDA).
 // Fake (meta) implementations for torch.compile / torch.export live in segformer_fast/ops.py.
 
 #include <Python.h>
@@ -21,9 +21,6 @@ TORCH_LIBRARY(segformer_fast, m) {
       "-> Tensor");
   // logits: (B, K, h, w) contiguous -> int64 labels (B, height, width).
   m.def("upsample_argmax(Tensor logits, int height, int width) -> Tensor");
-  // tokens: (B, H*W, C) contiguous channels-last; weight: (C, 1, 3, 3); bias: (C,) -> GELU(dwconv3x3(tokens) + bias),
-  // (B, H*W, C). CPU only (the CUDA path fuses it into the Mix-FFN's fc2 kernel).
-  m.def("dwconv_gelu(Tensor tokens, int height, int width, Tensor weight, Tensor bias) -> Tensor");
   // q: (B, N, C) contiguous, projected and scaled; kv: (B, Nkv, 2C) = [k | v]; heads split C head-major ->
   // softmax(q kᵀ) v per head, (B, N, C). CPU only (the CUDA path is the Triton flash SR-attention kernel).
   m.def("kv_attention(Tensor q, Tensor kv, int heads) -> Tensor");

@@ -66,11 +66,9 @@ class TorchOps:
         return torch_ops.linear(attended, params.o_weight, params.o_bias, residual)
 
     def mixffn(self, x_norm, residual, height, width, params: MixFFNParams):
-        """residual + Mix-FFN of the normalized tokens x_norm (B, h*w, C) on an h x w grid: fc1, the extension's
-        fused depthwise conv + GELU (``ops.dwconv_gelu``), fc2 with the residual add in its epilogue."""
-        hidden = torch_ops.linear(x_norm, params.fc1_weight, params.fc1_bias)
-        hidden = ops.dwconv_gelu(hidden, height, width, params.dw_weight, params.dw_bias)
-        return torch_ops.linear(hidden, params.fc2_weight, params.fc2_bias, residual)
+        """residual + Mix-FFN of the normalized tokens x_norm (B, h*w, C) on an h x w grid (fc2 with the residual
+        add in its epilogue)."""
+        return torch_ops.mixffn(x_norm, height, width, params, residual=residual)
 
     def decode(self, projected, decoder: FoldedDecodeHead):
         """The folded decode head's tail: the four projected stage maps (B, h_i, w_i, D) -> logits (B, K, h_1, w_1)
@@ -89,9 +87,6 @@ class EagerOps(TorchOps):
 
     def attention(self, x_norm, residual, height, width, params: SRAttentionParams):
         return torch_ops.sr_attention(x_norm, residual, height, width, params)
-
-    def mixffn(self, x_norm, residual, height, width, params: MixFFNParams):
-        return torch_ops.mixffn(x_norm, height, width, params, residual=residual)
 
     def decode(self, projected, decoder: FoldedDecodeHead):
         return torch_ops.fused_decode(*projected, decoder.bias, decoder.cls_weight, decoder.cls_bias)

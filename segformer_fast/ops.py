@@ -3,8 +3,6 @@
 - :func:`fused_decode`: four projected stage maps (channels-last) -> decoder logits, the bilinear upsampling, sum,
   folded bias, ReLU and classifier fused (see :mod:`segformer_fast.decoder_fold`).
 - :func:`upsample_argmax`: logits -> full-resolution labels, bilinear upsampling and argmax fused.
-- :func:`dwconv_gelu`: Mix-FFN's depthwise 3x3 conv + bias + exact GELU in one pass over channels-last tokens
-  (a CPU kernel only: on CUDA the Triton Mix-FFN kernel fuses it into fc2).
 - :func:`kv_attention`: softmax(q kᵀ) v per head over SR attention's merged k/v, the scores never written (a CPU
   kernel only: on CUDA the Triton flash SR-attention kernel does this).
 
@@ -40,7 +38,7 @@ def extension_available() -> bool:
 
 def _kernel_devices() -> dict:
     """{op name: device types with a compiled kernel}, computed once (plain lookups keep torch.compile tracing)."""
-    devices = {name: frozenset() for name in ("fused_decode", "upsample_argmax", "dwconv_gelu", "kv_attention")}
+    devices = {name: frozenset() for name in ("fused_decode", "upsample_argmax", "kv_attention")}
     if _EXTENSION_ERROR is None:
         for op_name in devices:
             devices[op_name] = frozenset(
@@ -159,41 +157,6 @@ if extension_available():
         return logits.new_empty((logits.shape[0], height, width), dtype=torch.int64)
 
 
-def _check_dwconv_gelu(tokens, height, width, weight, bias) -> None:
-    """The checks of csrc/dwconv_gelu_cpu.cpp, with the same messages (used by the fake impl)."""
-    if tokens.dim() != 3:
-        raise RuntimeError(
-            f"dwconv_gelu: tokens must be 3-D (B, H*W, C), got a {tokens.dim()}-D tensor of shape {list(tokens.shape)}"
-        )
-    if height <= 0 or width <= 0:
-        raise RuntimeError(f"dwconv_gelu: height and width must be positive, got ({height}, {width})")
-    if tokens.shape[1] != height * width:
-        raise RuntimeError(
-            f"dwconv_gelu: tokens have {tokens.shape[1]} tokens but the grid is {height} x {width} = {height * width}"
-        )
-    channels = tokens.shape[2]
-    if tuple(weight.shape) != (channels, 1, 3, 3):
-        raise RuntimeError(
-            f"dwconv_gelu: weight must have shape (C, 1, 3, 3) = ({channels}, 1, 3, 3), got {list(weight.shape)}"
-        )
-    if tuple(bias.shape) != (channels,):
-        raise RuntimeError(f"dwconv_gelu: bias must have shape (C,) = ({channels},), got {list(bias.shape)}")
-    if tokens.dtype not in _SUPPORTED_DTYPES:
-        raise RuntimeError(f"dwconv_gelu: expected float32, float16 or bfloat16 tokens, got {tokens.dtype}")
-    if weight.dtype != tokens.dtype or bias.dtype != tokens.dtype:
-        raise RuntimeError(
-            f"dwconv_gelu: dtype mismatch: tokens are {tokens.dtype}, weight {weight.dtype}, bias {bias.dtype}"
-        )
-
-
-if extension_available():
-
-    @torch.library.register_fake("segformer_fast::dwconv_gelu")
-    def _dwconv_gelu_fake(tokens, height, width, weight, bias):
-        _check_dwconv_gelu(tokens, height, width, weight, bias)
-        return torch.empty_like(tokens)
-
-
 def _check_kv_attention(q, kv, heads) -> None:
     """The checks of csrc/kv_attention_cpu.cpp, with the same messages (used by the fake impl)."""
     if q.dim() != 3:
@@ -250,21 +213,6 @@ def fused_decode(p1, p2, p3, p4, bias, cls_weight, cls_bias) -> torch.Tensor:
         return torch.ops.segformer_fast.fused_decode(p1, p2, p3, p4, bias, cls_weight, cls_bias)
     _warn_fallback("fused_decode", p1.device)
     return fused_decode_eager(p1, p2, p3, p4, bias, cls_weight, cls_bias)
-
-
-def dwconv_gelu(tokens, height: int, width: int, weight, bias) -> torch.Tensor:
-    """GELU(depthwise 3x3 conv (padding 1) of tokens + bias): tokens (B, H*W, C) channels-last, weight (C, 1, 3, 3),
-    bias (C,) -> (B, H*W, C) in the tokens' dtype, accumulated in fp32 and rounded once.
-
-    The extension's CPU kernel where it is built (one pass: eager PyTorch writes the conv output and reads it back
-    for GELU); elsewhere, and while tracing, ``torch_ops.dwconv_gelu``. CUDA has no kernel of its own here, by
-    design: its Mix-FFN is the Triton kernel, which fuses this into fc2.
-    """
-    if tokens.device.type == "cpu" and not torch_ops.tracing():
-        if _has_kernel("dwconv_gelu", tokens.device):
-            return torch.ops.segformer_fast.dwconv_gelu(tokens.contiguous(), int(height), int(width), weight, bias)
-        _warn_fallback("dwconv_gelu", tokens.device)
-    return torch_ops.dwconv_gelu(tokens, height, width, weight, bias)
 
 
 def kv_attention(q, kv, heads: int) -> torch.Tensor:
