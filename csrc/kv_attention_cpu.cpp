@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,155 @@ namespace attention_avx512 {
 }  // namespace attention_avx512
 #undef SEGFORMER_FAST_ATTENTION_AVX512
 #pragma GCC pop_options
+
+// bf16 inputs on a CPU with AVX512-BF16: both products as bf16 pair dot products (vdpbf16ps, fp32 accumulators),
+// twice the multiply-adds of fp32 FMAs per instruction. k is packed as k_pairs (d/2, Nkv, 2): the two channels of
+// a pair side by side for every key, so one 32-bit lane holds one key's pair; v as v_pairs (Nkv/2, d, 2), two keys
+// side by side for every channel. The probabilities are rounded to bf16 for the second product, as eager bf16
+// attention rounds them.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bf16,fma")
+namespace attention_bf16 {
+
+using attention_avx512::lanes_of;
+
+inline __m512 pair_dot(__m512 acc, __m512i pairs, __m512i other) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(pairs), reinterpret_cast<__m512bh>(other));
+}
+
+inline int32_t load_pair(const c10::BFloat16* pair) {
+  int32_t bits;
+  std::memcpy(&bits, pair, sizeof(bits));
+  return bits;
+}
+
+// scores[r, :] = q[r, :] kᵀ for kRows query rows (bf16, stride d), 64 keys at a time.
+template <int kRows>
+inline void score_rows(const c10::BFloat16* q, int64_t d, const c10::BFloat16* k_pairs, int64_t num_kv,
+                       float* scores) {
+  for (int64_t j = 0; j < num_kv; j += 64) {
+    __mmask16 lanes[4];
+    for (int c = 0; c < 4; ++c) {
+      lanes[c] = j + 16 * c < num_kv ? lanes_of(num_kv - j - 16 * c) : static_cast<__mmask16>(0);
+    }
+    __m512 acc[kRows][4];
+    for (int r = 0; r < kRows; ++r) {
+      for (int c = 0; c < 4; ++c) {
+        acc[r][c] = _mm512_setzero_ps();
+      }
+    }
+    for (int64_t p = 0; p < d / 2; ++p) {
+      __m512i key[4];
+      for (int c = 0; c < 4; ++c) {
+        key[c] = _mm512_maskz_loadu_epi32(lanes[c], k_pairs + 2 * (p * num_kv + j + 16 * c));
+      }
+      for (int r = 0; r < kRows; ++r) {
+        const __m512i query = _mm512_set1_epi32(load_pair(q + r * d + 2 * p));
+        for (int c = 0; c < 4; ++c) {
+          acc[r][c] = pair_dot(acc[r][c], query, key[c]);
+        }
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      for (int c = 0; c < 4; ++c) {
+        if (lanes[c]) {
+          _mm512_mask_storeu_ps(scores + r * num_kv + j + 16 * c, lanes[c], acc[r][c]);
+        }
+      }
+    }
+  }
+}
+
+// out[r, :] = (probabilities[r, :] v) * inv_sum[r] for kRows rows; probabilities bf16 with stride num_pairs * 2
+// (a zero after an odd last key), d = 16 * kVectors.
+template <int kRows, int kVectors>
+inline void value_rows(const c10::BFloat16* probabilities, int64_t num_pairs, const c10::BFloat16* v_pairs,
+                       int64_t d, const float* inv_sum, float* out) {
+  __m512 acc[kRows][kVectors];
+  for (int r = 0; r < kRows; ++r) {
+    for (int c = 0; c < kVectors; ++c) {
+      acc[r][c] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t t = 0; t < num_pairs; ++t) {
+    __m512i value[kVectors];
+    for (int c = 0; c < kVectors; ++c) {
+      value[c] = _mm512_loadu_si512(v_pairs + 2 * (t * d + 16 * c));
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i p = _mm512_set1_epi32(load_pair(probabilities + r * 2 * num_pairs + 2 * t));
+      for (int c = 0; c < kVectors; ++c) {
+        acc[r][c] = pair_dot(acc[r][c], p, value[c]);
+      }
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    const __m512 scale = _mm512_set1_ps(inv_sum[r]);
+    for (int c = 0; c < kVectors; ++c) {
+      _mm512_storeu_ps(out + r * d + 16 * c, _mm512_mul_ps(acc[r][c], scale));
+    }
+  }
+}
+
+template <int kVectors>
+inline void value_block(const c10::BFloat16* probabilities, int64_t rows, int64_t num_pairs,
+                        const c10::BFloat16* v_pairs, int64_t d, const float* inv_sum, float* out) {
+  constexpr int kBlockRows = kVectors <= 2 ? 8 : 4;
+  int64_t r = 0;
+  for (; r + kBlockRows <= rows; r += kBlockRows) {
+    value_rows<kBlockRows, kVectors>(probabilities + r * 2 * num_pairs, num_pairs, v_pairs, d, inv_sum + r,
+                                     out + r * d);
+  }
+  for (; r < rows; ++r) {
+    value_rows<1, kVectors>(probabilities + r * 2 * num_pairs, num_pairs, v_pairs, d, inv_sum + r, out + r * d);
+  }
+}
+
+// One row block: q_rows (rows, d) bf16 -> out_rows (rows, d) fp32. scores: rows * num_kv floats; probabilities:
+// rows * 2 * num_pairs bf16.
+inline void attend_block(const c10::BFloat16* q_rows, int64_t rows, int64_t d, const c10::BFloat16* k_pairs,
+                         const c10::BFloat16* v_pairs, int64_t num_kv, float* scores,
+                         c10::BFloat16* probabilities, float* out_rows) {
+  const int64_t num_pairs = (num_kv + 1) / 2;
+  float inv_sum[attention_avx512::kRowBlock];
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    score_rows<4>(q_rows + r * d, d, k_pairs, num_kv, scores + r * num_kv);
+  }
+  for (; r < rows; ++r) {
+    score_rows<1>(q_rows + r * d, d, k_pairs, num_kv, scores + r * num_kv);
+  }
+  for (r = 0; r < rows; ++r) {
+    float* row = scores + r * num_kv;
+    inv_sum[r] = 1.0f / attention_avx512::softmax_numerators(row, num_kv);
+    c10::BFloat16* rounded = probabilities + r * 2 * num_pairs;
+    int64_t j = 0;
+    for (; j + 16 <= num_kv; j += 16) {
+      const __m256bh packed = _mm512_cvtneps_pbh(_mm512_loadu_ps(row + j));
+      std::memcpy(rounded + j, &packed, sizeof(packed));
+    }
+    for (; j < 2 * num_pairs; ++j) {
+      rounded[j] = j < num_kv ? c10::BFloat16(row[j]) : c10::BFloat16(0.0f);
+    }
+  }
+  switch (d / 16) {
+    case 1:
+      value_block<1>(probabilities, rows, num_pairs, v_pairs, d, inv_sum, out_rows);
+      break;
+    case 2:
+      value_block<2>(probabilities, rows, num_pairs, v_pairs, d, inv_sum, out_rows);
+      break;
+    case 3:
+      value_block<3>(probabilities, rows, num_pairs, v_pairs, d, inv_sum, out_rows);
+      break;
+    default:
+      value_block<4>(probabilities, rows, num_pairs, v_pairs, d, inv_sum, out_rows);
+      break;
+  }
+}
+
+}  // namespace attention_bf16
+#pragma GCC pop_options
 #endif
 
 namespace {
@@ -55,6 +205,63 @@ bool use_avx512() {
   return false;
 #endif
 }
+
+// The bf16 pair-dot-product path: bf16 inputs, AVX512-BF16, head size a multiple of 16 up to 64.
+bool use_bf16_pairs(at::ScalarType dtype, int64_t head_dim) {
+#ifdef SEGFORMER_FAST_ATTENTION_DISPATCH
+  static const bool supported = use_avx512() && __builtin_cpu_supports("avx512bf16");
+  return supported && dtype == at::kBFloat16 && head_dim % 16 == 0 && head_dim <= 64;
+#else
+  (void)dtype;
+  (void)head_dim;
+  return false;
+#endif
+}
+
+#ifdef SEGFORMER_FAST_ATTENTION_DISPATCH
+void kv_attention_bf16_pairs(const at::Tensor& q, const at::Tensor& kv, int64_t heads, at::Tensor& out) {
+  const int64_t batch = q.size(0), tokens = q.size(1), channels = q.size(2), num_kv = kv.size(1);
+  const int64_t d = channels / heads;
+  const int64_t num_pairs = (num_kv + 1) / 2;
+  // k_pairs (B, heads, d/2, Nkv, 2); v_pairs (B, heads, Nkv/2, d, 2) over v padded with a zero key to even Nkv
+  const at::Tensor k = kv.narrow(2, 0, channels).view({batch, num_kv, heads, d / 2, 2});
+  const at::Tensor k_pairs = k.permute({0, 2, 3, 1, 4}).contiguous();
+  at::Tensor v = kv.narrow(2, channels, channels);
+  if (num_kv % 2) {
+    v = at::cat({v, at::zeros({batch, 1, channels}, v.options())}, 1);
+  }
+  const at::Tensor v_pairs = v.reshape({batch, num_pairs, 2, heads, d}).permute({0, 3, 1, 4, 2}).contiguous();
+  const auto* q_ptr = q.data_ptr<c10::BFloat16>();
+  const auto* k_ptr = k_pairs.data_ptr<c10::BFloat16>();
+  const auto* v_ptr = v_pairs.data_ptr<c10::BFloat16>();
+  auto* out_ptr = out.data_ptr<c10::BFloat16>();
+  const int64_t kRows = attention_avx512::kRowBlock;
+  const int64_t row_blocks = (tokens + kRows - 1) / kRows;
+  at::parallel_for(0, batch * heads * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<c10::BFloat16> q_rows(kRows * d), probabilities(kRows * 2 * num_pairs);
+    std::vector<float> out_rows(kRows * d), scores(kRows * num_kv);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t image_head = task / row_blocks;
+      const int64_t b = image_head / heads, h = image_head % heads;
+      const int64_t row_begin = (task % row_blocks) * kRows;
+      const int64_t rows = std::min(kRows, tokens - row_begin);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::memcpy(q_rows.data() + r * d, q_ptr + (b * tokens + row_begin + r) * channels + h * d,
+                    d * sizeof(c10::BFloat16));
+      }
+      attention_bf16::attend_block(q_rows.data(), rows, d, k_ptr + image_head * d * num_kv,
+                                   v_ptr + image_head * 2 * num_pairs * d, num_kv, scores.data(),
+                                   probabilities.data(), out_rows.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        c10::BFloat16* target = out_ptr + (b * tokens + row_begin + r) * channels + h * d;
+        for (int64_t c = 0; c < d; ++c) {
+          target[c] = c10::BFloat16(out_rows[r * d + c]);
+        }
+      }
+    }
+  });
+}
+#endif
 
 void check_kv_attention_inputs(const at::Tensor& q, const at::Tensor& kv, int64_t heads) {
   TORCH_CHECK(q.dim() == 3, "kv_attention: q must be 3-D (B, N, C), got a ", q.dim(), "-D tensor of shape ",
@@ -141,6 +348,12 @@ at::Tensor kv_attention_cpu(const at::Tensor& q, const at::Tensor& kv, int64_t h
       kv_attention_kernel<float>(q, kv, heads, out);
       break;
     case at::kBFloat16:
+#ifdef SEGFORMER_FAST_ATTENTION_DISPATCH
+      if (use_bf16_pairs(q.scalar_type(), q.size(2) / heads)) {
+        kv_attention_bf16_pairs(q, kv, heads, out);
+        break;
+      }
+#endif
       kv_attention_kernel<c10::BFloat16>(q, kv, heads, out);
       break;
     default:
