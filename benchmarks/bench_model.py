@@ -51,7 +51,7 @@ from segformer_fast.config import VARIANTS, SegformerConfig
 from segformer_fast.engine import optimize
 from segformer_fast.fileio import check_output_file
 from segformer_fast.model import Segformer
-from segformer_fast.runtime import DTYPES, is_out_of_memory, resolve_device
+from segformer_fast.runtime import DTYPES, cpu_has_fast_bf16, is_out_of_memory, resolve_device
 
 from bench_common import (
     PeakMemory,
@@ -339,8 +339,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         if opt_in:
             notes.append(f"opt-in on CPU, not run: {', '.join(opt_in)} "
                          f"(add e.g. --runners {' '.join(runners + opt_in)})")
-    if device.type == "cpu" and any(d in ("fp16", "bf16") for d in dtypes):
-        notes.append("fp16/bf16 on CPU are allowed but slow (few reduced-precision CPU kernels): not representative")
+    if device.type == "cpu" and "fp16" in dtypes:
+        notes.append("fp16 on CPU is allowed but slow (few fp16 CPU kernels): not representative")
+    if device.type == "cpu" and "bf16" in dtypes and not cpu_has_fast_bf16():
+        notes.append("bf16 on this CPU is emulated (no AVX512-BF16 or AMX): slower than fp32")
     return BenchConfig(
         device=device,
         variants=variants,

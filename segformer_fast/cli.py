@@ -26,7 +26,7 @@ from .palettes import palette_for
 from .predictors import ENGINES, make_predictor
 from .processing import output_size
 from .ray_segment import evaluate_with_ray, segment_with_ray
-from .runtime import DTYPES, parse_dtype, resolve_device
+from .runtime import DTYPES, cpu_has_fast_bf16, parse_dtype, resolve_device
 from .scaleout import SegmentSettings, check_model_classes, torchrun_world
 
 DESCRIPTION = (
@@ -35,8 +35,8 @@ DESCRIPTION = (
 )
 #: ``eval``'s inference modes: a score comes from one known mode, so the fallback mode "auto" is not offered.
 EVAL_MODES = ("whole", "slide")
-DTYPE_HELP = ("compute dtype (default fp32). fp16 and bf16 are for GPUs: on a CPU they run, usually slower than "
-              "fp32")
+DTYPE_HELP = ("compute dtype (default fp32). fp16 is for GPUs (on a CPU it runs, usually slower than fp32); bf16 is "
+              "fast on GPUs and on CPUs with AVX512-BF16 or AMX, elsewhere slower than fp32")
 #: Most names of ignored files shown in a summary line.
 SHOWN_NAMES = 5
 
@@ -47,11 +47,16 @@ def plural(count: int, noun: str) -> str:
 
 
 def note_half_precision_on_cpu(device: torch.device, dtype: torch.dtype) -> None:
-    """One line on stderr when a half-precision dtype will run on a CPU (it works, but is rarely faster)."""
-    if device.type == "cpu" and dtype != torch.float32:
-        name = "fp16" if dtype == torch.float16 else "bf16"
-        print(f"note: --dtype {name} on CPU is usually slower than fp32 (few CPU kernels are fast in half "
-              "precision); it is meant for GPUs", file=sys.stderr)
+    """One line on stderr when a half-precision dtype will run slowly on a CPU: fp16 always, bf16 on a CPU without
+    native bf16 (``runtime.cpu_has_fast_bf16``)."""
+    if device.type != "cpu" or dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_fast_bf16()):
+        return
+    if dtype == torch.float16:
+        print("note: --dtype fp16 on CPU is usually slower than fp32 (few CPU kernels are fast in fp16); it is meant "
+              "for GPUs", file=sys.stderr)
+    else:
+        print("note: --dtype bf16 on this CPU is usually slower than fp32 (it has no AVX512-BF16 or AMX, so bf16 is "
+              "emulated)", file=sys.stderr)
 
 
 def check_resize(resize: dict) -> None:

@@ -70,3 +70,11 @@ def is_out_of_memory(error: BaseException) -> bool:
         message = str(error).lower()
         return "out of memory" in message or "can't allocate memory" in message
     return False
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16): there bf16 is the CPU engine's fast dtype
+    (oneDNN's bf16 GEMMs and the extension's bf16 attention); elsewhere bf16 is emulated and slower than fp32."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    capabilities = get_capabilities() if get_capabilities is not None else {}
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from segformer_fast import Segformer, postprocess, preprocess
+from segformer_fast import Segformer, cli, postprocess, preprocess
 from segformer_fast.cli import main
 from segformer_fast.fileio import load_image
 from segformer_fast.palettes import overlay, palette_for
@@ -409,13 +409,24 @@ def test_help_is_plain_text_and_version_is_shown(capsys):
     assert capsys.readouterr().out.strip() == f"segformer-fast {__version__}"
 
 
-def test_half_precision_on_cpu_gets_a_note(checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_half_precision_on_cpu_gets_a_note(checkpoint, tmp_path, capsys, monkeypatch, fast_bf16):
+    """fp16 on a CPU always gets the note; bf16 only where the CPU has no native bf16."""
+    monkeypatch.setattr(cli, "cpu_has_fast_bf16", lambda: fast_bf16)
     _write_image(tmp_path / "a.png")
     assert main(["segment", str(tmp_path / "a.png"), "--model", str(checkpoint), "--out", str(tmp_path / "out"),
+                 "--size", "32", "32", "--engine", "reference", "--dtype", "fp16", "--device", "cpu",
+                 "--quiet"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "fp16 on CPU is usually slower than fp32" in notes[0]
+    assert main(["segment", str(tmp_path / "a.png"), "--model", str(checkpoint), "--out", str(tmp_path / "out16"),
                  "--size", "32", "32", "--engine", "reference", "--dtype", "bf16", "--device", "cpu",
                  "--quiet"]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
-    assert len(notes) == 1 and "bf16 on CPU is usually slower than fp32" in notes[0]
+    if fast_bf16:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and "bf16 on this CPU is usually slower than fp32" in notes[0]
     assert main(["segment", str(tmp_path / "a.png"), "--model", str(checkpoint), "--out", str(tmp_path / "out32"),
                  "--size", "32", "32", "--engine", "reference", "--device", "cpu", "--quiet"]) == 0
     assert "note:" not in capsys.readouterr().err
