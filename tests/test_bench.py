@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import bench_model as bench
+import bf16_agreement
 import make_table
 import profile_cpu
 import pytest
@@ -473,3 +474,37 @@ def test_profile_cpu_checks_its_options_before_the_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         profile_cpu.main(["--dtype", "fp16"])
     assert exit_info.value.code == 2 and "unknown dtype 'fp16'; valid: fp32, bf16" in capsys.readouterr().err
+
+
+def test_bf16_agreement_quick_run(tmp_path, capsys):
+    out = tmp_path / "agreement.json"
+    assert bf16_agreement.main(["--quick", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["schema"] == bf16_agreement.SCHEMA and results["settings"]["command"].endswith(str(out))
+    [row] = results["rows"]
+    assert (row["variant"], row["images"], row["height"], row["width"]) == ("b0", 1, 64, 64)
+    # bf16 follows fp32 closely but not exactly: labels mostly agree, logits differ a little
+    assert 0.5 < row["pixel_agreement"] <= 1.0
+    assert 0.0 < row["mean_abs_logit_difference"] <= row["max_abs_logit_difference"] < row["max_abs_logit"]
+    assert "labels agree on" in capsys.readouterr().out
+
+
+def test_bf16_agreement_checks_its_output_before_the_work(tmp_path):
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(ValueError, match="--out results file"):
+        bf16_agreement.main(["--quick", "--out", str(tmp_path / "folder.json")])
+
+
+def test_make_table_only_run_leaves_out_skipped_rows_and_names_why(tmp_path, capsys):
+    source = tmp_path / "cpu-2026-01-02.json"
+    rows = [_row("engine", 30.0), _row("ort-ours", None, dtype="bf16", status="skipped", reason="no bf16 ONNX"),
+            _row("ort-ours", None, dtype="bf16", batch=4, status="skipped", reason="no bf16 ONNX"),
+            _row("compile", None, status="OOM")]
+    source.write_text(json.dumps(_results(rows)))
+    assert make_table.main(["--only-run", str(source)]) == 0
+    text = capsys.readouterr().out
+    _, table = _markdown_table(text)
+    assert [(r["runner"], r["images/s"]) for r in table] == [("engine", "30.0"), ("compile", "OOM")]
+    assert text.count("- not run: ort-ours bf16: no bf16 ONNX") == 1
+    assert make_table.main([str(source)]) == 0
+    assert len(_markdown_table(capsys.readouterr().out)[1]) == 4
