@@ -145,9 +145,17 @@ def _attention_by_row_chunks(q, kv, heads):
 
 
 def dwconv_gelu(h, H, W, dw_weight, dw_bias):
-    """Depthwise 3x3 conv (padding 1) + bias + exact GELU of (B, H*W, C4) tokens; dw_weight (C4, 1, 3, 3)."""
+    """Depthwise 3x3 conv (padding 1) + bias + exact GELU of (B, H*W, C4) tokens; dw_weight (C4, 1, 3, 3).
+
+    On CPU in fp32 / bf16 (not while tracing) one oneDNN convolution with GELU fused as its post-op (1.2-1.5× the
+    conv followed by ATen's GELU at SegFormer's stage-1/2 shapes, benchmarks/NOTES.md); else the conv, then GELU."""
     batch, tokens, hidden_channels = h.shape
     grid = h.reshape(batch, H, W, hidden_channels)
+    if _runs_on_onednn(dw_weight) and hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        # oneDNN's depthwise conv with GELU (erf) as its post-op: one pass, channels-last in and out
+        conv_gelu = torch.ops.mkldnn._convolution_pointwise(
+            grid.permute(0, 3, 1, 2), dw_weight, dw_bias, [1, 1], [1, 1], [1, 1], hidden_channels, "gelu", [], "none")
+        return conv_gelu.permute(0, 2, 3, 1).reshape(batch, tokens, hidden_channels)
     if h.dtype == torch.float64:
         # the same sum as nine shifted slices: CPU conv2d in fp64 can take seconds per call
         padded = F.pad(grid, (0, 0, 1, 1, 1, 1))

@@ -216,6 +216,39 @@ def test_torch_ops_prepare_packs_gemm_weights_and_keeps_the_originals(dtype):
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
+# -------------------------------------------------------------------------------------- depthwise conv + GELU
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 16, 16, 128), (2, 7, 5, 19), (1, 1, 6, 40), (3, 4, 1, 33)])
+def test_dwconv_gelu_matches_fp64_and_runs_as_one_onednn_conv(dtype, shape):
+    batch, height, width, channels = shape
+    generator = torch.Generator().manual_seed(sum(shape))
+    tokens = torch.randn(batch, height * width, channels, generator=generator, dtype=torch.float64)
+    weight = torch.randn(channels, 1, 3, 3, generator=generator, dtype=torch.float64) / 3
+    bias = 0.5 * torch.randn(channels, generator=generator, dtype=torch.float64)
+    reference = torch_ops.dwconv_gelu(tokens, height, width, weight, bias)  # fp64: nine shifted slices
+    args = (tokens.to(dtype), height, width, weight.to(dtype), bias.to(dtype))
+    got = torch_ops.dwconv_gelu(*args)
+    assert got.dtype == dtype and got.shape == tokens.shape and got.is_contiguous()
+    conv = F.conv2d(args[0].reshape(batch, height, width, channels).permute(0, 3, 1, 2), args[3], args[4], padding=1,
+                    groups=channels)
+    eager = F.gelu(conv.permute(0, 2, 3, 1).reshape(tokens.shape))  # the conv, then GELU, in the same dtype
+    assert_within_tolerance(got, reference, dtype, eager)
+    ops_run = _ops_run(lambda: torch_ops.dwconv_gelu(*args))
+    if ONEDNN and hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        assert "mkldnn::_convolution_pointwise" in ops_run and "aten::gelu" not in ops_run
+
+
+def test_traced_dwconv_gelu_uses_standard_ops():
+    generator = torch.Generator().manual_seed(6)
+    weight, bias = torch.randn(8, 1, 3, 3, generator=generator), torch.randn(8, generator=generator)
+    tokens = torch.randn(1, 20, 8, generator=generator)
+    traced = torch.jit.trace(lambda h: torch_ops.dwconv_gelu(h, 4, 5, weight, bias), tokens)
+    assert "mkldnn" not in str(traced.graph) and "gelu" in str(traced.graph)
+    assert torch.allclose(traced(tokens), torch_ops.dwconv_gelu(tokens, 4, 5, weight, bias), atol=1e-5)
+
+
 #: Prints what keep_freed_memory() returned and whether a fresh 64 MiB malloc was mmap-ed (glibc's mallinfo2
 #: counts mmap-ed blocks in hblks). glibc mmaps blocks above 32 MiB at most by default; tuned, the threshold is
 #: 256 MiB and the block comes from the heap.
