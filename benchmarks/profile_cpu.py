@@ -12,7 +12,8 @@ glibc malloc is tuned first (``segformer_fast.malloc_tuning``), as the engine do
 
 Categories: each profiler event's self CPU time goes to the category of the nearest op, the event itself or an
 enclosing one, that names a category (``CATEGORY_OF_OP``; a convolution is "depthwise conv" when its weight has
-one input channel per group, else "patch-embed conv"); events under no such op are "other". So the copies that
+one input channel per group, else "patch-embed conv"; the engine's depthwise conv carries Mix-FFN's GELU as a
+oneDNN post-op, so on CPU "depthwise conv" includes that GELU); events under no such op are "other". So the copies that
 ``.contiguous()`` makes inside an op count as "copy", and the decoder's inner classifier GEMM counts as "gemm",
 leaving "decoder" the fused op's own upsample-sum-ReLU work. Times are averaged per forward.
 
@@ -97,7 +98,8 @@ CATEGORY_OF_OP = {
 }
 #: The convolution ops (aten::conv2d down to the implementations); each takes (input, weight, ...) first.
 CONV_OPS = ("aten::conv2d", "aten::convolution", "aten::_convolution", "aten::mkldnn_convolution",
-            "aten::thnn_conv2d", "aten::_slow_conv2d_forward", "aten::_nnpack_spatial_convolution")
+            "aten::thnn_conv2d", "aten::_slow_conv2d_forward", "aten::_nnpack_spatial_convolution",
+            "mkldnn::_convolution_pointwise")
 #: The GEMM ops whose FLOPs are counted (an enclosing aten::linear / aten::matmul calls one of these).
 GEMM_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::bmm")
 #: Bytes per element of the dtype names the profiler records.
@@ -146,9 +148,13 @@ def _under_gemm(event) -> bool:
 
 
 def _conv_output_elements(event) -> int:
-    """Output elements of an ``aten::convolution(input, weight, bias, stride, padding, dilation, ...)`` event."""
+    """Output elements of an ``aten::convolution(input, weight, bias, stride, padding, dilation, ...)`` or a
+    ``mkldnn::_convolution_pointwise(input, weight, bias, padding, stride, dilation, ...)`` event."""
     input_shape, weight_shape = event.input_shapes[0], event.input_shapes[1]
-    stride, padding, dilation = event.concrete_inputs[3:6]
+    if event.name == "mkldnn::_convolution_pointwise":
+        padding, stride, dilation = event.concrete_inputs[3:6]
+    else:
+        stride, padding, dilation = event.concrete_inputs[3:6]
     spatial = [
         (size + 2 * pad - dil * (kernel - 1) - 1) // step + 1
         for size, kernel, step, pad, dil in zip(input_shape[2:], weight_shape[2:], stride, padding, dilation)
@@ -172,7 +178,7 @@ def floors(event) -> tuple:
             return 2 * _numel(x[:-1]) * x[-1] * weight[0], None
         a, b = (shapes[1], shapes[2]) if name == "aten::addmm" else (shapes[0], shapes[1])
         return 2 * _numel(a) * b[-1], None  # a (..., M, K), b (..., K, N)
-    if name == "aten::convolution":
+    if name in ("aten::convolution", "mkldnn::_convolution_pointwise"):  # the depthwise conv's GELU is not counted
         weight = shapes[1]
         return 2 * _conv_output_elements(event) * _numel(weight[1:]), None
     if name == "aten::_scaled_dot_product_flash_attention_for_cpu":
