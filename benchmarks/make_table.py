@@ -35,7 +35,8 @@ def main(argv=None) -> int:
             skipped = [row for row in rows if row.get("status") == "skipped"]
             results = {**results, "rows": [row for row in rows if row.get("status") != "skipped"]}
             reasons = sorted({f"{row['runner']} {row['dtype']}: {row.get('reason', 'skipped')}" for row in skipped})
-            parts.append(render_markdown(results) + "".join(f"- not run: {reason}\n" for reason in reasons))
+            not_run = "".join(f"- not run: {reason}\n" for reason in reasons)
+            parts.append(render_markdown(results) + (f"\n{not_run}" if not_run else ""))
         else:
             parts.append(render_markdown(results))
     text = "\n".join(parts)

@@ -183,7 +183,11 @@ def test_defaults_and_resolutions():
     quick = bench.config_from_args(parser.parse_args(["--device", "cpu", "--quick", "--variants", "b1", "b2"]))
     assert quick.variants == ["b1", "b2"] and quick.repeats == 1 and "compile" not in quick.runners
     half = bench.config_from_args(parser.parse_args(["--device", "cpu", "--dtype", "bf16", "fp32,bf16"]))
-    assert half.dtypes == ["bf16", "fp32"] and any("slow" in note for note in half.notes)
+    # bf16 gets a note only where the CPU emulates it; fp16 always
+    assert half.dtypes == ["bf16", "fp32"]
+    assert any("emulated" in note for note in half.notes) == (not bench.cpu_has_fast_bf16())
+    fp16 = bench.config_from_args(parser.parse_args(["--device", "cpu", "--dtype", "fp16"]))
+    assert any("fp16 on CPU is allowed but slow" in note for note in fp16.notes)
     assert bench.parse_resolution("cityscapes") == bench.Resolution("cityscapes", 1024, 2048, 19)
     assert bench.parse_resolution("768X1536:19") == bench.Resolution("768x1536:19", 768, 1536, 19)
     large = bench.BenchConfig(torch.device("cuda"), ["b0"], [], None, ["fp32"], ["reference"], 1, 1, 1.0)
@@ -288,14 +292,16 @@ def test_scripts_run_from_anywhere_without_path_patches(tmp_path):
 
 
 def test_saved_cpu_results_render_the_readme_table(capsys):
-    """The README's CPU table is make_table.py's rendering of the saved results file, line for line."""
+    """The README's CPU table is make_table.py's rendering (``--only-run``) of the saved results file, line for line."""
     source = ROOT / "benchmarks" / "results" / "cpu-amd-epyc-2026-11-30.json"
-    assert make_table.main([str(source)]) == 0
-    rendered = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert make_table.main(["--only-run", str(source)]) == 0
+    rendered = capsys.readouterr().out.splitlines()
     readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
-    assert len(rendered) == 31  # caption, header, separator and 28 rows
+    rows = [line for line in rendered if line.startswith("| B")]
+    assert len(rows) == 40  # B0 and B2, batch 1 and 4: 7 runners in fp32, 3 that run bf16
+    assert sum(line.startswith("- not run: ") for line in rendered) == 4  # ONNX Runtime / OpenVINO in bf16
     start = readme.index(rendered[0])
-    assert readme[start + 2:start + 2 + len(rendered) - 1] == rendered[1:]
+    assert readme[start:start + len(rendered)] == rendered
 
 
 def test_existing_results_are_merged_or_kept(tmp_path, registry):
