@@ -147,8 +147,9 @@ def _attention_by_row_chunks(q, kv, heads):
 def dwconv_gelu(h, H, W, dw_weight, dw_bias):
     """Depthwise 3x3 conv (padding 1) + bias + exact GELU of (B, H*W, C4) tokens; dw_weight (C4, 1, 3, 3).
 
-    On CPU in fp32 / bf16 (not while tracing) one oneDNN convolution with GELU fused as its post-op (1.2-1.5× the
-    conv followed by ATen's GELU at SegFormer's stage-1/2 shapes, benchmarks/NOTES.md); else the conv, then GELU."""
+    On CPU in fp32 / bf16 (not while tracing) one oneDNN convolution with GELU fused as its post-op (up to 1.5× the
+    conv followed by ATen's GELU at SegFormer's stage-1 shapes, 1.02-1.04× end to end: benchmarks/NOTES.md); else
+    the conv, then GELU."""
     batch, tokens, hidden_channels = h.shape
     grid = h.reshape(batch, H, W, hidden_channels)
     if _runs_on_onednn(dw_weight) and hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
