@@ -23,12 +23,12 @@
 #include <type_traits>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "bilinear.h"
 #include "checks.h"
+#include "cpu_dispatch.h"
 
 namespace segformer_fast {
 namespace base {
@@ -51,12 +51,8 @@ constexpr int64_t TARGET_GEMM_PIXELS = 512;
 
 bool use_avx2() {
 #ifdef SEGFORMER_FAST_AVX2_DISPATCH
-  // SEGFORMER_FAST_CPU_BASELINE=1 keeps the baseline loops (read once; the tests compare both paths)
-  static const bool supported = [] {
-    const char* baseline = std::getenv("SEGFORMER_FAST_CPU_BASELINE");
-    const bool forced = baseline != nullptr && std::string(baseline) == "1";
-    return !forced && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
+  static const bool supported =
+      !cpu_baseline_forced() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return supported;
 #else
   return false;
@@ -158,7 +154,8 @@ void fused_decode_kernel(const std::array<const at::Tensor*, 4>& maps, const at:
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> hidden(rows_per_task * width * dim);
     std::vector<float> blend(max_in_width * dim);
-    std::vector<float> acc(num_labels * rows_per_task * width);
+    // the classifier's output for ATen's mm, only where oneDNN is missing (oneDNN returns its own tensor)
+    std::vector<float> acc(onednn_linear() == nullptr ? num_labels * rows_per_task * width : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks;
       const int64_t y_begin = (task % chunks) * rows_per_task;

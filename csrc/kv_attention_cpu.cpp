@@ -15,10 +15,10 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
+
+#include "cpu_dispatch.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
@@ -194,16 +194,27 @@ namespace {
 
 bool use_avx512() {
 #ifdef SEGFORMER_FAST_ATTENTION_DISPATCH
-  // SEGFORMER_FAST_CPU_BASELINE=1 keeps the baseline loops (read once; the tests compare both paths)
-  static const bool supported = [] {
-    const char* baseline = std::getenv("SEGFORMER_FAST_CPU_BASELINE");
-    const bool forced = baseline != nullptr && std::string(baseline) == "1";
-    return !forced && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-  }();
+  static const bool supported =
+      !cpu_baseline_forced() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
   return supported;
 #else
   return false;
 #endif
+}
+
+// One task of the parallel loop: a block of at most kRowBlock query rows of one (image, head).
+struct RowBlock {
+  int64_t image_head;      // b * heads + h: the index of the packed k / v of this (image, head)
+  int64_t first_token;     // b * N + the block's first row: q and out rows are first_token + r
+  int64_t first_channel;   // h * d: the head's channels in q and out
+  int64_t rows;
+};
+
+RowBlock row_block(int64_t task, int64_t row_blocks, int64_t heads, int64_t tokens, int64_t head_dim) {
+  const int64_t image_head = task / row_blocks;
+  const int64_t row_begin = (task % row_blocks) * attention_base::kRowBlock;
+  return {image_head, (image_head / heads) * tokens + row_begin, (image_head % heads) * head_dim,
+          std::min(attention_base::kRowBlock, tokens - row_begin)};
 }
 
 // The bf16 pair-dot-product path: bf16 inputs, AVX512-BF16, head size a multiple of 16 up to 64.
@@ -241,19 +252,16 @@ void kv_attention_bf16_pairs(const at::Tensor& q, const at::Tensor& kv, int64_t 
     std::vector<c10::BFloat16> q_rows(kRows * d), probabilities(kRows * 2 * num_pairs);
     std::vector<float> out_rows(kRows * d), scores(kRows * num_kv);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t image_head = task / row_blocks;
-      const int64_t b = image_head / heads, h = image_head % heads;
-      const int64_t row_begin = (task % row_blocks) * kRows;
-      const int64_t rows = std::min(kRows, tokens - row_begin);
-      for (int64_t r = 0; r < rows; ++r) {
-        std::memcpy(q_rows.data() + r * d, q_ptr + (b * tokens + row_begin + r) * channels + h * d,
+      const RowBlock block = row_block(task, row_blocks, heads, tokens, d);
+      for (int64_t r = 0; r < block.rows; ++r) {
+        std::memcpy(q_rows.data() + r * d, q_ptr + (block.first_token + r) * channels + block.first_channel,
                     d * sizeof(c10::BFloat16));
       }
-      attention_bf16::attend_block(q_rows.data(), rows, d, k_ptr + image_head * d * num_kv,
-                                   v_ptr + image_head * 2 * num_pairs * d, num_kv, scores.data(),
+      attention_bf16::attend_block(q_rows.data(), block.rows, d, k_ptr + block.image_head * d * num_kv,
+                                   v_ptr + block.image_head * 2 * num_pairs * d, num_kv, scores.data(),
                                    probabilities.data(), out_rows.data());
-      for (int64_t r = 0; r < rows; ++r) {
-        c10::BFloat16* target = out_ptr + (b * tokens + row_begin + r) * channels + h * d;
+      for (int64_t r = 0; r < block.rows; ++r) {
+        c10::BFloat16* target = out_ptr + (block.first_token + r) * channels + block.first_channel;
         for (int64_t c = 0; c < d; ++c) {
           target[c] = c10::BFloat16(out_rows[r * d + c]);
         }
@@ -303,18 +311,16 @@ void kv_attention_kernel(const at::Tensor& q, const at::Tensor& kv, int64_t head
   at::parallel_for(0, batch * heads * row_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q_rows(kRows * d), out_rows(kRows * d), scores(kRows * num_kv);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t image_head = task / row_blocks;
-      const int64_t b = image_head / heads, h = image_head % heads;
-      const int64_t row_begin = (task % row_blocks) * kRows;
-      const int64_t rows = std::min(kRows, tokens - row_begin);
+      const RowBlock block = row_block(task, row_blocks, heads, tokens, d);
+      const int64_t rows = block.rows;
       for (int64_t r = 0; r < rows; ++r) {
-        const scalar_t* source = q_ptr + (b * tokens + row_begin + r) * channels + h * d;
+        const scalar_t* source = q_ptr + (block.first_token + r) * channels + block.first_channel;
         for (int64_t c = 0; c < d; ++c) {
           q_rows[r * d + c] = static_cast<float>(source[c]);
         }
       }
-      const float* k_t_head = k_t_ptr + image_head * d * num_kv;
-      const float* v_head = v_ptr + image_head * num_kv * d;
+      const float* k_t_head = k_t_ptr + block.image_head * d * num_kv;
+      const float* v_head = v_ptr + block.image_head * num_kv * d;
 #ifdef SEGFORMER_FAST_ATTENTION_DISPATCH
       if (avx512 && attention_avx512::vectorized_head_dim(d)) {
         attention_avx512::attend_block(q_rows.data(), rows, d, k_t_head, v_head, num_kv, scores.data(),
@@ -327,7 +333,7 @@ void kv_attention_kernel(const at::Tensor& q, const at::Tensor& kv, int64_t head
       attention_base::attend_block(q_rows.data(), rows, d, k_t_head, v_head, num_kv, scores.data(), out_rows.data());
 #endif
       for (int64_t r = 0; r < rows; ++r) {
-        scalar_t* target = out_ptr + (b * tokens + row_begin + r) * channels + h * d;
+        scalar_t* target = out_ptr + (block.first_token + r) * channels + block.first_channel;
         for (int64_t c = 0; c < d; ++c) {
           target[c] = static_cast<scalar_t>(out_rows[r * d + c]);
         }
