@@ -9,8 +9,15 @@
   fp32 results stay within the fp32 tolerance floor of 1e-4).
 - ``ref_dtype``: the dtype every ``*_ref`` computes in (the kernels' references are ``segformer_fast.torch_ops``
   run in that dtype).
+- ``Launch`` / ``pick_launch`` / ``WAVE_BLOCKS``: every launcher computes its grid and tile sizes in a pure
+  function of the shapes (``*_launch``), so a CPU test can count the blocks of every launch the engine makes
+  (``tests/kernels/test_launch_grids.py``). A launch should have at least a wave of blocks (one per SM of an
+  H100/H200: 132); the functions take the largest tiles that give a wave, and where even the smallest tiles
+  cannot, the most blocks there are and the reason in ``Launch.reason``.
 """
 
+import dataclasses
+import math
 import os
 
 import torch
@@ -19,6 +26,46 @@ import triton.language as tl
 
 from segformer_fast.prepared import check_tensor
 from segformer_fast.runtime import COMPUTE_DTYPES
+
+#: Streaming multiprocessors of an H100 SXM / H200: a launch with fewer blocks leaves SMs idle.
+WAVE_BLOCKS = 132
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a launcher makes it: the grid, the compile-time tile sizes, warps and stages.
+
+    reason: empty when the grid has at least a wave of blocks, else why it cannot have more.
+    """
+
+    kernel: str
+    grid: tuple
+    meta: dict
+    num_warps: int
+    num_stages: int
+    reason: str = ""
+
+    @property
+    def blocks(self) -> int:
+        return math.prod(self.grid)
+
+
+def wave_blocks() -> int:
+    """The blocks a launch should reach (``WAVE_BLOCKS``, read at call time so tests can lower it)."""
+    return WAVE_BLOCKS
+
+
+def pick_launch(candidates, why_fewer: str = "") -> Launch:
+    """The first of ``candidates`` (largest tiles first) with at least a wave of blocks; else the one with the
+    most blocks (the first of those), its reason saying that the smallest tiles give no more (plus ``why_fewer``)."""
+    candidates = list(candidates)
+    wave = wave_blocks()
+    for launch in candidates:
+        if launch.blocks >= wave:
+            return launch
+    best = max(candidates, key=lambda launch: launch.blocks)
+    reason = f"{best.blocks} blocks at the smallest tiles allowed ({best.meta}), fewer than a wave of {wave}"
+    return dataclasses.replace(best, reason=reason + (f": {why_fewer}" if why_fewer else ""))
 
 
 def interpreting() -> bool:

@@ -8,7 +8,9 @@
 
 Statistics (mean, then the variance of the centred values) are computed in fp32 for every input dtype, so fp16
 inputs of magnitude 1e4 do not overflow (x² would in fp16). One program normalizes BLOCK_T rows of
-BLOCK_C = next_power_of_2(C) channels; any C up to 8192 works in one pass (SegFormer uses 32...512).
+BLOCK_C = next_power_of_2(C) channels; any C up to 8192 works in one pass (SegFormer uses 32...512). BLOCK_T is
+the largest power of two up to 64 rows (8192 elements) that still gives a wave of blocks (``layer_norm_launch``);
+the patch-embed variant keeps at least 16 tokens per block, its contiguous axis, so its loads stay coalesced.
 """
 
 import triton
@@ -17,7 +19,7 @@ import triton.language as tl
 from segformer_fast import torch_ops
 from segformer_fast.prepared import check_tensor
 
-from .common import check_compute_dtype, check_device, check_out, ref_dtype
+from .common import Launch, check_compute_dtype, check_device, check_out, pick_launch, ref_dtype
 
 MAX_CHANNELS = 8192
 
@@ -59,11 +61,27 @@ def _check_params(x, C, weight, bias, eps):
         raise ValueError(f"x: expected at most {MAX_CHANNELS} channels, got {C}")
 
 
-def _blocks(C, rows_per_program):
+def layer_norm_launch(T, C, batch=1, *, patch_embed=False) -> Launch:
+    """The grid and tiles of ``layer_norm`` (T rows of C; ``batch`` 1) or of ``patch_embed_layer_norm`` (T = H*W
+    tokens per image, ``batch`` images): BLOCK_T from the largest (64 rows, at most 8192 elements; 128 tokens for
+    the patch embed) down to 1 (16 for the patch embed) until the grid has a wave of blocks."""
     BLOCK_C = triton.next_power_of_2(C)
-    BLOCK_T = max(1, min(rows_per_program, 8192 // BLOCK_C))
-    num_warps = 8 if BLOCK_T * BLOCK_C >= 8192 else 4
-    return BLOCK_T, BLOCK_C, num_warps
+    largest = max(1, min(128 if patch_embed else 64, 8192 // BLOCK_C))
+    smallest = min(16, largest) if patch_embed else 1
+    sizes = []
+    block_t = largest
+    while block_t >= smallest:
+        sizes.append(block_t)
+        block_t //= 2
+    if patch_embed and largest < 16:
+        sizes = [16]  # tokens are the contiguous axis here: keep the loads coalesced
+
+    def make(block_t):
+        return Launch("_layer_norm_kernel", (triton.cdiv(T, block_t), batch),
+                      {"BLOCK_T": block_t, "BLOCK_C": BLOCK_C},
+                      num_warps=8 if block_t * BLOCK_C >= 8192 else 4, num_stages=3)
+
+    return pick_launch(map(make, sizes))
 
 
 def layer_norm(x, weight, bias, eps, residual=None, out=None, out_sum=None):
@@ -88,11 +106,11 @@ def layer_norm(x, weight, bias, eps, residual=None, out=None, out_sum=None):
     s = check_out(out_sum, tuple(x.shape), x) if residual is not None else y
     T = x.numel() // C if C else 0
     if T:
-        BLOCK_T, BLOCK_C, num_warps = _blocks(C, 64)
-        _layer_norm_kernel[(triton.cdiv(T, BLOCK_T), 1)](
+        launch = layer_norm_launch(T, C)
+        _layer_norm_kernel[launch.grid](
             x, residual if residual is not None else x, weight, bias, y, s,
             T, C, 0, C, 1, float(eps),
-            HAS_RESIDUAL=residual is not None, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=num_warps,
+            HAS_RESIDUAL=residual is not None, **launch.meta, num_warps=launch.num_warps,
         )
     return (y, s) if residual is not None else y
 
@@ -111,12 +129,11 @@ def patch_embed_layer_norm(x, weight, bias, eps, out=None):
     T = H * W
     y = check_out(out, (B, T, C), x)
     if B and T and C:
-        BLOCK_T, BLOCK_C, num_warps = _blocks(C, 128)
-        BLOCK_T = max(BLOCK_T, 16)  # tokens are the contiguous axis here: keep the loads coalesced
-        _layer_norm_kernel[(triton.cdiv(T, BLOCK_T), B)](
+        launch = layer_norm_launch(T, C, B, patch_embed=True)
+        _layer_norm_kernel[launch.grid](
             x, x, weight, bias, y, y,
             T, C, C * T, 1, T, float(eps),
-            HAS_RESIDUAL=False, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=num_warps,
+            HAS_RESIDUAL=False, **launch.meta, num_warps=launch.num_warps,
         )
     return y
 

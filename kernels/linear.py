@@ -11,7 +11,10 @@ import triton.language as tl
 from segformer_fast import torch_ops
 from segformer_fast.prepared import check_tensor
 
-from .common import check_compute_dtype, check_device, check_out, mma, ref_dtype, upcast_dot
+from .common import Launch, check_compute_dtype, check_device, check_out, mma, pick_launch, ref_dtype, upcast_dot
+
+#: (BLOCK_M, BLOCK_N) tiles, largest first; ``linear_launch`` takes the first that gives a wave of blocks.
+TILES = ((64, 128), (64, 64), (32, 64), (32, 32), (16, 32), (16, 16))
 
 
 @triton.jit
@@ -76,19 +79,32 @@ def linear(x, weight, bias, residual=None, out=None):
     M = x.numel() // K if K else 0
     if M == 0 or N == 0:
         return y
-    BLOCK_M = 64
-    BLOCK_N = max(16, min(128, triton.next_power_of_2(N)))
-    BLOCK_K = max(16, min(64 if x.dtype != torch.float32 else 32, triton.next_power_of_2(K)))
-    grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N),)
-    _linear_kernel[grid](
+    launch = linear_launch(M, N, K, x.dtype)
+    _linear_kernel[launch.grid](
         x, weight, bias, residual if residual is not None else y, y,
         M, N, K,
-        HAS_RESIDUAL=residual is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=8,
-        UPCAST=upcast_dot(x.dtype),
-        num_warps=8 if x.dtype == torch.float32 else 4, num_stages=3,
+        HAS_RESIDUAL=residual is not None, **launch.meta, UPCAST=upcast_dot(x.dtype),
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return y
+
+
+def linear_launch(M, N, K, dtype) -> Launch:
+    """The grid and tiles of ``linear`` for an (M, K) x (K, N) product in ``dtype``: the largest (BLOCK_M, BLOCK_N)
+    of ``TILES`` (BLOCK_N at most next_pow2(N)) that gives a wave of blocks."""
+    BLOCK_K = max(16, min(64 if dtype != torch.float32 else 32, triton.next_power_of_2(K)))
+    widest = max(16, triton.next_power_of_2(N))
+    tiles = dict.fromkeys((bm, min(bn, widest)) for bm, bn in TILES)  # ordered, without repeats
+
+    def make(block_m, block_n):
+        big = block_m * block_n >= 4096
+        return Launch(
+            "_linear_kernel", (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),),
+            {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": BLOCK_K, "GROUP_M": 8},
+            num_warps=8 if dtype == torch.float32 and big else 4, num_stages=3,
+        )
+
+    return pick_launch(make(bm, bn) for bm, bn in tiles)
 
 
 def linear_ref(x, weight, bias, residual=None, upcast=True):

@@ -5,6 +5,16 @@ Tokens are channels-last, row-major over (H, W): h[b, y*W + x, c].
 - ``mixffn_fc2(h, H, W, dw_weight, dw_bias, fc2_weight, fc2_bias, residual)``: fc2 whose A operand is computed on
   the fly as GELU(dwconv(h)) (nine shifted tile loads, served mostly by L1/L2), plus bias and residual in the
   epilogue; the GELU output never exists in memory.
+
+fc2's design: one block owns BLOCK_M tokens and *all* C output columns, held as two power-of-two accumulators
+(``column_groups``: 320 = 256 + 64, 160 = 128 + 32, 512 and the others one group). So no column is padded (a
+single 512-wide tile for C = 320 computed 192 dead columns) and GELU(dwconv) is computed exactly once per element
+(column blocks each recomputed it: twice at C = 320 and 512 with 256-wide blocks). The alternatives were worse
+for this op: writing GELU(dwconv) to memory in the compute dtype adds a write and a read of the 4C-wide tensor,
+the largest of the block, which this fusion exists to avoid; splitting the 4C reduction across blocks needs fp32
+partial sums and a second pass. The cost is fewer blocks at batch 1 on small grids (M / BLOCK_M, e.g. 64 at B5
+stage 3, 512², BLOCK_M 16), which ``mixffn_fc2_launch`` states; BLOCK_M shrinks to 16 before that happens, and the
+accumulators (BLOCK_M x C in fp32) are kept to 16 Ki elements (8 Ki in fp32) so they stay in registers.
 - ``mixffn(x_norm, H, W, params, residual)``: ``linear`` (fc1) then ``mixffn_fc2``: the 4C-wide activation is
   written once (by fc1) and read by fc2. Two launches.
 
@@ -19,7 +29,7 @@ import triton.language as tl
 from segformer_fast import torch_ops
 from segformer_fast.prepared import MixFFNParams, check_tensor
 
-from .common import check_compute_dtype, check_device, check_out, mma, ref_dtype, upcast_dot
+from .common import Launch, check_compute_dtype, check_device, check_out, mma, pick_launch, ref_dtype, upcast_dot
 from .linear import linear
 
 
@@ -44,30 +54,73 @@ def _dwconv_gelu_tile(h_ptr, w_ptr, b_ptr, g, g_mask, c, c_mask, H, W, N, C4,
 
 
 @triton.jit
-def _mixffn_fc2_kernel(
-    h_ptr, dww_ptr, dwb_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, H, W, N, C, C4,
-    HAS_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    g = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    g_mask = g < M
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < C
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, C4, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < C4
-        a = _dwconv_gelu_tile(h_ptr, dww_ptr, dwb_ptr, g, g_mask, ks, k_mask, H, W, N, C4, BLOCK_M, BLOCK_K)
-        w = tl.load(w_ptr + cols[None, :] * C4 + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = mma(a.to(y_ptr.dtype.element_ty), w, acc, UPCAST)
+def _fc2_epilogue(acc, cols, col_mask, g, g_mask, b_ptr, r_ptr, y_ptr, C: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """acc + bias (+ residual) stored to y[g, cols]."""
     acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     offs = g[:, None] * C + cols[None, :]
     mask = g_mask[:, None] & col_mask[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mixffn_fc2_kernel(
+    h_ptr, dww_ptr, dwb_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, H, W, N, C4,
+    C: tl.constexpr, C_HI: tl.constexpr, C_LO: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # one block owns BLOCK_M tokens and all C output columns, as two power-of-two column groups [0, C_HI) and
+    # [C_HI, C_HI + C_LO) (C_LO = 0 when C is a power of two): GELU(dwconv) is computed once per element
+    pid_m = tl.program_id(0)
+    g = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    g_mask = g < M
+    hi = tl.arange(0, C_HI)
+    hi_mask = hi < C
+    acc_hi = tl.zeros([BLOCK_M, C_HI], dtype=tl.float32)
+    if C_LO > 0:
+        lo = C_HI + tl.arange(0, C_LO)
+        lo_mask = lo < C
+        acc_lo = tl.zeros([BLOCK_M, C_LO], dtype=tl.float32)
+    for k0 in range(0, C4, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < C4
+        a = _dwconv_gelu_tile(h_ptr, dww_ptr, dwb_ptr, g, g_mask, ks, k_mask, H, W, N, C4, BLOCK_M, BLOCK_K)
+        a = a.to(y_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + hi[None, :] * C4 + ks[:, None], mask=hi_mask[None, :] & k_mask[:, None], other=0.0)
+        acc_hi = mma(a, w, acc_hi, UPCAST)
+        if C_LO > 0:
+            w = tl.load(w_ptr + lo[None, :] * C4 + ks[:, None], mask=lo_mask[None, :] & k_mask[:, None], other=0.0)
+            acc_lo = mma(a, w, acc_lo, UPCAST)
+    _fc2_epilogue(acc_hi, hi, hi_mask, g, g_mask, b_ptr, r_ptr, y_ptr, C, HAS_RESIDUAL)
+    if C_LO > 0:
+        _fc2_epilogue(acc_lo, lo, lo_mask, g, g_mask, b_ptr, r_ptr, y_ptr, C, HAS_RESIDUAL)
+
+
+def column_groups(C):
+    """(C_HI, C_LO): fc2's output columns as a power of two C_HI <= C plus the rest rounded up to a power of two
+    (0 when C is one; at least 16 each, tl.dot's smallest). Every SegFormer width is a power of two or a sum of two
+    (160 = 128 + 32, 320 = 256 + 64), so no column is padded there."""
+    hi = max(16, 1 << (C.bit_length() - 1))
+    rest = C - hi
+    return hi, 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
+
+
+def mixffn_fc2_launch(M, C, C4, dtype) -> Launch:
+    """The grid and tiles of ``mixffn_fc2`` for M tokens, C outputs, C4 hidden channels in ``dtype``: one block per
+    BLOCK_M tokens owning all C columns; BLOCK_M the largest of 64 / 32 / 16 whose fp32 accumulators fit (at most
+    16 Ki elements, 8 Ki in fp32, whose dot operands also sit in registers) and that gives a wave of blocks."""
+    hi, lo = column_groups(C)
+    budget = (8192 if dtype == torch.float32 else 16384) // (hi + lo)
+    sizes = [bm for bm in (64, 32, 16) if bm <= max(16, budget)]
+
+    def make(block_m):
+        return Launch("_mixffn_fc2_kernel", (triton.cdiv(M, block_m),),
+                      {"C_HI": hi, "C_LO": lo, "BLOCK_M": block_m, "BLOCK_K": 32},
+                      num_warps=8 if block_m * (hi + lo) >= 8192 else 4, num_stages=2)
+
+    return pick_launch(map(make, sizes), why_fewer="each block owns all C columns, so the depthwise conv + GELU "
+                       "is computed once (splitting the columns would recompute it per column block)")
 
 
 def _check_hidden(h, H, W, dw_weight, dw_bias):
@@ -97,16 +150,12 @@ def mixffn_fc2(h, H, W, dw_weight, dw_bias, fc2_weight, fc2_bias, residual=None,
     y = check_out(out, (B, N, C), h)
     M = B * N
     if M and C:
-        # fp32 dots run on FMA units with the operands in registers: half the rows keeps them from spilling
-        BLOCK_M = 32 if h.dtype == torch.float32 else 64
-        BLOCK_K = 32
-        BLOCK_N = max(16, min(256, triton.next_power_of_2(C)))
-        _mixffn_fc2_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_N))](
+        launch = mixffn_fc2_launch(M, C, C4, h.dtype)
+        _mixffn_fc2_kernel[launch.grid](
             h, dw_weight, dw_bias, fc2_weight, fc2_bias, residual if residual is not None else y, y,
-            M, H, W, N, C, C4,
-            HAS_RESIDUAL=residual is not None,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=upcast_dot(h.dtype),
-            num_warps=8 if BLOCK_N >= 128 else 4, num_stages=2,
+            M, H, W, N, C4,
+            C=C, HAS_RESIDUAL=residual is not None, **launch.meta, UPCAST=upcast_dot(h.dtype),
+            num_warps=launch.num_warps, num_stages=launch.num_stages,
         )
     return y
 

@@ -9,19 +9,24 @@ Math (docs/DESIGN.md section 3), per image, for x = LN1(block input) as tokens (
     o_h = softmax(q_h k_hᵀ · d^-0.5) v_h    per head h (head-major channel split, d = C / heads)
     out = residual + concat_h(o_h) Woᵀ + bo
 
-Kernels:
+Kernels (each launch's grid and tiles come from a pure function, ``sr_kv_launches`` /
+``flash_sr_attention_launch``, that ``tests/kernels/test_launch_grids.py`` checks for a wave of blocks):
 
 1. ``_sr_kv_kernel`` (R > 1): the non-overlapping R x R patchify GEMM (K = R²·C) + conv bias + SR LayerNorm
-   (fp32 statistics) + the merged k/v projection, in one launch; writes kv (B, Nkv, 2C) = [k | v].
+   (fp32 statistics) + the merged k/v projection, in one launch; writes kv (B, Nkv, 2C) = [k | v]. Where that
+   grid (reduced-token blocks x images) is short of a wave, as at batch 1, two launches instead:
+   ``_sr_patchify_kernel`` splits the patchify's K = R²·C reduction over the grid into fp32 partials, and
+   ``_sr_norm_kv_kernel`` sums them, adds the bias, normalizes and computes one column block of k/v per block.
    For R == 1 the k/v projection is one ``linear`` launch on x.
-2. ``_flash_sr_attention_kernel``: per block of BLOCK_M query tokens and per head: the q projection in the
-   prologue (scale d^-0.5 folded into Wq/bq by ``prepare_sr_attention_params``, log2(e) applied in fp32 for exp2),
-   an online softmax over the short KV in fp32 (the N x Nkv score matrix never exists), and, when C <= 256 (B0's
-   32/64/160/256 and B1-B5's 64/128), the output projection + bias + residual in the epilogue, accumulated over
-   heads in registers. For C > 256 (B1-B5's 320 and 512) the kernel writes the concatenated head outputs and a
-   separate ``linear`` launch does the output projection + bias + residual. fp32 has its own tiles (fp32 dots
-   run on FMA units, operands in registers): BLOCK_M 32 (16 for 64-wide heads), BLOCK_N <= 32, 8 warps, and the
-   fused output projection only up to C = 64 with 64-wide heads; no fp32 configuration spills on sm_90.
+2. ``_flash_sr_attention_kernel``: per block of BLOCK_M query tokens: the q projection in the prologue (scale
+   d^-0.5 folded into Wq/bq by ``prepare_sr_attention_params``, log2(e) applied in fp32 for exp2), an online
+   softmax over the short KV in fp32 (the N x Nkv score matrix never exists), and, when C <= 256 (B0's
+   32/64/160/256 and B1-B5's 64/128) and the grid has a wave of blocks (or one head), the output projection + bias
+   + residual in the epilogue, accumulated over the heads, which the block loops over. Otherwise (C = 320, 512,
+   or a short grid) the heads are a grid axis, the kernel writes the concatenated head outputs and a ``linear``
+   launch does the output projection + bias + residual. fp32 has its own tiles (fp32 dots run on FMA units,
+   operands in registers): BLOCK_M <= 32 (16 for 64-wide heads), BLOCK_N 32, 8 warps, and the fused output
+   projection only up to C = 64 with 64-wide heads; no fp32 configuration spills on sm_90.
 
 Constraints: head_dim d = C / num_heads a power of two in [16, 128] (SegFormer: 32 for B0, 64 for B1-B5);
 R > 1 needs H >= R and W >= R (at least one reduced token), and C <= 512 for the fused KV kernel.
@@ -38,7 +43,17 @@ import triton.language as tl
 from segformer_fast import torch_ops
 from segformer_fast.prepared import SRAttentionParams, check_tensor
 
-from .common import check_compute_dtype, check_device, check_out, mma, ref_dtype, upcast_dot
+from .common import (
+    Launch,
+    check_compute_dtype,
+    check_device,
+    check_out,
+    mma,
+    pick_launch,
+    ref_dtype,
+    upcast_dot,
+    wave_blocks,
+)
 from .linear import linear
 
 #: Widest C whose output projection is fused into the attention epilogue (accumulator BLOCK_M x 256 in fp32).
@@ -104,6 +119,76 @@ def _sr_kv_kernel(
 
 
 @triton.jit
+def _sr_patchify_kernel(
+    x_ptr, srw_ptr, z_ptr,
+    H, W, WKV, NKV, BATCH, CHUNKS, CHUNKS_PER_SPLIT,
+    C: tl.constexpr, R: tl.constexpr, C_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # split-K patchify: split s sums the K chunks [s * CHUNKS_PER_SPLIT, (s + 1) * CHUNKS_PER_SPLIT) of the
+    # R*R*C reduction (chunk = (tap, BLOCK_K channels)) into fp32 partials z[s, b, r, :C]
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = r < NKV
+    py = r // WKV
+    px = r % WKV
+    co = tl.arange(0, C_PAD)
+    co_mask = co < C
+    CHUNKS_PER_TAP: tl.constexpr = (C + BLOCK_K - 1) // BLOCK_K
+    z = tl.zeros([BLOCK_M, C_PAD], dtype=tl.float32)
+    first = pid_s * CHUNKS_PER_SPLIT
+    for chunk in range(first, tl.minimum(first + CHUNKS_PER_SPLIT, CHUNKS)):
+        kk = chunk // CHUNKS_PER_TAP
+        ci = (chunk % CHUNKS_PER_TAP) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ci_mask = ci < C
+        tok = pid_b * H * W + (py * R + kk // R) * W + (px * R + kk % R)
+        a = tl.load(x_ptr + tok[:, None] * C + ci[None, :], mask=r_mask[:, None] & ci_mask[None, :], other=0.0)
+        w = tl.load(srw_ptr + co[None, :] * (R * R * C) + kk * C + ci[:, None],
+                    mask=co_mask[None, :] & ci_mask[:, None], other=0.0)
+        z = mma(a, w, z, UPCAST)
+    rows = (pid_s * BATCH + pid_b) * NKV + r
+    tl.store(z_ptr + rows[:, None] * C + co[None, :], z, mask=r_mask[:, None] & co_mask[None, :])
+
+
+@triton.jit
+def _sr_norm_kv_kernel(
+    z_ptr, srb_ptr, lnw_ptr, lnb_ptr, kvw_ptr, kvb_ptr, kv_ptr,
+    NKV, BATCH, SPLITS, eps,
+    C: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # the partials summed + conv bias + SR LayerNorm, then one BLOCK_N-wide column block of the k/v projection
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = r < NKV
+    co = tl.arange(0, C_PAD)
+    co_mask = co < C
+    mask = r_mask[:, None] & co_mask[None, :]
+    z = tl.zeros([BLOCK_M, C_PAD], dtype=tl.float32)
+    for split in range(SPLITS):
+        rows = (split * BATCH + pid_b) * NKV + r
+        z += tl.load(z_ptr + rows[:, None] * C + co[None, :], mask=mask, other=0.0)
+    z += tl.load(srb_ptr + co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
+    mean = tl.sum(z, axis=1) / C
+    zc = tl.where(co_mask[None, :], z - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(zc * zc, axis=1) / C + eps)
+    lnw = tl.load(lnw_ptr + co, mask=co_mask, other=0.0).to(tl.float32)
+    lnb = tl.load(lnb_ptr + co, mask=co_mask, other=0.0).to(tl.float32)
+    zn = (zc * rstd[:, None] * lnw[None, :] + lnb[None, :]).to(kv_ptr.dtype.element_ty)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < 2 * C
+    w2 = tl.load(kvw_ptr + n[None, :] * C + co[:, None], mask=n_mask[None, :] & co_mask[:, None], other=0.0)
+    kv = mma(zn, w2, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
+    kv += tl.load(kvb_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_rows = pid_b * NKV + r
+    tl.store(kv_ptr + out_rows[:, None] * (2 * C) + n[None, :], kv.to(kv_ptr.dtype.element_ty),
+             mask=r_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def _flash_sr_attention_kernel(
     x_ptr, qw_ptr, qb_ptr, kv_ptr, ow_ptr, ob_ptr, res_ptr, out_ptr,
     N, NKV,
@@ -113,7 +198,8 @@ def _flash_sr_attention_kernel(
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(1)  # the head when the output projection is not fused (grid axis 1 = heads), else 0
+    pid_b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     tok = pid_b * N + rows
@@ -124,7 +210,7 @@ def _flash_sr_attention_kernel(
         co_mask = co < C
         out_acc = tl.zeros([BLOCK_M, C_PAD], dtype=tl.float32)
 
-    for h in range(NUM_HEADS):
+    for h in range(pid_h, pid_h + (NUM_HEADS if FUSE_OUT else 1)):
         hd = h * HEAD_DIM + d
         # prologue: q_h = x Wq_hᵀ + bq_h (scale already folded), times log2(e) for exp2
         q = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -214,18 +300,93 @@ def sr_kv(x_norm, H, W, params, out=None):
         raise ValueError(f"x_norm: the fused SR kernel takes at most {MAX_SR_CHANNELS} channels, got C={C}")
     if B == 0:
         return kv
-    C_PAD = triton.next_power_of_2(C)
-    BLOCK_M = 32 if C_PAD <= 256 else 16
-    BLOCK_K = 32
-    BLOCK_N = 64
-    _sr_kv_kernel[(triton.cdiv(NKV, BLOCK_M), B)](
-        x_norm, params.sr_weight, params.sr_bias, params.sr_ln_weight, params.sr_ln_bias,
-        params.kv_weight, params.kv_bias, kv,
-        H, W, Wkv, NKV, params.sr_eps,
-        C=C, R=R, C_PAD=C_PAD, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N,
-        UPCAST=upcast_dot(x_norm.dtype), num_warps=4 if C_PAD <= 128 else 8, num_stages=2,
+    launches = sr_kv_launches(B, NKV, C, R, x_norm.dtype)
+    upcast = upcast_dot(x_norm.dtype)
+    if len(launches) == 1:
+        (launch,) = launches
+        _sr_kv_kernel[launch.grid](
+            x_norm, params.sr_weight, params.sr_bias, params.sr_ln_weight, params.sr_ln_bias,
+            params.kv_weight, params.kv_bias, kv,
+            H, W, Wkv, NKV, params.sr_eps,
+            C=C, R=R, **launch.meta, UPCAST=upcast, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        )
+        return kv
+    patchify, norm_kv = launches
+    splits = patchify.grid[1]
+    chunks = R * R * triton.cdiv(C, patchify.meta["BLOCK_K"])
+    z = torch.empty((splits, B, NKV, C), dtype=torch.float32, device=x_norm.device)
+    _sr_patchify_kernel[patchify.grid](
+        x_norm, params.sr_weight, z,
+        H, W, Wkv, NKV, B, chunks, triton.cdiv(chunks, splits),  # = per_split of sr_kv_launches
+        C=C, R=R, **patchify.meta, UPCAST=upcast, num_warps=patchify.num_warps, num_stages=patchify.num_stages,
+    )
+    _sr_norm_kv_kernel[norm_kv.grid](
+        z, params.sr_bias, params.sr_ln_weight, params.sr_ln_bias, params.kv_weight, params.kv_bias, kv,
+        NKV, B, splits, params.sr_eps,
+        C=C, **norm_kv.meta, UPCAST=upcast, num_warps=norm_kv.num_warps, num_stages=norm_kv.num_stages,
     )
     return kv
+
+
+def sr_kv_launches(B, NKV, C, R, dtype) -> list:
+    """The launches of ``sr_kv`` for R > 1: ``[fused]`` (patchify + LayerNorm + k/v in one kernel, one block per
+    BLOCK_M reduced tokens) where that grid has a wave of blocks, else ``[patchify, norm_kv]``: the patchify GEMM
+    split over its K = R*R*C reduction into fp32 partials (grid: row blocks x splits x images), then the partials'
+    sum + bias + LayerNorm + one column block of the k/v projection per block (grid: row blocks x column blocks x
+    images). The reduced grid is short (256 tokens at 512², 2048 at 1024x2048), so at batch 1 only the split
+    form fills the GPU."""
+    C_PAD = triton.next_power_of_2(C)
+    warps = 4 if C_PAD <= 128 else 8
+
+    def fused(block_m):
+        return Launch("_sr_kv_kernel", (triton.cdiv(NKV, block_m), B),
+                      {"C_PAD": C_PAD, "BLOCK_M": block_m, "BLOCK_K": 32, "BLOCK_N": 64}, warps, 2)
+
+    one = pick_launch(map(fused, (32, 16) if C_PAD <= 256 else (16,)))
+    if not one.reason:
+        return [one]
+    block_m = 16
+    rows = triton.cdiv(NKV, block_m) * B
+    chunks = R * R * triton.cdiv(C, 32)
+    per_split = max(1, chunks // triton.cdiv(wave_blocks(), rows))  # K chunks per split: a wave where possible
+    splits = triton.cdiv(chunks, per_split)  # the last split may be shorter, none is empty
+    patchify = pick_launch(
+        [Launch("_sr_patchify_kernel", (triton.cdiv(NKV, block_m), splits, B),
+                {"C_PAD": C_PAD, "BLOCK_M": block_m, "BLOCK_K": 32}, warps, 2)],
+        why_fewer=f"every one of the {chunks} K chunks (tap, 32 channels) is its own split")
+
+    def norm_kv(block_n):
+        return Launch("_sr_norm_kv_kernel", (triton.cdiv(NKV, block_m), triton.cdiv(2 * C, block_n), B),
+                      {"C_PAD": C_PAD, "BLOCK_M": block_m, "BLOCK_N": block_n}, warps, 2)
+
+    return [patchify, pick_launch(map(norm_kv, (64, 32, 16)))]
+
+
+def flash_sr_attention_launch(B, N, NKV, C, num_heads, head_dim, dtype) -> Launch:
+    """The launch of ``flash_sr_attention``. The output projection is fused into the epilogue (heads looped inside
+    the block, grid: query blocks x 1 x images) where C allows it (C <= 256; fp32 with 64-wide heads: C <= 64) and
+    that grid has a wave of blocks, or there is one head; otherwise the heads go in the grid (query blocks x heads x
+    images) and a ``linear`` does the output projection. BLOCK_M: the largest of 64 / 32 / 16 (fp32: 32 / 16 for
+    32-wide heads, 16 for 64-wide) that gives a wave. fp32 dots run on FMA units with the operands in registers:
+    its smaller tiles, BLOCK_N 32 (16-wide key blocks spilled at C = 160 / 256) and 8 warps keep them from
+    spilling."""
+    fp32 = dtype == torch.float32
+    fusable = C <= (64 if fp32 and head_dim > 32 else MAX_FUSED_OUT_CHANNELS)
+    sizes = ((32, 16) if head_dim <= 32 else (16,)) if fp32 else (64, 32, 16)
+    block_n = 32 if fp32 else max(16, min(64, triton.next_power_of_2(NKV)))
+    C_PAD = triton.next_power_of_2(C)
+
+    def make(block_m, fuse):
+        return Launch("_flash_sr_attention_kernel", (triton.cdiv(N, block_m), 1 if fuse else num_heads, B),
+                      {"C_PAD": C_PAD, "FUSE_OUT": fuse, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32},
+                      num_warps=8 if fp32 or (fuse and C_PAD >= 256) else 4, num_stages=2)
+
+    if fusable:
+        fused = pick_launch(make(block_m, True) for block_m in sizes)
+        if not fused.reason or num_heads == 1:
+            return fused
+    why = "" if fusable else f"the output projection of C={C} is a separate launch; heads are in the grid"
+    return pick_launch((make(block_m, False) for block_m in sizes), why_fewer=why)
 
 
 def flash_sr_attention(x_norm, kv, params, residual=None, out=None):
@@ -244,22 +405,15 @@ def flash_sr_attention(x_norm, kv, params, residual=None, out=None):
     y = check_out(out, (B, N, C), x_norm)
     if B == 0 or N == 0:
         return y
-    fp32 = x_norm.dtype == torch.float32
-    # fp32 dots run on FMA units with the operands in registers: smaller query tiles keep them from spilling, and
-    # with 64-wide heads the fused output projection only fits up to C = 64
-    fuse_out = C <= (64 if fp32 and params.head_dim > 32 else MAX_FUSED_OUT_CHANNELS)
+    launch = flash_sr_attention_launch(B, N, NKV, C, params.num_heads, params.head_dim, x_norm.dtype)
+    fuse_out = launch.meta["FUSE_OUT"]
     attn = y if fuse_out else torch.empty_like(y)
-    C_PAD = triton.next_power_of_2(C)
-    BLOCK_M = (16 if params.head_dim > 32 else 32) if fp32 else 64
-    BLOCK_N = max(16, min(32 if fp32 else 64, triton.next_power_of_2(NKV)))
-    _flash_sr_attention_kernel[(triton.cdiv(N, BLOCK_M), B)](
+    _flash_sr_attention_kernel[launch.grid](
         x_norm, params.q_weight, params.q_bias, kv, params.o_weight, params.o_bias,
         residual if residual is not None else x_norm, attn,
         N, NKV,
-        C=C, NUM_HEADS=params.num_heads, HEAD_DIM=params.head_dim, C_PAD=C_PAD,
-        FUSE_OUT=fuse_out, HAS_RESIDUAL=residual is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=32, UPCAST=upcast_dot(x_norm.dtype),
-        num_warps=8 if fp32 or (fuse_out and C_PAD >= 256) else 4, num_stages=2,
+        C=C, NUM_HEADS=params.num_heads, HEAD_DIM=params.head_dim, HAS_RESIDUAL=residual is not None,
+        **launch.meta, UPCAST=upcast_dot(x_norm.dtype), num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if not fuse_out:
         linear(attn, params.o_weight, params.o_bias, residual=residual, out=y)
@@ -301,6 +455,6 @@ def sr_attention_flops(B, N, C, sr_ratio, H, W):
 
 
 __all__ = [
-    "reduced_size", "sr_kv", "flash_sr_attention",
+    "reduced_size", "sr_kv", "flash_sr_attention", "sr_kv_launches", "flash_sr_attention_launch",
     "sr_attention", "sr_kv_ref", "sr_attention_ref", "sr_attention_flops",
 ]

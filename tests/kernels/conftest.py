@@ -84,6 +84,15 @@ def record_launches(monkeypatch):
 
     launches = []
 
+    def specialize(value):
+        """(type, key) of an argument as the installed Triton's JIT specializes it."""
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        if isinstance(value, torch.Tensor) and value.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"unexpected tensor dtype {value.dtype}")
+        return native_specialize_impl(BaseBackend, value, False, True, True)
+
     def record(self, *args, grid, warmup, **kwargs):
         import inspect
 
@@ -99,21 +108,20 @@ def record_launches(monkeypatch):
                 signature[name] = "constexpr"
                 # UPCAST is the interpreter's bf16 workaround; on a GPU it is always False
                 constexprs[name] = False if name == "UPCAST" else value
-            elif isinstance(value, torch.Tensor):
-                dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[value.dtype]
-                signature[name] = "*" + dtype_name
-                divisible.append(index)  # a real launch specializes 16-byte aligned pointers (torch allocations are)
-            elif isinstance(value, bool):
-                signature[name] = "i1"
-            elif isinstance(value, int):
-                signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-                if value % 16 == 0:
-                    divisible.append(index)  # as the JIT does for integers divisible by 16
-            else:
-                signature[name] = "fp32"
+                continue
+            # as the JIT specializes a launch (Triton's own function): integers equal to 1 become constants,
+            # integers divisible by 16 and 16-byte aligned pointers are marked divisible, floats and bools are not
+            # specialized
+            kind, key = specialize(value)
+            signature[name] = kind
+            if kind == "constexpr":
+                constexprs[name] = key
+            elif key == "D":
+                divisible.append(index)
         launches.append({
             "module": self.fn.__module__, "name": self.fn.__name__, "signature": signature, "constexprs": constexprs,
             "divisible": divisible, "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3),
+            "grid": tuple(grid) if isinstance(grid, (tuple, list)) else (grid,),
         })
 
     monkeypatch.setattr(InterpretedFunction, "run", record)
@@ -164,7 +172,7 @@ SM90_MAX_SHARED = 227 * 1024
 @pytest.fixture
 def compile_for_sm90(tmp_path):
     """``compile_for_sm90(launches)``: the checker below (a fixture so test modules need not import conftest)."""
-    return lambda launches: _compile_for_sm90(launches, tmp_path)
+    return lambda launches, **options: _compile_for_sm90(launches, tmp_path, **options)
 
 
 def _launch_dtype(spec) -> str:
@@ -178,13 +186,18 @@ def _describe(spec) -> str:
     return f"{spec['name']} {_launch_dtype(spec)} {constexprs} num_warps={spec['num_warps']}"
 
 
-def _compile_for_sm90(launches, tmp_dir):
+def _compile_for_sm90(launches, tmp_dir, fp32_spills_fail=False, triton_path=None):
     """Compile each recorded launch for sm_90 in a subprocess without the interpreter; check shared memory and
-    spills (none allowed in fp16/bf16; fp32 spills reported as a warning). Returns the per-launch results."""
+    spills (none allowed in fp16/bf16; fp32 spills fail with ``fp32_spills_fail``, else are reported as a
+    warning). ``triton_path``: a folder holding another Triton (``pip install --target``) to compile with.
+    Returns the per-launch results."""
+    launches = [{k: v for k, v in spec.items() if k != "grid"} for spec in launches]  # the grid is not compiled
     unique = {json.dumps(spec, sort_keys=True): spec for spec in launches}
     assert unique, "no kernel launch was recorded"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if triton_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(triton_path), env.get("PYTHONPATH")]))
     script = tmp_dir / "compile_sm90.py"
     script.write_text(_COMPILE_SCRIPT)
     proc = subprocess.run([sys.executable, str(script)], input=json.dumps(list(unique.values())),
@@ -202,6 +215,7 @@ def _compile_for_sm90(launches, tmp_dir):
         if result["spill_stores"] or result["spill_loads"]:
             (fp32_spills if _launch_dtype(spec) == "fp32" else low_precision_spills).append(spilled)
     assert not low_precision_spills, "fp16/bf16 kernels spill registers on sm_90:\n" + "\n".join(low_precision_spills)
+    assert not (fp32_spills_fail and fp32_spills), "fp32 kernels spill registers on sm_90:\n" + "\n".join(fp32_spills)
     if fp32_spills:
         warnings.warn("fp32 kernels spill registers on sm_90:\n" + "\n".join(fp32_spills), stacklevel=2)
     return results

@@ -12,6 +12,7 @@ from segformer_fast.kernels import (
     sr_attention_ref,
     sr_kv,
 )
+from segformer_fast.kernels import common as kernel_common
 from segformer_fast.kernels.sr_attention import sr_kv_ref
 from segformer_fast.testing import assert_within_tolerance, poison_
 
@@ -97,8 +98,12 @@ def test_sr_attention_awkward_shapes(randn, device, B, H, W, C, heads, R):
     run_case(randn, device, torch.float16, B, H, W, C, heads, R)
 
 
+@pytest.mark.parametrize("wave", [1, 132], ids=["largest-tiles", "wave"])
 @pytest.mark.parametrize("C, heads, R", [(64, 2, 4), (320, 5, 2), (256, 8, 1)])
-def test_sr_kv_and_flash_separately(randn, device, dtype, C, heads, R):
+def test_sr_kv_and_flash_separately(randn, device, dtype, C, heads, R, wave, monkeypatch):
+    """With a wave of 1 block the launchers take their largest tiles (one fused sr_kv kernel, the output
+    projection fused where C allows); with 132 these small shapes take the split sr_kv and heads in the grid."""
+    monkeypatch.setattr(kernel_common, "WAVE_BLOCKS", wave)
     H, W = SIZES[R]
     weights = raw_weights(randn, C, R)
     params = prepare_sr_attention_params(*weights, 1e-5, heads, dtype=dtype)
