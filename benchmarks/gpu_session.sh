@@ -10,7 +10,8 @@
 #
 # Stages. Estimates are for one H200 and are not measured yet (the first GPU run replaces them):
 #   first        one call, at most 8 minutes of wall time on a cold machine, in this order, each step capped by
-#                `timeout` at its estimate (the caps add up to FIRST_BUDGET_S, tested by tests/test_gpu_session.py):
+#                `timeout` at its estimate, the later caps shortened when an earlier step overran (the caps add up to
+#                at most FIRST_BUDGET_S = 480 s, asserted by tests/test_gpu_session.py on the dry run):
 #                check (one Python process), build (sm_90 only; where torch's CUDA and nvcc disagree or the
 #                extension fails to build, the Triton path alone with SEGFORMER_FAST_NO_CUDA=1 and one line
 #                saying so), the trimmed CUDA tests (benchmarks/first_tests.txt: Triton kernels at the engine's
@@ -76,7 +77,8 @@ EOF
 
 say_first_plan() {
     local total=0
-    echo "== first: plan (caps are estimates for one H200, not measured; each step is killed at its cap)"
+    echo "== first: plan (caps are estimates for one H200, not measured; build, test and bench are stopped at their"
+    echo "   caps, and a step that overruns shortens the caps of test and bench so the total stays in the budget)"
     while read -r name cap what; do
         printf '   %-6s %4d s  %s\n' "$name" "$cap" "$what"
         total=$((total + cap))

@@ -109,3 +109,14 @@ def test_mixffn_compiles_for_sm90(record_launches, compile_for_sm90, device):
 @pytest.mark.parametrize("H, W", [(128, 128), (256, 512)], ids=["512x512", "1024x2048"])
 def test_mixffn_stage1_full_size(randn, device, C, H, W):
     run_mixffn(randn, device, torch.float16, 1, H, W, C, ref_dtype=torch.float32)
+
+
+#: (C, H = W) of every stage at 512x512: B0, then B1-B5.
+ENGINE_SHAPES = [(32, 128), (64, 64), (160, 32), (256, 16), (64, 128), (128, 64), (320, 32), (512, 16)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("C, size", ENGINE_SHAPES, ids=["B0s1", "B0s2", "B0s3", "B0s4", "B1s1", "B1s2", "B1s3", "B1s4"])
+def test_mixffn_engine_shapes(randn, device, dtype, C, size):
+    """Every stage's real shape at 512x512, batch 1, in each dtype (the CPU variant is test_mixffn)."""
+    run_mixffn(randn, device, dtype, 1, size, size, C)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from segformer_fast.kernels import common as kernel_common
 from segformer_fast.kernels import (
     flash_sr_attention,
     prepare_sr_attention_params,
@@ -12,7 +13,6 @@ from segformer_fast.kernels import (
     sr_attention_ref,
     sr_kv,
 )
-from segformer_fast.kernels import common as kernel_common
 from segformer_fast.kernels.sr_attention import sr_kv_ref
 from segformer_fast.testing import assert_within_tolerance, poison_
 
@@ -182,3 +182,16 @@ def test_sr_attention_compiles_for_sm90(record_launches, compile_for_sm90, devic
 @pytest.mark.parametrize("H, W", [(128, 128), (256, 512)], ids=["512x512", "1024x2048"])
 def test_sr_attention_stage1_full_size(randn, device, C, heads, H, W):
     run_case(randn, device, torch.float16, 1, H, W, C, heads, 8, ref_dtype=torch.float32)
+
+
+#: (C, heads, R, H = W) of every stage at 512x512: B0, then B1-B5.
+ENGINE_SHAPES = [(32, 1, 8, 128), (64, 2, 4, 64), (160, 5, 2, 32), (256, 8, 1, 16),
+                 (64, 1, 8, 128), (128, 2, 4, 64), (320, 5, 2, 32), (512, 8, 1, 16)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("C, heads, R, size", ENGINE_SHAPES, ids=STAGE_IDS)
+def test_sr_attention_engine_shapes(randn, device, dtype, C, heads, R, size):
+    """Every stage's real shape at 512x512, batch 1, in each dtype (the launches the engine makes there; the CPU
+    variant is test_sr_attention_stages at scaled-down sizes). fp64 reference: cuDNN's fp32 conv may use TF32."""
+    run_case(randn, device, dtype, 1, size, size, C, heads, R)
