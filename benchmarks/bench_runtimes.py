@@ -1,5 +1,6 @@
 """Runner factories for the runtimes users deploy on instead of PyTorch; bench_model.py registers them, so they
-run in the same process as the other runners (on CPU by default; name them with --runners elsewhere):
+run in the same process as the other runners (ONNX Runtime and OpenVINO on CPU by default, TensorRT fp16 on CUDA;
+name them with --runners elsewhere):
 
     python benchmarks/bench_model.py --variants b0,b2 --batch 1 --runners engine ort-ours ort-transformers \
         openvino-ours openvino-transformers
@@ -114,6 +115,69 @@ def openvino_factory(source):
             return torch.from_numpy(compiled(pixel_values.numpy())[0])
 
         run.notes = f"openvino {openvino.__version__} CPU on {source} ONNX export"
+        return run
+
+    return factory
+
+
+def tensorrt_factory(source="ours"):
+    """TensorRT fp16 on the ONNX export (``trt-ours``): what a production GPU user would deploy instead. One engine
+    is built per input shape on its first call (static shapes: the build is the row's first call), from the fp32
+    export with the FP16 builder flag. Skipped with the reason where ``tensorrt`` is not importable, off CUDA, or
+    in a dtype other than fp16."""
+
+    def factory(variant, num_labels, device, dtype):
+        try:
+            import tensorrt as trt
+        except ImportError as err:
+            raise RunnerUnavailable(f"tensorrt is not importable ({err})") from None
+        if device.type != "cuda":
+            raise RunnerUnavailable("TensorRT runs on CUDA devices only")
+        if dtype != torch.float16:
+            raise RunnerUnavailable("the TensorRT runner is fp16 only (FP16 builder flag on the fp32 export)")
+        onnx_bytes = _export(variant, num_labels, torch.float32, source).read_bytes()
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        contexts = {}
+
+        def build(shape):
+            builder = trt.Builder(logger)
+            network = builder.create_network(0)
+            parser = trt.OnnxParser(network, logger)
+            if not parser.parse(onnx_bytes):
+                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                raise RunnerUnavailable(f"TensorRT could not parse the ONNX export: {errors}")
+            config = builder.create_builder_config()
+            config.set_flag(trt.BuilderFlag.FP16)
+            profile = builder.create_optimization_profile()
+            profile.set_shape(network.get_input(0).name, shape, shape, shape)
+            config.add_optimization_profile(profile)
+            serialized = builder.build_serialized_network(network, config)
+            if serialized is None:
+                raise RunnerUnavailable(f"TensorRT failed to build an engine for input {shape}")
+            engine = runtime.deserialize_cuda_engine(serialized)
+            context = engine.create_execution_context()
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+            context.set_input_shape(inputs[0], shape)
+            return engine, context, inputs[0], outputs[0]
+
+        def run(pixel_values):
+            shape = tuple(pixel_values.shape)
+            if shape not in contexts:
+                contexts[shape] = build(shape)
+            _, context, input_name, output_name = contexts[shape]
+            source_values = pixel_values.float().contiguous()  # the export's input is fp32
+            out = torch.empty(tuple(context.get_tensor_shape(output_name)), dtype=torch.float32,
+                              device=pixel_values.device)
+            context.set_tensor_address(input_name, source_values.data_ptr())
+            context.set_tensor_address(output_name, out.data_ptr())
+            if not context.execute_async_v3(torch.cuda.current_stream(pixel_values.device).cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed")
+            return out.to(dtype)
+
+        run.notes = f"TensorRT {trt.__version__} fp16 (FP16 builder flag) on our ONNX export"
         return run
 
     return factory

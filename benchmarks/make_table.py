@@ -8,11 +8,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench_model import SCHEMA, render_markdown
-
 from segformer_fast.fileio import atomic_write_text
 
-from bench_common import read_json
+from bench_common import SCHEMA, read_json, render_markdown
 
 
 def main(argv=None) -> int:

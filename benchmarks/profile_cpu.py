@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_model import Resolution, make_inputs, parse_resolution
 from torch.profiler import ProfilerActivity, profile
 
 from segformer_fast import malloc_tuning, torch_ops
@@ -55,6 +54,7 @@ from segformer_fast.runtime import DTYPES
 
 from bench_common import (
     RESULTS_DIR,
+    Resolution,
     console_table,
     environment,
     flatten,
@@ -62,7 +62,9 @@ from bench_common import (
     list_argument,
     loadavg,
     machine_is_busy,
+    make_inputs,
     median_ms,
+    parse_resolution,
     positive_int,
     say,
     split_list,

@@ -140,6 +140,13 @@ class CUDAGraphCache:
                 return self.forward(pixel_values)
             return entry.replay(pixel_values, self.current_stream(pixel_values.device))
 
+    def captured(self, pixel_values: torch.Tensor) -> bool:
+        """Whether a CUDA graph of ``pixel_values``' (shape, dtype, device) is held now (False when its capture
+        failed and it runs plain launches, or it was never seen or was evicted). Reads only."""
+        key = (tuple(pixel_values.shape), pixel_values.dtype, pixel_values.device)
+        with self._lock:
+            return isinstance(self.graphs.get(key), GraphEntry)
+
     def _try_capture(self, pixel_values: torch.Tensor, failed: FailedCapture | None):
         """A GraphEntry, or a FailedCapture with the next backoff (doubled after each failure of the shape)."""
         try:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import bench_model as bench
+import bench_runners
 import bf16_agreement
 import make_table
 import profile_cpu
@@ -117,12 +118,12 @@ def test_custom_runner_called_with_right_arguments(tmp_path, registry):
 
 def test_register_runner_rejects_duplicates_and_bad_names(registry):
     with pytest.raises(ValueError, match="already registered"):
-        bench.register_runner("reference", bench.reference_runner)
+        bench.register_runner("reference", bench_runners.reference_runner)
     with pytest.raises(ValueError, match="runner name"):
-        bench.register_runner("has space", bench.reference_runner)
+        bench.register_runner("has space", bench_runners.reference_runner)
     with pytest.raises(TypeError, match="callable"):
         bench.register_runner("x", 42)
-    bench.register_runner("reference", bench.reference_runner, replace=True)
+    bench.register_runner("reference", bench_runners.reference_runner, replace=True)
 
 
 def test_failing_rows_are_recorded_and_the_run_goes_on(tmp_path, registry, capsys):

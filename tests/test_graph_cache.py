@@ -149,6 +149,7 @@ def test_failed_capture_runs_plain_launches_and_is_retried_with_backoff():
         pixels = torch.randn(1, 3, 8, 8)
         assert torch.equal(cache(pixels), forward(pixels))
     assert cache.graphs[key] == FailedCapture(calls_left=FIRST_RETRY_AFTER, backoff=FIRST_RETRY_AFTER)
+    assert not cache.captured(pixels) and not cache.captured(torch.randn(1, 3, 8, 9))
     for _ in range(FIRST_RETRY_AFTER):  # plain launches, no capture attempt
         pixels = torch.randn(1, 3, 8, 8)
         assert torch.equal(cache(pixels), forward(pixels))
@@ -161,6 +162,7 @@ def test_failed_capture_runs_plain_launches_and_is_retried_with_backoff():
     pixels = torch.randn(1, 3, 8, 8)
     assert torch.equal(cache(pixels), forward(pixels))  # third attempt succeeds: replayed from now on
     assert len(capture.attempts) == 3 and isinstance(cache.graphs[key], GraphEntry)
+    assert cache.captured(pixels) and not cache.captured(pixels.double())
     assert log.calls[-2] == ("replay", float(pixels.sum()))
 
 

@@ -2,7 +2,8 @@
 
 The scripts in this folder run as ``python benchmarks/<name>.py``: Python puts the script's folder on sys.path, so
 they ``import bench_common``; the package itself (``segformer_fast``) comes from the installation. Nothing here is
-installed with the package, and only these scripts write into ``benchmarks/results/``.
+installed with the package. By default results go outside the repository (``RESULTS_DIR``); the files in
+``benchmarks/results/`` are written there on purpose with ``--out``.
 
 Timing (docs/DESIGN.md section 7): on CUDA each call sits between two CUDA events and is synchronized, so a latency is
 one call's latency with an empty queue; on CPU ``time.perf_counter`` around each call. Kernel-sized calls on CUDA
@@ -33,7 +34,12 @@ from segformer_fast.fileio import atomic_write_text
 from segformer_fast.runtime import resolve_device
 
 #: Where the scripts write their results by default (next to the scripts, in the repository).
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Where results go unless ``--out`` says otherwise: outside the repository (``$SEGFORMER_FAST_RESULTS``, else
+#: ~/.cache/segformer-fast/results), so a plain run (``make bench``) leaves the work tree clean. The files in
+#: benchmarks/results/ are committed on purpose: write one there with ``--out benchmarks/results/<name>.json``.
+RESULTS_DIR = Path(os.environ.get("SEGFORMER_FAST_RESULTS") or Path.home() / ".cache" / "segformer-fast" / "results")
+#: The repository's folder of committed results.
+COMMITTED_RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 
 
 class RunnerUnavailable(Exception):
@@ -407,3 +413,12 @@ def markdown_table(header: list, cells: list, left_columns: set) -> str:
              "|" + "|".join("---" if i in left_columns else "--:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines)
+
+
+__all__ = [
+    "RESULTS_DIR", "COMMITTED_RESULTS_DIR", "RunnerUnavailable", "synchronize", "time_calls_ms", "median_ms",
+    "do_bench_ms", "percentile", "free_memory", "PeakMemory", "say", "one_line", "device_name", "device_slug",
+    "collect_versions", "loadavg", "machine_is_busy", "environment", "split_list", "list_argument", "flatten",
+    "positive_int", "positive_float", "device_argument", "default_results_path", "read_json", "write_json",
+    "choose_output", "merge_rows", "format_number", "console_table", "markdown_table",
+]
