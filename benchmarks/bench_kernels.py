@@ -5,9 +5,12 @@ kernel, the eager composition the reference uses (``*_ref(..., upcast=False)``),
 composition, and for attention ``F.scaled_dot_product_attention`` with separate projections. Reports the median
 time, TFLOP/s (multiply-add = 2 FLOPs) and GB/s (minimum bytes: each input, weight and output moved once).
 
-Shapes: stage-1 blocks of B0 (C=32) and B5 (C=64) at 512x512 (128x128 tokens) and 1024x2048 (256x512 tokens),
-fp16 on CUDA (``triton.testing.do_bench``, median). Without a GPU the kernels are not timed (the Triton CPU
-interpreter is a correctness tool, not a speed measure): small shapes, eager and compiled rows only, wall clock.
+Shapes: a block of every stage of B0 (C = 32, 64, 160, 256) and B5 (C = 64, 128, 320, 512) at 512x512 and 1024x2048,
+batch 1, fp16 on CUDA, timed by ``triton.testing.do_bench_cudagraph`` (median of CUDA-graph replays: a single launch
+of about 10 µs timed from Python mostly measures the launcher; the engine replays graphs too), falling back to
+``do_bench`` where a graph cannot be captured (the row says which). Without a GPU the kernels are not timed (the
+Triton CPU interpreter is a correctness tool, not a speed measure): small stage-1 shapes, eager and compiled rows
+only, wall clock.
 
     python benchmarks/bench_kernels.py [--quick] [--out results/kernels.json] [--dtype fp16] [--no-compile]
 """
@@ -37,6 +40,7 @@ from segformer_fast.runtime import DTYPES
 from bench_common import (
     console_table,
     device_name,
+    do_bench_cudagraph_ms,
     do_bench_ms,
     environment,
     format_number,
@@ -46,21 +50,35 @@ from bench_common import (
     write_json,
 )
 
+#: (C, heads, sr_ratio) of the four stages of B0 and of B5 (B1-B5 share them).
+STAGES = {"B0": [(32, 1, 8), (64, 2, 4), (160, 5, 2), (256, 8, 1)], "B5": [(64, 1, 8), (128, 2, 4), (320, 5, 2),
+                                                                          (512, 8, 1)]}
 
-def stage1_cases(on_cuda, quick):
-    """(variant, resolution, C, heads, R, B, H, W) of stage-1 blocks."""
+
+def stage_cases(on_cuda, quick):
+    """(variant, resolution, C, heads, R, B, H, W, stage) of one block per stage (stage 1 only on a CPU)."""
     if on_cuda:
         sizes = [("512x512", 128, 128)] + ([] if quick else [("1024x2048", 256, 512)])
+        stages = range(4)
     else:
         sizes = [("128x128", 32, 32)] + ([] if quick else [("256x256", 64, 64)])
-    return [(variant, res, C, 1, 8, 1, H, W) for res, H, W in sizes for variant, C in (("B0", 32), ("B5", 64))]
+        stages = range(1)
+    return [(variant, res, *STAGES[variant][i][:3], 1, H >> i, W >> i, i + 1)
+            for res, H, W in sizes for variant in STAGES for i in stages]
 
 
 def timer(device, quick):
-    """``measure(fn) -> median ms``: triton's do_bench on CUDA, wall clock after two warm-up calls on CPU."""
+    """``measure(fn) -> (median ms, method)``: CUDA-graph replays on CUDA (plain do_bench where capture fails),
+    wall clock after two warm-up calls on CPU."""
     if device.type == "cuda":
-        return lambda fn: do_bench_ms(fn, warmup_ms=10 if quick else 25, rep_ms=50 if quick else 200)
-    return lambda fn: median_ms(fn, device, repeats=5 if quick else 20, warmup=2)
+        def measure(fn):
+            try:
+                return do_bench_cudagraph_ms(fn, rep_ms=30 if quick else 100), "do_bench_cudagraph"
+            except Exception:  # noqa: BLE001 - e.g. a baseline that cannot be captured: time it plainly
+                torch.cuda.synchronize()
+                return do_bench_ms(fn, warmup_ms=10 if quick else 25, rep_ms=50 if quick else 200), "do_bench"
+        return measure
+    return lambda fn: (median_ms(fn, device, repeats=5 if quick else 20, warmup=2), "wall clock")
 
 
 TABLE_HEADER = ["op", "variant", "res", "impl", "ms", "TFLOP/s", "GB/s", "status"]
@@ -81,8 +99,8 @@ def sdpa_attention(x, residual, H, W, p):
 
 
 def build_ops(case, dtype, device):
-    """Yield (op, shape string, flops, bytes, {impl: fn}) for one stage-1 case."""
-    variant, res, C, heads, R, B, H, W = case
+    """Yield (op, shape string, flops, bytes, {impl: fn}) for one stage's block."""
+    variant, res, C, heads, R, B, H, W, stage = case
     N = H * W
     esize = torch.finfo(dtype).bits // 8
     gen = torch.Generator().manual_seed(0)
@@ -117,6 +135,8 @@ def build_ops(case, dtype, device):
            })
 
     w, b = rand(C, scale=0.1, shift=1.0), rand(C, scale=0.1)
+    if stage > 1:  # the patch-embed LayerNorm's NCHW form runs at stage 1 only
+        return
     yield ("layer_norm+residual", f"B={B} N={N} C={C}", 8 * B * N * C, esize * 4 * B * N * C, {
         "kernel": lambda: layer_norm(x, w, b, 1e-6, residual=residual),
         "eager": lambda: layer_norm_ref(x, w, b, 1e-6, residual=residual, upcast=False),
@@ -135,16 +155,18 @@ def run(args):
     device = torch.device("cuda" if on_cuda else "cpu")
     dtype = DTYPES[args.dtype] if on_cuda else torch.float32
     measure = timer(device, args.quick)
-    note = ("CUDA: triton.testing.do_bench median, no CUDA graphs" if on_cuda else
+    note = ("CUDA: triton.testing.do_bench_cudagraph median (CUDA-graph replays; do_bench where capture fails, "
+            "per row in 'timing')" if on_cuda else
             "no GPU: kernel rows are skipped (the Triton CPU interpreter is not a speed measure); "
             "eager/compile timed by wall clock, median")
     say(f"device {device_name(device)}, dtype {dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     say(note)
     rows, cells = [], []
-    for case in stage1_cases(on_cuda, args.quick):
+    for case in stage_cases(on_cuda, args.quick):
         for op, shape, flops, nbytes, impls in build_ops(case, dtype, device):
             for impl, fn in impls.items():
-                row = {"op": op, "variant": case[0], "resolution": case[1], "shape": shape, "impl": impl,
+                row = {"op": op, "variant": case[0], "resolution": case[1], "stage": case[-1], "shape": shape,
+                       "impl": impl,
                        "dtype": str(dtype).replace("torch.", ""), "flops": flops, "bytes": nbytes}
                 if impl == "kernel" and not on_cuda:
                     row["status"] = "skipped: no GPU (Triton interpreter is not a speed measure)"
@@ -154,13 +176,14 @@ def run(args):
                     try:
                         if impl == "compile":
                             fn = torch.compile(fn[1], dynamic=False)
-                        ms = measure(fn)
-                        row.update(status="ok", time_ms=ms, tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6)
+                        ms, method = measure(fn)
+                        row.update(status="ok", timing=method, time_ms=ms, tflops=flops / ms / 1e9,
+                                   gbps=nbytes / ms / 1e6)
                     except Exception as exc:  # noqa: BLE001 - a failing baseline must not hide the other rows
                         row["status"] = f"error: {one_line(exc, 200)}"
                 rows.append(row)
                 ok = row["status"] == "ok"
-                cells.append([op, case[0], case[1], impl, f"{row['time_ms']:.4f}" if ok else "—",
+                cells.append([op, f"{case[0]} s{case[-1]}", case[1], impl, f"{row['time_ms']:.4f}" if ok else "—",
                               f"{row['tflops']:.3f}" if ok else "—", format_number(row.get("gbps"), 1),
                               row["status"]])
                 say(f"{op} {case[0]} {case[1]} {impl}: "

@@ -92,6 +92,14 @@ def do_bench_ms(fn: Callable[[], object], *, warmup_ms: int = 25, rep_ms: int = 
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def do_bench_cudagraph_ms(fn: Callable[[], object], *, rep_ms: int = 100) -> float:
+    """Median milliseconds of ``fn()`` on CUDA replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``):
+    the launch overhead of the Python launcher is out of the time, as in the engine's own graphs."""
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+
+
 def percentile(values, q: float) -> float:
     """Linear-interpolated percentile ``q`` (0..100) of ``values`` (numpy's default method)."""
     ordered = sorted(values)
@@ -245,15 +253,38 @@ def machine_is_busy(load: list | None) -> bool:
     return bool(load) and load[0] > (os.cpu_count() or 1) * 0.75
 
 
+#: The instruction-set extensions that decide CPU speed here, as /proc/cpuinfo flags: wide vectors, the int8 / bf16
+#: dot products and AMX tiles (oneDNN and the extension's kernels pick their paths from these).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+             "amx_int8", "amx_fp16")
+
+
+def cpu_isa() -> list:
+    """The ISA_FLAGS this CPU has (from /proc/cpuinfo; torch.cpu.get_capabilities where that file is missing)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [flag for flag in ISA_FLAGS if flag in flags]
+    except OSError:
+        pass
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    capabilities = get_capabilities() if get_capabilities is not None else {}
+    return [flag for flag in ISA_FLAGS if capabilities.get(flag)]
+
+
 def environment(device: torch.device) -> dict:
-    """The header of a results file: device, versions, date and host."""
+    """The header of a results file: device, versions, date and host (with the CPU's model and ISA extensions,
+    which decide CPU rows and the host side of GPU rows)."""
     return {
         "device": device_name(device),
         "device_type": device.type,
         "versions": collect_versions(device),
         "date": datetime.date.today().isoformat(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "loadavg_at_start": loadavg()},
+        "host": {"platform": platform.platform(), "cpu": device_name(torch.device("cpu")), "cpu_isa": cpu_isa(),
+                 "cpu_count": os.cpu_count(), "loadavg_at_start": loadavg()},
     }
 
 
@@ -417,8 +448,9 @@ def markdown_table(header: list, cells: list, left_columns: set) -> str:
 
 __all__ = [
     "RESULTS_DIR", "COMMITTED_RESULTS_DIR", "RunnerUnavailable", "synchronize", "time_calls_ms", "median_ms",
-    "do_bench_ms", "percentile", "free_memory", "PeakMemory", "say", "one_line", "device_name", "device_slug",
-    "collect_versions", "loadavg", "machine_is_busy", "environment", "split_list", "list_argument", "flatten",
-    "positive_int", "positive_float", "device_argument", "default_results_path", "read_json", "write_json",
-    "choose_output", "merge_rows", "format_number", "console_table", "markdown_table",
+    "do_bench_ms", "do_bench_cudagraph_ms", "percentile", "free_memory", "PeakMemory", "say", "one_line",
+    "device_name", "device_slug", "collect_versions", "loadavg", "machine_is_busy", "ISA_FLAGS", "cpu_isa",
+    "environment", "split_list", "list_argument", "flatten", "positive_int", "positive_float", "device_argument",
+    "default_results_path", "read_json", "write_json", "choose_output", "merge_rows", "format_number",
+    "console_table", "markdown_table",
 ]
