@@ -1,4 +1,4 @@
-"""Tests of the benchmark scripts (benchmarks/bench_model.py, bench_common.py, make_table.py; pytest puts
+"""Tests of the benchmark scripts (benchmarks/bench_model.py, bench_common, make_table.py; pytest puts
 benchmarks/ on the import path, see pyproject.toml): CPU only, tiny settings, no timing assertions (speed is shown
 by the benchmark, never asserted here)."""
 
@@ -334,7 +334,24 @@ def test_default_out_path_names_device_and_date(tmp_path):
     assert path.name.endswith(f"-{datetime.date.today().isoformat()}.json")
     assert path.name.startswith(bench_common.device_slug(torch.device("cpu")))
     assert "cpu" in path.name and " " not in path.name
-    assert bench.default_out_path(torch.device("cpu")).parent == ROOT / "benchmarks" / "results"
+    # by default outside the repository (a plain `make bench` leaves no untracked file); committed results are
+    # written on purpose with --out benchmarks/results/...
+    default = bench.default_out_path(torch.device("cpu"))
+    assert default.parent == bench_common.RESULTS_DIR
+    assert ROOT not in default.resolve().parents
+
+
+def test_results_dir_follows_the_environment(monkeypatch, tmp_path):
+    import importlib
+
+    import bench_common.harness as harness
+
+    monkeypatch.setenv("SEGFORMER_FAST_RESULTS", str(tmp_path))
+    try:
+        assert importlib.reload(harness).RESULTS_DIR == tmp_path
+    finally:
+        monkeypatch.delenv("SEGFORMER_FAST_RESULTS")
+        importlib.reload(harness)
 
 
 def test_console_output_survives_a_non_utf8_stream():

@@ -13,6 +13,7 @@ fp16/bf16 kernels and is reported (a warning listing each kernel and its bytes) 
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -75,23 +76,18 @@ def randn(request, device):
     return make
 
 
-@pytest.fixture
-def record_launches(monkeypatch):
-    """Record interpreter launches instead of running them: a list of dicts (module, name, signature, ...)."""
-    if HAS_CUDA:
-        pytest.skip("launch recording uses the Triton interpreter (CPU-only runs)")
-    from triton.runtime.interpreter import InterpretedFunction
+def _specialize(value):
+    """(type, key) of a kernel argument as the installed Triton's JIT specializes it (Triton's own function)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
 
-    launches = []
+    if isinstance(value, torch.Tensor) and value.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"unexpected tensor dtype {value.dtype}")
+    return native_specialize_impl(BaseBackend, value, False, True, True)
 
-    def specialize(value):
-        """(type, key) of an argument as the installed Triton's JIT specializes it."""
-        from triton._C.libtriton import native_specialize_impl
-        from triton.backends.compiler import BaseBackend
 
-        if isinstance(value, torch.Tensor) and value.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"unexpected tensor dtype {value.dtype}")
-        return native_specialize_impl(BaseBackend, value, False, True, True)
+def _recorder(launches):
+    """A replacement for ``InterpretedFunction.run`` that appends each launch to ``launches`` instead of running it."""
 
     def record(self, *args, grid, warmup, **kwargs):
         import inspect
@@ -109,10 +105,9 @@ def record_launches(monkeypatch):
                 # UPCAST is the interpreter's bf16 workaround; on a GPU it is always False
                 constexprs[name] = False if name == "UPCAST" else value
                 continue
-            # as the JIT specializes a launch (Triton's own function): integers equal to 1 become constants,
-            # integers divisible by 16 and 16-byte aligned pointers are marked divisible, floats and bools are not
-            # specialized
-            kind, key = specialize(value)
+            # as the JIT specializes a launch: integers equal to 1 become constants, integers divisible by 16 and
+            # 16-byte aligned pointers are marked divisible, floats and bools are not specialized
+            kind, key = _specialize(value)
             signature[name] = kind
             if kind == "constexpr":
                 constexprs[name] = key
@@ -124,8 +119,38 @@ def record_launches(monkeypatch):
             "grid": tuple(grid) if isinstance(grid, (tuple, list)) else (grid,),
         })
 
-    monkeypatch.setattr(InterpretedFunction, "run", record)
+    return record
+
+
+@pytest.fixture
+def record_launches(monkeypatch):
+    """Record interpreter launches instead of running them: a list of dicts (module, name, signature, ...)."""
+    if HAS_CUDA:
+        pytest.skip("launch recording uses the Triton interpreter (CPU-only runs)")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = []
+    monkeypatch.setattr(InterpretedFunction, "run", _recorder(launches))
     return launches
+
+
+@pytest.fixture(scope="session")
+def launch_recorder():
+    """``with launch_recorder() as launches:``: record_launches for wider scopes (a context manager)."""
+    if HAS_CUDA:
+        pytest.skip("launch recording uses the Triton interpreter (CPU-only runs)")
+    import contextlib
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    @contextlib.contextmanager
+    def recording():
+        launches = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(InterpretedFunction, "run", _recorder(launches))
+            yield launches
+
+    return recording
 
 
 _COMPILE_SCRIPT = r"""
@@ -160,6 +185,11 @@ def build(spec):
     return {"name": spec["name"], "shared": kernel.metadata.shared, **spills(kernel.asm["ptx"])}
 
 if __name__ == "__main__":
+    import triton
+    print("triton", triton.__version__, file=sys.stderr)
+    expected = os.environ.get("EXPECT_TRITON_VERSION")
+    if expected and not triton.__version__.startswith(expected):
+        sys.exit(f"expected triton {expected}, imported {triton.__version__} from {triton.__file__}")
     specs = json.load(sys.stdin)
     with concurrent.futures.ProcessPoolExecutor(max_workers=min(len(specs), os.cpu_count() or 1)) as pool:
         print(json.dumps(list(pool.map(build, specs))))
@@ -186,10 +216,11 @@ def _describe(spec) -> str:
     return f"{spec['name']} {_launch_dtype(spec)} {constexprs} num_warps={spec['num_warps']}"
 
 
-def _compile_for_sm90(launches, tmp_dir, fp32_spills_fail=False, triton_path=None):
+def _compile_for_sm90(launches, tmp_dir, fp32_spills_fail=False, triton_path=None, expect_version=None):
     """Compile each recorded launch for sm_90 in a subprocess without the interpreter; check shared memory and
     spills (none allowed in fp16/bf16; fp32 spills fail with ``fp32_spills_fail``, else are reported as a
-    warning). ``triton_path``: a folder holding another Triton (``pip install --target``) to compile with.
+    warning). ``triton_path``: a folder holding another Triton (``pip install --target``) to compile with, checked
+    to be version ``expect_version``.
     Returns the per-launch results."""
     launches = [{k: v for k, v in spec.items() if k != "grid"} for spec in launches]  # the grid is not compiled
     unique = {json.dumps(spec, sort_keys=True): spec for spec in launches}
@@ -198,13 +229,22 @@ def _compile_for_sm90(launches, tmp_dir, fp32_spills_fail=False, triton_path=Non
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if triton_path:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(triton_path), env.get("PYTHONPATH")]))
+    if expect_version:
+        env["EXPECT_TRITON_VERSION"] = expect_version
     script = tmp_dir / "compile_sm90.py"
     script.write_text(_COMPILE_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], input=json.dumps(list(unique.values())),
-                          capture_output=True, text=True, env=env, timeout=600)
+    # its own process group, so that a timeout ends the compile workers too, not only their parent
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(json.dumps(list(unique.values())), timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"sm_90 compile of {len(unique)} launches took over 900 s")
     if proc.returncode:
-        pytest.fail(f"sm_90 compile failed:\n{proc.stderr[-4000:]}")
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+        pytest.fail(f"sm_90 compile failed:\n{stderr[-4000:]}")
+    results = json.loads(stdout.strip().splitlines()[-1])
     fp32_spills, low_precision_spills = [], []
     for spec, result in zip(unique.values(), results):
         assert result["shared"] <= SM90_MAX_SHARED, (
