@@ -251,8 +251,8 @@ def run_benchmark(config: BenchConfig, *, on_row: Callable[[dict], None] | None 
     if config.device.type == "cuda" and config.device.index is not None:
         torch.cuda.set_device(config.device)  # CUDA events record on the current device's stream
     rows = []
-    total = sum(len(config.batches_for(r)) for r in config.resolutions) * len(config.variants) * len(config.dtypes) \
-        * len(config.runners)
+    total = sum(len(config.batches_for(r)) for v in config.variants for r in config.resolutions
+                if not config.paper or paper_setting(v, r)) * len(config.dtypes) * len(config.runners)
     for variant in config.variants:
         for resolution in config.resolutions:
             if config.paper and not paper_setting(variant, resolution):

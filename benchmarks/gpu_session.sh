@@ -230,16 +230,17 @@ first_stage() {
     install_package "$CAP_BUILD" "$EXT" "$EXT_REASON" "$(left 90 $((CAP_BENCH + CAP_TABLE + 60)))"
     "$PYTHON" -c "from segformer_fast import ops; print('   extension kernels:', ops._kernel_devices())" \
         || echo "   the package does not import (build.log)"
-    local tests
-    tests="$(grep -v -e '^#' -e '^$' benchmarks/first_tests.txt | tr '\n' ' ')"
+    local tests=()
+    while read -r node; do  # node ids relative to tests/ (brackets and all, passed as they are)
+        tests+=("${node#tests/}")
+    done < <(grep -v -e '^#' -e '^$' benchmarks/first_tests.txt)
     # run from tests/: `python -m pytest` from the repository root would put its kernels/ folder on sys.path,
     # where it shadows Hugging Face's kernels package that transformers imports
-    # shellcheck disable=SC2086
-    run_stage test "$(left "$CAP_TEST" $((CAP_BENCH + CAP_TABLE)))" bash -c \
-        "cd tests && '$PYTHON' -m pytest -ra -q -p no:cacheprovider $(echo "$tests" | sed 's#tests/##g')"
+    run_stage test "$(left "$CAP_TEST" $((CAP_BENCH + CAP_TABLE)))" \
+        bash -c 'cd tests && exec "$0" -m pytest -ra -q -p no:cacheprovider "$@"' "$PYTHON" "${tests[@]}"
     grep -h -E "passed|failed|error" "$OUT/test.log" | tail -n 1
-    run_stage bench "$(left "$CAP_BENCH" "$CAP_TABLE")" "$PYTHON" benchmarks/bench_model.py --variants b0 b5 --resolutions ade --batch 1 \
-        --dtype fp16 --runners engine reference compile compile-ro --repeats 30 --max-seconds-per-row 5 \
+    run_stage bench "$(left "$CAP_BENCH" "$CAP_TABLE")" "$PYTHON" benchmarks/bench_model.py --variants b0 b5 \
+        --resolutions ade --batch 1 --dtype fp16 --runners engine reference compile compile-ro --repeats 30 --max-seconds-per-row 5 \
         --out "$OUT/first-ade.json"
     if [ -f "$OUT/first-ade.json" ]; then
         timeout "$CAP_TABLE" "$PYTHON" benchmarks/make_table.py "$OUT/first-ade.json" | tee "$OUT/first-table.md"

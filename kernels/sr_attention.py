@@ -379,7 +379,12 @@ def flash_sr_attention_launch(B, N, NKV, C, num_heads, head_dim, dtype) -> Launc
     def make(block_m, fuse):
         return Launch("_flash_sr_attention_kernel", (triton.cdiv(N, block_m), 1 if fuse else num_heads, B),
                       {"C_PAD": C_PAD, "FUSE_OUT": fuse, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32},
-                      num_warps=8 if fp32 or (fuse and C_PAD >= 256) else 4, num_stages=2)
+                      num_warps=warps(block_m, fuse), num_stages=2)
+
+    def warps(block_m, fuse):
+        if fp32:  # 16 x 32 fp32 tiles over 8 warps spilled (ptxas kept 64 registers); 4 warps hold them
+            return 4 if block_m == 16 and head_dim <= 32 else 8
+        return 8 if fuse and C_PAD >= 256 else 4
 
     if fusable:
         fused = pick_launch(make(block_m, True) for block_m in sizes)

@@ -532,3 +532,86 @@ def test_make_table_only_run_leaves_out_skipped_rows_and_names_why(tmp_path, cap
     assert text.count("- not run: ort-ours bf16: no bf16 ONNX") == 1
     assert make_table.main([str(source)]) == 0
     assert len(_markdown_table(capsys.readouterr().out)[1]) == 4
+
+
+def test_paper_protocol_rows(tmp_path, registry, capsys):
+    """--paper: fp32, batch 1, only the paper's (variant, resolution) pairs, timed through full-resolution labels."""
+    calls = []
+    bench.register_runner("fake", _fake_factory(calls))
+    out = tmp_path / "paper.json"
+    assert bench.main(["--paper", "--runners", "fake", "--variants", "b0", "b5", "--resolutions", "ade", "ade640",
+                       "--repeats", "1", "--warmup", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    # B0 at 512x512 and B5 at 640x640 only: the paper has no B0 at 640 and no B5 at 512
+    assert [(r["variant"], r["height"], r["batch"], r["dtype"]) for r in rows] == [("b0", 512, 1, "fp32"),
+                                                                                  ("b5", 640, 1, "fp32")]
+    assert all(r["protocol"] == "paper" and r["status"] == "ok" for r in rows)
+    assert [r["paper_v100_fps"] for r in rows] == [50.5, 9.8]
+    printed = capsys.readouterr().out
+    assert "fp32 paper" in printed and "rows marked \"paper\" follow that protocol" in printed
+    assert "not a like-for-like comparison" not in printed  # every row with a paper FPS is a paper row
+    assert bench.main(["--paper", "--batch", "2", "--runners", "fake", "--no-save"]) == 2
+
+
+def test_labels_on_host_returns_full_resolution_labels_on_the_cpu():
+    logits = torch.randn(1, 5, 4, 6)
+    labels = bench_common.labels_on_host(lambda pixels: logits, engine_labels=False)(torch.zeros(1, 3, 13, 21))
+    assert labels.shape == (1, 13, 21) and labels.device.type == "cpu" and labels.dtype == torch.int64
+    up = torch.nn.functional.interpolate(logits, size=(13, 21), mode="bilinear", align_corners=False)
+    assert torch.equal(labels, up.argmax(1))
+
+
+def test_row_precision_says_what_ran(monkeypatch):
+    cuda = torch.device("cuda")
+    assert bench_common.row_precision(lambda x: x, "fp16", cuda) == ("fp16", None)
+    assert bench_common.row_precision(lambda x: x, "fp32", torch.device("cpu")) == ("fp32", None)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    text, tf32 = bench_common.row_precision(lambda x: x, "fp32", cuda)
+    assert text == "fp32 with TF32 cuDNN convs" and tf32 == {"matmul": False, "cudnn": True}
+
+    def engine(x):
+        return x
+
+    engine.tf32 = False  # the engine runs fp32 with TF32 off itself
+    assert bench_common.row_precision(engine, "fp32", cuda)[0] == "fp32 (IEEE, TF32 off)"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert bench_common.row_precision(lambda x: x, "fp32", cuda) == ("fp32 (IEEE, TF32 off)",
+                                                                    {"matmul": False, "cudnn": False})
+
+
+def test_table_legend_and_marks():
+    base = {"variant": "b0", "height": 512, "width": 512, "batch": 1, "runner": "engine", "status": "ok",
+            "images_per_s": 10.0, "latency_ms": 100.0, "latency_p90_ms": 110.0, "peak_mem_gb": 0.1,
+            "first_call_s": 1.0, "achieved_tflops": 0.2, "paper_gflops": 8.4, "paper_v100_fps": 50.5,
+            "peak_mem_kind": "cpu_rss_hwm_increase"}
+    rows = [dict(base, dtype="fp16"), dict(base, dtype="fp32", tf32={"matmul": True, "cudnn": False},
+                                          runner="reference"), dict(base, dtype="fp32", cuda_graph=False)]
+    text = bench.format_table(rows)
+    for words in ("peak RSS Δ GB: rise of", "1st call s: the first call alone", "TFLOP/s: achieved",
+                  "paper V100 FPS: the paper's V100, fp32, batch 1", "not a like-for-like comparison",
+                  "†: fp32 with TF32", "‡: the engine's CUDA graph of this shape was not captured"):
+        assert words in text, words
+    assert "fp32 †" in text and "engine ‡" in text
+    assert "†" not in bench.format_table(rows[:1]) and "like-for-like" in bench.format_table(rows[:1])
+
+
+def test_new_runners_are_registered_and_tensorrt_skips_with_a_reason():
+    assert bench.RUNNER_DEFAULT_ON["compile-ro"] == ("cuda",) and bench.RUNNER_DEFAULT_ON["trt-ours"] == ("cuda",)
+    with pytest.raises(bench.RunnerUnavailable, match="tensorrt is not importable|CUDA devices only|fp16 only"):
+        bench.RUNNERS["trt-ours"]("b0", 150, torch.device("cpu"), torch.float16)
+
+
+def test_results_name_the_cpu_and_its_isa():
+    host = bench_common.environment(torch.device("cpu"))["host"]
+    assert host["cpu"] == bench_common.device_name(torch.device("cpu"))
+    assert set(host["cpu_isa"]) <= set(bench_common.ISA_FLAGS)
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert all(flag in flags for flag in host["cpu_isa"])
+    if "avx512f" in flags:
+        assert "avx512f" in host["cpu_isa"]
+
+
+def test_no_benchmark_file_is_much_over_400_lines():
+    sizes = {path.name: len(path.read_text().splitlines()) for path in (ROOT / "benchmarks").rglob("*.py")}
+    assert sizes["bench_model.py"] <= 450 and max(sizes.values()) <= 460, sizes
