@@ -561,23 +561,26 @@ def test_labels_on_host_returns_full_resolution_labels_on_the_cpu():
     assert torch.equal(labels, up.argmax(1))
 
 
-def test_row_precision_says_what_ran(monkeypatch):
+def test_row_precision_says_what_ran():
     cuda = torch.device("cuda")
     assert bench_common.row_precision(lambda x: x, "fp16", cuda) == ("fp16", None)
     assert bench_common.row_precision(lambda x: x, "fp32", torch.device("cpu")) == ("fp32", None)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    text, tf32 = bench_common.row_precision(lambda x: x, "fp32", cuda)
-    assert text == "fp32 with TF32 cuDNN convs" and tf32 == {"matmul": False, "cudnn": True}
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:  # torch's flags are properties (monkeypatch cannot restore them)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+        text, tf32 = bench_common.row_precision(lambda x: x, "fp32", cuda)
+        assert text == "fp32 with TF32 cuDNN convs" and tf32 == {"matmul": False, "cudnn": True}
 
-    def engine(x):
-        return x
+        def engine(x):
+            return x
 
-    engine.tf32 = False  # the engine runs fp32 with TF32 off itself
-    assert bench_common.row_precision(engine, "fp32", cuda)[0] == "fp32 (IEEE, TF32 off)"
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    assert bench_common.row_precision(lambda x: x, "fp32", cuda) == ("fp32 (IEEE, TF32 off)",
-                                                                    {"matmul": False, "cudnn": False})
+        engine.tf32 = False  # the engine runs fp32 with TF32 off itself
+        assert bench_common.row_precision(engine, "fp32", cuda)[0] == "fp32 (IEEE, TF32 off)"
+        torch.backends.cudnn.allow_tf32 = False
+        assert bench_common.row_precision(lambda x: x, "fp32", cuda) == ("fp32 (IEEE, TF32 off)",
+                                                                        {"matmul": False, "cudnn": False})
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_table_legend_and_marks():
