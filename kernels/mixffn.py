@@ -14,7 +14,7 @@ for this op: writing GELU(dwconv) to memory in the compute dtype adds a write an
 the largest of the block, which this fusion exists to avoid; splitting the 4C reduction across blocks needs fp32
 partial sums and a second pass. The cost is fewer blocks at batch 1 on small grids (M / BLOCK_M, e.g. 64 at B5
 stage 3, 512², BLOCK_M 16), which ``mixffn_fc2_launch`` states; BLOCK_M shrinks to 16 before that happens, and the
-accumulators (BLOCK_M x C in fp32) are kept to 16 Ki elements (8 Ki in fp32) so they stay in registers.
+accumulators (BLOCK_M x C in fp32) are kept to 8 Ki elements so they stay in registers.
 - ``mixffn(x_norm, H, W, params, residual)``: ``linear`` (fc1) then ``mixffn_fc2``: the 4C-wide activation is
   written once (by fc1) and read by fc2. Two launches.
 
@@ -108,16 +108,23 @@ def column_groups(C):
 
 def mixffn_fc2_launch(M, C, C4, dtype) -> Launch:
     """The grid and tiles of ``mixffn_fc2`` for M tokens, C outputs, C4 hidden channels in ``dtype``: one block per
-    BLOCK_M tokens owning all C columns; BLOCK_M the largest of 64 / 32 / 16 whose fp32 accumulators fit (at most
-    16 Ki elements, 8 Ki in fp32, whose dot operands also sit in registers) and that gives a wave of blocks."""
+    BLOCK_M tokens owning all C columns; BLOCK_M the largest of 64 / 32 / 16 (at most 32 in fp32, whose dot operands
+    also sit in registers) whose fp32 accumulators fit (BLOCK_M x C at most 8 Ki elements) and that gives a wave of
+    blocks."""
     hi, lo = column_groups(C)
-    budget = (8192 if dtype == torch.float32 else 16384) // (hi + lo)
-    sizes = [bm for bm in (64, 32, 16) if bm <= max(16, budget)]
+    width = hi + lo
+    largest = 32 if dtype == torch.float32 else 64
+    sizes = [bm for bm in (64, 32, 16) if bm <= max(16, min(largest, 8192 // width))]
 
     def make(block_m):
+        # sm_90 compiles without spills (tests/kernels/test_launch_grids.py, Triton 3.6 and current): past 128
+        # columns 8 warps, and 16-deep K steps once the tile has 32 rows (32-deep ones spilled at C = 320 / 512)
+        wide = width > 128
         return Launch("_mixffn_fc2_kernel", (triton.cdiv(M, block_m),),
-                      {"C_HI": hi, "C_LO": lo, "BLOCK_M": block_m, "BLOCK_K": 32},
-                      num_warps=8 if block_m * (hi + lo) >= 8192 else 4, num_stages=2)
+                      {"C_HI": hi, "C_LO": lo, "BLOCK_M": block_m,
+                       "BLOCK_K": 16 if wide and block_m >= 32 and dtype != torch.float32 else 32},
+                      num_warps=8 if wide or block_m * width >= (2048 if dtype == torch.float32 else 8192) else 4,
+                      num_stages=2)
 
     return pick_launch(map(make, sizes), why_fewer="each block owns all C columns, so the depthwise conv + GELU "
                        "is computed once (splitting the columns would recompute it per column block)")
