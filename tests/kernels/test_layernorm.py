@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from segformer_fast.kernels import common as kernel_common
 from segformer_fast.kernels import layer_norm, layer_norm_ref, patch_embed_layer_norm, patch_embed_layer_norm_ref
 from segformer_fast.testing import assert_within_tolerance, poison_
 
@@ -35,6 +36,14 @@ def test_layer_norm(randn, device, dtype, C, with_residual):
         y_eager = layer_norm_ref(x, w, b, eps, upcast=False)
     assert y.dtype == dtype and y.shape == x.shape
     assert_within_tolerance(y, y_ref, dtype, eager=y_eager, what="layer_norm")
+
+
+@pytest.mark.parametrize("C", [32, 160])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_layer_norm_largest_tiles(randn, device, dtype, C, with_residual, monkeypatch):
+    """A wave of one block: the launcher takes its largest row tiles (the test above, at 132, takes 1-row tiles)."""
+    monkeypatch.setattr(kernel_common, "WAVE_BLOCKS", 1)
+    test_layer_norm(randn, device, dtype, C, with_residual)
 
 
 @pytest.mark.parametrize("B, C, H, W", [(2, 32, 7, 9), (1, 64, 3, 5), (3, 160, 5, 4), (2, 512, 1, 3)])

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from segformer_fast.kernels import common as kernel_common
 from segformer_fast.kernels import (
     dwconv_gelu_ref,
     mixffn,
@@ -48,8 +49,11 @@ def test_mixffn_awkward_shapes(randn, device, B, H, W, C):
     run_mixffn(randn, device, torch.float16, B, H, W, C)
 
 
+@pytest.mark.parametrize("wave", [1, 132], ids=["largest-tiles", "wave"])
 @pytest.mark.parametrize("C", [32, 160])
-def test_mixffn_fc2_without_residual(randn, device, dtype, C):
+def test_mixffn_fc2_without_residual(randn, device, dtype, C, wave, monkeypatch):
+    """With a wave of one block fc2 takes its largest row tiles (32 rows and 16-deep K steps at C = 160)."""
+    monkeypatch.setattr(kernel_common, "WAVE_BLOCKS", wave)
     params, params64 = make_params(randn, C, dtype)
     H, W = 5, 7
     h = randn(2, H * W, 4 * C, dtype=dtype)
