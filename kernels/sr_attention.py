@@ -334,7 +334,7 @@ def sr_kv_launches(B, NKV, C, R, dtype) -> list:
     split over its K = R*R*C reduction into fp32 partials (grid: row blocks x splits x images), then the partials'
     sum + bias + LayerNorm + one column block of the k/v projection per block (grid: row blocks x column blocks x
     images). The reduced grid is short (256 tokens at 512², 2048 at 1024x2048), so at batch 1 only the split
-    form fills the GPU."""
+    form fills the GPU. fp32 always takes the fused kernel (the split form's k/v step spills there)."""
     C_PAD = triton.next_power_of_2(C)
     warps = 4 if C_PAD <= 128 else 8
 
@@ -342,7 +342,12 @@ def sr_kv_launches(B, NKV, C, R, dtype) -> list:
         return Launch("_sr_kv_kernel", (triton.cdiv(NKV, block_m), B),
                       {"C_PAD": C_PAD, "BLOCK_M": block_m, "BLOCK_K": 32, "BLOCK_N": 64}, warps, 2)
 
-    one = pick_launch(map(fused, (32, 16) if C_PAD <= 256 else (16,)))
+    sizes = (32, 16) if C_PAD <= 256 else (16,)
+    if dtype == torch.float32:
+        # fp32 dots run on FMA units with both operands in registers: the split form's full-width normalized tile
+        # times a k/v column block spilled kilobytes on sm_90, the fused kernel does not
+        return [pick_launch(map(fused, sizes), why_fewer="fp32 keeps the fused kernel (the split form spills)")]
+    one = pick_launch(map(fused, sizes))
     if not one.reason:
         return [one]
     block_m = 16
@@ -355,9 +360,9 @@ def sr_kv_launches(B, NKV, C, R, dtype) -> list:
                 {"C_PAD": C_PAD, "BLOCK_M": block_m, "BLOCK_K": 32}, warps, 2)],
         why_fewer=f"every one of the {chunks} K chunks (tap, 32 channels) is its own split")
 
-    def norm_kv(block_n):
+    def norm_kv(block_n):  # 16-wide column blocks on 8 warps spilled at C = 160 on Triton 3.6: 4 warps
         return Launch("_sr_norm_kv_kernel", (triton.cdiv(NKV, block_m), triton.cdiv(2 * C, block_n), B),
-                      {"C_PAD": C_PAD, "BLOCK_M": block_m, "BLOCK_N": block_n}, warps, 2)
+                      {"C_PAD": C_PAD, "BLOCK_M": block_m, "BLOCK_N": block_n}, 4 if block_n == 16 else warps, 2)
 
     return [patchify, pick_launch(map(norm_kv, (64, 32, 16)))]
 
