@@ -46,12 +46,12 @@ from typing import Callable
 import bench_runtimes
 import torch
 
-from segformer_fast import malloc_tuning
-from segformer_fast.config import VARIANTS, SegformerConfig
-from segformer_fast.engine import optimize
-from segformer_fast.fileio import check_output_file
-from segformer_fast.model import Segformer
-from segformer_fast.runtime import DTYPES, cpu_has_fast_bf16, is_out_of_memory, resolve_device
+from segformer_fast.core import malloc_tuning
+from segformer_fast.core.fileio import check_output_file
+from segformer_fast.core.runtime import DTYPES, cpu_has_fast_bf16, is_out_of_memory, resolve_device
+from segformer_fast.engine.engine import optimize
+from segformer_fast.model.config import VARIANTS, SegformerConfig
+from segformer_fast.model.segformer import Segformer
 
 from bench_common import (
     PeakMemory,
@@ -154,7 +154,7 @@ def _reference_model(variant, num_labels, device, dtype):
 
 
 def reference_runner(variant, num_labels, device, dtype):
-    """The eager reference model (segformer_fast.model.Segformer)."""
+    """The eager reference model (segformer_fast.model.segformer.Segformer)."""
     return _reference_model(variant, num_labels, device, dtype)
 
 
@@ -664,7 +664,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if config.device.type == "cpu":
         # the engine tunes glibc malloc when it is built; doing it first gives every runner the same allocator
-        say(f"glibc malloc tuned for reuse (segformer_fast.malloc_tuning): {malloc_tuning.keep_freed_memory()}")
+        say(f"glibc malloc tuned for reuse (segformer_fast.core.malloc_tuning): {malloc_tuning.keep_freed_memory()}")
     say(f"device: {device_name(config.device)} ({config.device}); torch {torch.__version__}; "
         f"torch threads: {torch.get_num_threads()} (of {os.cpu_count()} CPUs)")
     say(f"grid: variants {','.join(config.variants)} · resolutions "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench_model import SCHEMA, render_markdown
 
-from segformer_fast.fileio import atomic_write_text
+from segformer_fast.core.fileio import atomic_write_text
 
 from bench_common import read_json
 

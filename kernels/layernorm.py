@@ -14,8 +14,8 @@ BLOCK_C = next_power_of_2(C) channels; any C up to 8192 works in one pass (SegFo
 import triton
 import triton.language as tl
 
-from segformer_fast import torch_ops
-from segformer_fast.prepared import check_tensor
+from segformer_fast.ops import reference as torch_ops
+from segformer_fast.prepared.weights import check_tensor
 
 from .common import check_compute_dtype, check_device, check_out, ref_dtype
 

@@ -26,7 +26,7 @@ Kernels:
 Constraints: head_dim d = C / num_heads a power of two in [16, 128] (SegFormer: 32 for B0, 64 for B1-B5);
 R > 1 needs H >= R and W >= R (at least one reduced token), and C <= 512 for the fused KV kernel.
 
-The references (``sr_kv_ref``, ``sr_attention_ref``) are ``segformer_fast.torch_ops``'s ops in the reference dtype.
+The references (``sr_kv_ref``, ``sr_attention_ref``) are ``segformer_fast.ops.reference``'s ops in the reference dtype.
 """
 
 import dataclasses
@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from segformer_fast import torch_ops
-from segformer_fast.prepared import SRAttentionParams, check_tensor
+from segformer_fast.ops import reference as torch_ops
+from segformer_fast.prepared.weights import SRAttentionParams, check_tensor
 
 from .common import check_compute_dtype, check_device, check_out, mma, ref_dtype, upcast_dot
 from .linear import linear
