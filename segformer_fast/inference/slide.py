@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from segformer_fast.inference.windows import (
     DEFAULT_CROP,
     check_slide_arguments,
+    forward_windows,
     resolve_window,
     window_grid,
 )
@@ -80,7 +81,7 @@ def slide_labels(
         row = [window for window in windows if window[:2] == span]
         for start in range(0, len(row), windows_per_call):
             group = row[start:start + windows_per_call]
-            logits = window_logits(forward, pixel_values, group, num_labels, crop, pad_to_crop)
+            logits = forward_windows(forward, pixel_values, group, num_labels, crop, pad_to_crop)
             for index, window in enumerate(group):
                 window_logits[window] = logits[index * batch:(index + 1) * batch].float()
             computed += len(group)

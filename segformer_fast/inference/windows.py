@@ -93,7 +93,7 @@ def check_slide_arguments(pixel_values, num_labels, windows_per_call) -> None:
         raise ValueError(f"windows_per_call must be a positive integer, got {windows_per_call!r}")
 
 
-def window_logits(forward, pixel_values, group, num_labels, crop, pad_to_crop) -> torch.Tensor:
+def forward_windows(forward, pixel_values, group, num_labels, crop, pad_to_crop) -> torch.Tensor:
     """forward over the windows ``group`` [(y1, y2, x1, x2)] of one size as one batch: logits (len(group) * B, K,
     h', w'), window-major. With ``pad_to_crop`` a window smaller than ``crop`` is zero-padded (bottom/right) to it."""
     crops = []
@@ -141,7 +141,7 @@ def slide_logits(
     def run(group):
         y1, y2, x1, x2 = group[0]
         padded = pad_to_crop and (y2 - y1 < crop[0] or x2 - x1 < crop[1])
-        logits = window_logits(forward, pixel_values, group, num_labels, crop, pad_to_crop)
+        logits = forward_windows(forward, pixel_values, group, num_labels, crop, pad_to_crop)
         size = crop if padded else (y2 - y1, x2 - x1)
         logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
         for index, (y1, y2, x1, x2) in enumerate(group):
