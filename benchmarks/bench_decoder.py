@@ -1,8 +1,8 @@
 """Decoder benchmark: the folded + fused decode head against the reference head and transformers' head.
 
-fused     = projections at each stage's own resolution with the folded weights (segformer_fast.decoder_fold) +
-            segformer_fast.ops.fused_decode (upsample + sum + bias + ReLU + classifier in one op)
-reference = segformer_fast.model.DecodeHead (model.decode_head)
+fused     = projections at each stage's own resolution with the folded weights (segformer_fast.prepared.decoder_fold) +
+            segformer_fast.ops.extension.fused_decode (upsample + sum + bias + ReLU + classifier in one op)
+reference = segformer_fast.model.segformer.DecodeHead (model.decode_head)
 hf        = transformers SegformerDecodeHead with the same weights (when transformers is installed)
 
 Also the full-resolution post-processing: ops.upsample_argmax against F.interpolate(...).argmax(1).
@@ -21,10 +21,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from segformer_fast import ops
-from segformer_fast.config import VARIANTS, SegformerConfig
-from segformer_fast.decoder_fold import fold_decode_head, project_features
-from segformer_fast.model import DecodeHead, _random_init_
+from segformer_fast.model.config import VARIANTS, SegformerConfig
+from segformer_fast.model.segformer import DecodeHead, _random_init_
+from segformer_fast.ops import extension as ops
+from segformer_fast.ops.decode import project_features
+from segformer_fast.prepared.decoder_fold import fold_decode_head
 
 from bench_common import (
     collect_versions,

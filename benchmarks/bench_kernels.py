@@ -21,6 +21,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from segformer_fast.core.runtime import DTYPES
 from segformer_fast.kernels import (
     layer_norm,
     layer_norm_ref,
@@ -35,7 +36,6 @@ from segformer_fast.kernels import (
 )
 from segformer_fast.kernels.mixffn import mixffn_flops
 from segformer_fast.kernels.sr_attention import reduced_size, sr_attention_flops
-from segformer_fast.runtime import DTYPES
 
 from bench_common import (
     console_table,

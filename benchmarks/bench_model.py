@@ -31,10 +31,10 @@ import bench_runners
 import bench_runtimes
 import torch
 
-from segformer_fast import malloc_tuning
-from segformer_fast.config import VARIANTS
-from segformer_fast.fileio import check_output_file
-from segformer_fast.runtime import DTYPES, cpu_has_fast_bf16, is_out_of_memory, resolve_device
+from segformer_fast.core import malloc_tuning
+from segformer_fast.core.fileio import check_output_file
+from segformer_fast.core.runtime import DTYPES, cpu_has_fast_bf16, is_out_of_memory, resolve_device
+from segformer_fast.model.config import VARIANTS
 
 from bench_common import (
     DEFAULTS,
@@ -369,7 +369,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         torch.backends.cudnn.allow_tf32 = False
     if config.device.type == "cpu":
         # the engine tunes glibc malloc when it is built; doing it first gives every runner the same allocator
-        say(f"glibc malloc tuned for reuse (segformer_fast.malloc_tuning): {malloc_tuning.keep_freed_memory()}")
+        say(f"glibc malloc tuned for reuse (segformer_fast.core.malloc_tuning): {malloc_tuning.keep_freed_memory()}")
     say(f"device: {device_name(config.device)} ({config.device}); torch {torch.__version__}; "
         f"torch threads: {torch.get_num_threads()} (of {os.cpu_count()} CPUs)")
     say(f"grid: variants {','.join(config.variants)} · resolutions "

@@ -10,9 +10,9 @@ A runner's callable may carry, besides ``notes`` (copied into every row):
 
 import torch
 
-from segformer_fast.engine import optimize
-from segformer_fast.model import Segformer
-from segformer_fast.runtime import is_out_of_memory
+from segformer_fast.core.runtime import is_out_of_memory
+from segformer_fast.engine.engine import optimize
+from segformer_fast.model.segformer import Segformer
 
 from bench_common import RunnerUnavailable, one_line
 
@@ -83,7 +83,7 @@ def engine_runner(variant, num_labels, device, dtype):
         return {"cuda_graph": engine.graph_cache.captured(pixel_values)}
 
     run.engine = engine
-    run.tf32 = False  # an fp32 engine runs with TF32 off (segformer_fast.testing.no_tf32)
+    run.tf32 = False  # an fp32 engine runs with TF32 off (segformer_fast.core.numerics.no_tf32)
     run.row_facts = row_facts
     run.notes = f"engine ({engine.kernels} kernels{', CUDA graphs' if engine.use_cuda_graphs else ''})"
     return run

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from segformer_fast.export import export_onnx, run_onnx
-from segformer_fast.model import Segformer
+from segformer_fast.export.onnx import export_onnx, run_onnx
+from segformer_fast.model.segformer import Segformer
 
 from bench_common import RunnerUnavailable
 

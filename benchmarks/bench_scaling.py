@@ -33,7 +33,7 @@ from PIL import Image
 
 from segformer_fast import Segformer
 from segformer_fast.cli import main as segment_cli
-from segformer_fast.fileio import atomic_write_text
+from segformer_fast.core.fileio import atomic_write_text
 from segformer_fast.ray_segment import segment_with_ray
 from segformer_fast.scaleout import SegmentSettings
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from segformer_fast import ops
-from segformer_fast.config import VARIANTS
-from segformer_fast.engine import optimize
-from segformer_fast.fileio import check_output_file
-from segformer_fast.model import Segformer
+from segformer_fast.core.fileio import check_output_file
+from segformer_fast.engine.engine import optimize
+from segformer_fast.model.config import VARIANTS
+from segformer_fast.model.segformer import Segformer
+from segformer_fast.ops import extension as ops
 
 from bench_common import (
     default_results_path,

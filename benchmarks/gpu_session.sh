@@ -154,7 +154,7 @@ EOF
 
 installed() {  # the package importable with its kernels (and, when $1 is "ext", the extension's CUDA kernels)
     if [ "${1:-}" = "ext" ]; then
-        "$PYTHON" -c "from segformer_fast import kernels, ops; assert 'cuda' in ops._kernel_devices()" 2>/dev/null
+        "$PYTHON" -c "from segformer_fast import kernels; from segformer_fast.ops import extension as ops; assert 'cuda' in ops._kernel_devices()" 2>/dev/null
     else
         "$PYTHON" -c "from segformer_fast import kernels" 2>/dev/null
     fi
@@ -228,7 +228,7 @@ first_stage() {
     CHECKED=1
     [ $((SECONDS - start)) -gt "$CAP_CHECK" ] && echo "   check took over its estimate of $CAP_CHECK s"
     install_package "$CAP_BUILD" "$EXT" "$EXT_REASON" "$(left 90 $((CAP_BENCH + CAP_TABLE + 60)))"
-    "$PYTHON" -c "from segformer_fast import ops; print('   extension kernels:', ops._kernel_devices())" \
+    "$PYTHON" -c "from segformer_fast.ops import extension as ops; print('   extension kernels:', ops._kernel_devices())" \
         || echo "   the package does not import (build.log)"
     local tests=()
     while read -r node; do  # node ids relative to tests/ (brackets and all, passed as they are)
@@ -269,7 +269,7 @@ for stage in $STAGES; do
         build)
             [ -z "${CHECKED:-}" ] && do_check && CHECKED=1
             install_package 0 "$EXT" "$EXT_REASON"
-            "$PYTHON" -c "from segformer_fast import ops; print('   extension kernels:', ops._kernel_devices())" ;;
+            "$PYTHON" -c "from segformer_fast.ops import extension as ops; print('   extension kernels:', ops._kernel_devices())" ;;
         test)
             ensure_installed
             run_stage test 0 bash -c "cd tests && '$PYTHON' -m pytest -ra -q -p no:cacheprovider kernels test_engine.py \

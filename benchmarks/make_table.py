@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from segformer_fast.fileio import atomic_write_text
+from segformer_fast.core.fileio import atomic_write_text
 
 from bench_common import SCHEMA, read_json, render_markdown
 

@@ -8,7 +8,7 @@ FLOP and byte floors of each category and the measured GEMM ceiling of the machi
 Per row (variant, resolution, batch, dtype): a random model (``Segformer(SegformerConfig(...))``) through
 ``optimize(model, dtype=...)``, ``warmup`` untimed calls of ``engine.logits``, the median latency of
 ``LATENCY_CALLS`` unprofiled calls, then ``repeats`` calls under ``torch.profiler`` with the input shapes recorded.
-glibc malloc is tuned first (``segformer_fast.malloc_tuning``), as the engine does.
+glibc malloc is tuned first (``segformer_fast.core.malloc_tuning``), as the engine does.
 
 Categories: each profiler event's self CPU time goes to the category of the nearest op, the event itself or an
 enclosing one, that names a category (``CATEGORY_OF_OP``; a convolution is "depthwise conv" when its weight has
@@ -23,7 +23,7 @@ themselves: ``mkldnn::_linear_pointwise``, ``aten::addmm``, ``aten::mm``, ``aten
 memory-bound ops (LayerNorm, GELU, softmax, copies: 2·elements·itemsize; the decoder: its four projected maps and
 its logits). Achieved GFLOP/s and GB/s divide a floor by the category's time.
 
-Ceilings, once per run: GFLOP/s of a size³ GEMM (2048 by default) on oneDNN (``torch_ops.linear`` with a packed
+Ceilings, once per run: GFLOP/s of a size³ GEMM (2048 by default) on oneDNN (``cpu.linear`` with a packed
 weight: ``mkldnn::_linear_pointwise``) and on ATen's default path (``F.linear``), in each profiled dtype (median of
 ``CEILING_CALLS`` calls after one warm-up).
 
@@ -45,12 +45,13 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from segformer_fast import malloc_tuning, torch_ops
-from segformer_fast.config import VARIANTS, SegformerConfig
-from segformer_fast.engine import optimize
-from segformer_fast.fileio import check_output_file
-from segformer_fast.model import Segformer
-from segformer_fast.runtime import DTYPES
+from segformer_fast.core import malloc_tuning
+from segformer_fast.core.fileio import check_output_file
+from segformer_fast.core.runtime import DTYPES
+from segformer_fast.engine.engine import optimize
+from segformer_fast.model.config import VARIANTS, SegformerConfig
+from segformer_fast.model.segformer import Segformer
+from segformer_fast.ops import cpu
 
 from bench_common import (
     RESULTS_DIR,
@@ -254,13 +255,13 @@ def dtype_ceiling(dtype_name: str, size: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(size, size, generator=generator).to(DTYPES[dtype_name])
     weight = torch.randn(size, size, generator=generator).to(DTYPES[dtype_name])
-    packed = torch_ops.pack_linear_weight(weight)
+    packed = cpu.pack_linear_weight(weight)
     ceiling = {"aten_gflops_per_s": _gflops_per_s(lambda: F.linear(x, weight), size)}
     if packed.is_mkldnn:
-        ceiling["onednn_gflops_per_s"] = _gflops_per_s(lambda: torch_ops.linear(x, packed), size)
+        ceiling["onednn_gflops_per_s"] = _gflops_per_s(lambda: cpu.linear(x, packed), size)
     else:
         ceiling["onednn_gflops_per_s"] = None
-        ceiling["reason"] = f"oneDNN has no {dtype_name} GEMM here (torch_ops.pack_linear_weight left it plain)"
+        ceiling["reason"] = f"oneDNN has no {dtype_name} GEMM here (cpu.pack_linear_weight left it plain)"
     return ceiling
 
 

@@ -7,8 +7,11 @@
 //
 // upsample_argmax: per task, a group of output rows that share their two source rows: the two horizontally
 // interpolated rows (K, W) are computed once for the group, then every output row blends them and keeps a
-// running argmax, so the (B, K, H, W) upsampled logits never exist. The arithmetic reproduces PyTorch's CPU
-// bilinear kernel (see bilinear.h and argmax_row), so labels equal F.interpolate(...).argmax(1) bit for bit.
+// running argmax, so the (B, K, H, W) upsampled logits never exist. The rule for every dtype: the labels are the
+// argmax of the bilinear interpolation computed in fp32 (fp16 / bf16 logits are read as fp32 and the interpolated
+// values never rounded back), i.e. F.interpolate(logits.float()).argmax(1). The arithmetic reproduces PyTorch's CPU
+// fp32 bilinear kernel (see bilinear.h and argmax_row), so they are equal bit for bit where eager runs its generic
+// kernel (output H + W > 128).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -68,7 +71,7 @@ struct DecodeKernels {
   decltype(&base::store_pixel_major_logits<float, scalar_t>) store_pixel_major_logits;
   decltype(&base::store_pixel_major_logits<scalar_t, scalar_t>) store_pixel_major_logits_same_dtype;
   decltype(&base::horizontal_pass<scalar_t>) horizontal_pass;
-  decltype(&base::argmax_row<scalar_t>) argmax_row;
+  decltype(&base::argmax_row) argmax_row;
 };
 
 template <typename scalar_t>
@@ -77,12 +80,12 @@ DecodeKernels<scalar_t> select_kernels() {
   if (use_avx2()) {
     return {&avx2::accumulate_upsampled_row<scalar_t>, &avx2::init_hidden_row<scalar_t>, &avx2::relu_inplace,
             &avx2::store_logits<scalar_t>, &avx2::store_pixel_major_logits<float, scalar_t>,
-            &avx2::store_pixel_major_logits<scalar_t, scalar_t>, &avx2::horizontal_pass<scalar_t>, &avx2::argmax_row<scalar_t>};
+            &avx2::store_pixel_major_logits<scalar_t, scalar_t>, &avx2::horizontal_pass<scalar_t>, &avx2::argmax_row};
   }
 #endif
   return {&base::accumulate_upsampled_row<scalar_t>, &base::init_hidden_row<scalar_t>, &base::relu_inplace,
           &base::store_logits<scalar_t>, &base::store_pixel_major_logits<float, scalar_t>,
-          &base::store_pixel_major_logits<scalar_t, scalar_t>, &base::horizontal_pass<scalar_t>, &base::argmax_row<scalar_t>};
+          &base::store_pixel_major_logits<scalar_t, scalar_t>, &base::horizontal_pass<scalar_t>, &base::argmax_row};
 }
 
 // oneDNN's GEMM as torch registers it (mkldnn::_linear_pointwise), or nullptr in a torch built without oneDNN.
@@ -224,11 +227,12 @@ at::Tensor fused_decode_cpu(const at::Tensor& p1, const at::Tensor& p2, const at
 template <typename scalar_t>
 void upsample_argmax_kernel(const at::Tensor& logits, at::Tensor& labels) {
   const DecodeKernels<scalar_t> kernels = select_kernels<scalar_t>();
+  // fp32 interpolation for every dtype: fp32 lambdas, and an argmax over fp32 values never rounded to scalar_t
   const int64_t batch = logits.size(0), num_labels = logits.size(1);
   const int64_t in_h = logits.size(2), in_w = logits.size(3);
   const int64_t out_h = labels.size(1), out_w = labels.size(2);
-  const LinearAxis rows = linear_axis<scalar_t>(in_h, out_h);
-  const LinearAxis cols = linear_axis<scalar_t>(in_w, out_w);
+  const LinearAxis rows = linear_axis<float>(in_h, out_h);
+  const LinearAxis cols = linear_axis<float>(in_w, out_w);
   // Groups of consecutive output rows that read the same two source rows.
   std::vector<int64_t> group_start;
   for (int64_t y = 0; y < out_h; ++y) {

@@ -90,13 +90,12 @@ void horizontal_pass(const scalar_t* logits, int64_t num_labels, int64_t in_heig
   }
 }
 
-// labels[X] = argmax_k round_dtype(fma(top[k, X], lambda0, bottom[k, X] * lambda1)), first index on ties, NaN
-// counts as the maximum (torch.argmax semantics). best/best_index are scratch rows of out_width.
-template <typename scalar_t>
-void argmax_row(const float* top, const float* bottom, float lambda0, float lambda1, int64_t num_labels,
+// labels[X] = argmax_k fma(top[k, X], lambda0, bottom[k, X] * lambda1) in fp32, first index on ties, NaN counts as
+// the maximum (torch.argmax semantics). best/best_index are scratch rows of out_width.
+inline void argmax_row(const float* top, const float* bottom, float lambda0, float lambda1, int64_t num_labels,
                 int64_t out_width, float* best, int32_t* best_index, int64_t* labels) {
   for (int64_t x = 0; x < out_width; ++x) {
-    best[x] = static_cast<float>(static_cast<scalar_t>(std::fma(top[x], lambda0, bottom[x] * lambda1)));
+    best[x] = std::fma(top[x], lambda0, bottom[x] * lambda1);
     best_index[x] = 0;
   }
   for (int64_t k = 1; k < num_labels; ++k) {
@@ -104,7 +103,7 @@ void argmax_row(const float* top, const float* bottom, float lambda0, float lamb
     const float* b = bottom + k * out_width;
     const int32_t label = static_cast<int32_t>(k);
     for (int64_t x = 0; x < out_width; ++x) {
-      const float v = static_cast<float>(static_cast<scalar_t>(std::fma(t[x], lambda0, b[x] * lambda1)));
+      const float v = std::fma(t[x], lambda0, b[x] * lambda1);
       const float current = best[x];
       const bool take = (v > current) | ((v != v) & (current == current));
       best[x] = take ? v : current;

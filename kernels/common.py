@@ -1,13 +1,13 @@
 """Helpers every kernel file shares: input checks, the interpreter's dot workaround, the reference dtype.
 
 - ``check_compute_dtype`` / ``check_device`` / ``check_out`` (and ``check_tensor`` from
-  ``segformer_fast.prepared``): input validation with messages that carry the expected and the actual values.
+  ``segformer_fast.prepared.weights``): input validation with messages that carry the expected and the actual values.
 - ``upcast_dot``: whether a kernel must feed ``tl.dot`` fp32 operands. The Triton CPU interpreter stores bf16 as
   raw uint16 and multiplies those integers in ``tl.dot``, so under ``TRITON_INTERPRET=1`` bf16 operands are
   upcast (exact: a bf16 x bf16 product fits in fp32) before the dot. On a GPU the flag is always False.
 - ``mma``: ``acc + a @ b`` with fp32 accumulation and IEEE fp32 products (fp32 inputs never go through TF32, so
   fp32 results stay within the fp32 tolerance floor of 1e-4).
-- ``ref_dtype``: the dtype every ``*_ref`` computes in (the kernels' references are ``segformer_fast.torch_ops``
+- ``ref_dtype``: the dtype every ``*_ref`` computes in (the kernels' references are ``segformer_fast.ops.reference``
   run in that dtype).
 - ``Launch`` / ``pick_launch`` / ``WAVE_BLOCKS``: every launcher computes its grid and tile sizes in a pure
   function of the shapes (``*_launch``), so a CPU test can count the blocks of every launch the engine makes
@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from segformer_fast.prepared import check_tensor
-from segformer_fast.runtime import COMPUTE_DTYPES
+from segformer_fast.core.runtime import COMPUTE_DTYPES
+from segformer_fast.prepared.weights import check_tensor
 
 #: Streaming multiprocessors of an H100 SXM / H200: a launch with fewer blocks leaves SMs idle.
 WAVE_BLOCKS = 132

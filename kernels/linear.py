@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from segformer_fast import torch_ops
-from segformer_fast.prepared import check_tensor
+from segformer_fast.ops import reference as torch_ops
+from segformer_fast.prepared.weights import check_tensor
 
 from .common import Launch, check_compute_dtype, check_device, check_out, mma, pick_launch, ref_dtype, upcast_dot
 

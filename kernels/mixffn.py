@@ -19,15 +19,15 @@ accumulators (BLOCK_M x C in fp32) are kept to 8 Ki elements so they stay in reg
   written once (by fc1) and read by fc2. Two launches.
 
 All accumulation in fp32; the GELU output is rounded to the activation dtype before fc2 (as eager does). The
-references (``dwconv_gelu_ref``, ``mixffn_ref``) are ``segformer_fast.torch_ops``'s ops in the reference dtype.
+references (``dwconv_gelu_ref``, ``mixffn_ref``) are ``segformer_fast.ops.reference``'s ops in the reference dtype.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from segformer_fast import torch_ops
-from segformer_fast.prepared import MixFFNParams, check_tensor
+from segformer_fast.ops import reference as torch_ops
+from segformer_fast.prepared.weights import MixFFNParams, check_tensor
 
 from .common import Launch, check_compute_dtype, check_device, check_out, mma, pick_launch, ref_dtype, upcast_dot
 from .linear import linear

@@ -7,12 +7,14 @@
     engine = segformer_fast.optimize(model)  # same logits, fused kernels, checked against the reference
 """
 
-from .config import SegformerConfig
-from .engine import SegformerEngine, VerificationError, optimize
-from .export import ExportVerificationError, export_onnx, export_program, load_program
-from .inference import estimate_peak_memory_bytes
-from .model import Segformer
-from .processing import postprocess, preprocess
+from segformer_fast.engine.engine import SegformerEngine, VerificationError, optimize
+from segformer_fast.export.onnx import export_onnx
+from segformer_fast.export.program import export_program, load_program
+from segformer_fast.export.verify import ExportVerificationError
+from segformer_fast.inference.memory import estimate_peak_memory_bytes
+from segformer_fast.inference.processing import postprocess, preprocess
+from segformer_fast.model.config import SegformerConfig
+from segformer_fast.model.segformer import Segformer
 
 #: Load a checkpoint (folder, weights file or hub id) as a reference Segformer.
 load_checkpoint = Segformer.from_pretrained

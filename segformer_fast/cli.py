@@ -12,21 +12,23 @@ from pathlib import Path
 
 import torch
 
+from segformer_fast.core.fileio import check_output_file, check_output_folder, find_images, remove_stale_temporaries
+from segformer_fast.core.runtime import DTYPES, cpu_has_fast_bf16, parse_dtype, resolve_device
+from segformer_fast.export.onnx import export_onnx
+from segformer_fast.export.program import export_program
+from segformer_fast.inference.processing import output_size
+from segformer_fast.inference.windows import resolve_window
+from segformer_fast.model.config import VARIANTS
+from segformer_fast.model.segformer import Segformer
+
 from . import __version__
-from .config import VARIANTS
 from .datasets import FORMATS, default_resize, default_window, open_dataset
 from .distributed import evaluate_torchrun, segment_torchrun
 from .evaluation import evaluate, format_summary, write_report
-from .export import export_onnx, export_program
-from .fileio import check_output_file, check_output_folder, find_images, remove_stale_temporaries
-from .inference import resolve_window
-from .model import Segformer
 from .outputs import output_stems, outputs_exist, segment_files
 from .palettes import palette_for
 from .predictors import ENGINES, make_predictor
-from .processing import output_size
 from .ray_segment import evaluate_with_ray, segment_with_ray
-from .runtime import DTYPES, cpu_has_fast_bf16, parse_dtype, resolve_device
 from .scaleout import SegmentSettings, check_model_classes, torchrun_world
 
 DESCRIPTION = (

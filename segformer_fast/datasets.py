@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .fileio import load_image
+from segformer_fast.core.fileio import load_image
+
 from .metrics import cityscapes_label_table, reduce_zero_label
 from .palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES
 

@@ -18,11 +18,12 @@ import time
 import torch
 import torch.distributed as dist
 
+from segformer_fast.core.runtime import parse_dtype, resolve_device
+from segformer_fast.model.segformer import Segformer
+
 from .evaluation import build_report
 from .metrics import MetricAccumulator
-from .model import Segformer
 from .predictors import make_predictor
-from .runtime import parse_dtype, resolve_device
 from .scaleout import (
     COUNT_FIELDS,
     ImageSegmenter,

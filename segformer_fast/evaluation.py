@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from segformer_fast.core.fileio import atomic_write_text
+
 from .datasets import SegmentationDataset
-from .fileio import atomic_write_text
 from .metrics import IGNORE_INDEX, MetricAccumulator, as_numpy
 
 #: An image -> its (H, W) label map, at the image's own resolution.

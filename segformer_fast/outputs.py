@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .fileio import atomic_path, load_image
+from segformer_fast.core.fileio import atomic_path, load_image
+
 from .palettes import overlay
 
 

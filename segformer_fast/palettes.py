@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .fileio import to_rgb
+from segformer_fast.core.fileio import to_rgb
 
 #: ADE20K (SceneParsing, 150 classes) class names, in label order (mmseg ``ADE20KDataset``; "bed " stripped).
 ADE20K_CLASSES = (

@@ -1,7 +1,7 @@
 """Forwards and predictors for a reference ``Segformer`` run by one of three engines, shared by ``segment`` and
 ``eval``.
 
-- :func:`build_forward`: (forward, whole_labels) for :func:`segformer_fast.inference.segment_images` with
+- :func:`build_forward`: (forward, whole_labels) for :func:`segformer_fast.inference.segment.segment_images` with
   ``engine`` "fast" (``segformer_fast.optimize``), "reference" (the eager model) or "transformers" (transformers'
   model with the same weights).
 - :func:`make_predictor`: an image -> (H, W) label map callable (resize, inference mode, device, dtype fixed), the
@@ -16,17 +16,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .engine import optimize
-from .inference import MODES, segment_images
-from .runtime import parse_dtype
+from segformer_fast.core.runtime import parse_dtype
+from segformer_fast.engine.engine import optimize
+from segformer_fast.inference.segment import MODES, segment_images
 
 ENGINES = ("fast", "reference", "transformers")
 
 
 def build_forward(model, engine: str = "fast", dtype: torch.dtype | str = torch.float32):
     """(forward, whole_labels) to run a reference ``Segformer`` with ``engine`` in ``dtype``, for
-    :func:`segformer_fast.inference.segment_images`: "fast" (``optimize``; its fused ``upsample_argmax`` does the
-    whole-image labels), "reference" (the eager model, cast to ``dtype`` in place) or "transformers" (transformers'
+    :func:`segformer_fast.inference.segment.segment_images`: "fast" (``optimize``; its fused ``upsample_argmax`` does
+    the whole-image labels), "reference" (the eager model, cast to ``dtype`` in place) or "transformers" (transformers'
     model with the same weights). ``whole_labels`` is None where the default (transformers' post-processing)
     applies. ``forward``: pixel_values (B, 3, H, W) -> logits (B, K, H/4, W/4)."""
     dtype = parse_dtype(dtype)
@@ -58,7 +58,7 @@ def make_predictor(
     windows_per_call: int = 1,
 ) -> Callable[[Image.Image], np.ndarray]:
     """An image -> (H, W) int64 label map callable for a reference ``Segformer`` (already on ``device``), through
-    :func:`segformer_fast.inference.segment_images`.
+    :func:`segformer_fast.inference.segment.segment_images`.
 
     engine: as in :func:`build_forward`. mode: "whole" (resize, one forward, upsample the logits to the image size
     and argmax), "slide" (sliding windows of ``crop`` every ``stride``) or "auto" (whole, slide where whole runs out

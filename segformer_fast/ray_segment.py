@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from segformer_fast.core.runtime import parse_dtype
+from segformer_fast.model.segformer import Segformer
+
 from .datasets import Sample
 from .evaluation import build_report
 from .metrics import MetricAccumulator
-from .model import Segformer
 from .predictors import make_predictor
-from .runtime import parse_dtype
 from .scaleout import (
     COUNT_FIELDS,
     ImageSegmenter,

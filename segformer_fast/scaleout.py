@@ -32,15 +32,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from segformer_fast.core.fileio import atomic_path, check_output_folder, find_images, load_image
+from segformer_fast.core.runtime import parse_dtype
+from segformer_fast.inference.segment import segment_images
+from segformer_fast.inference.windows import resolve_window
+from segformer_fast.model.segformer import Segformer
+
 from .datasets import Sample
-from .fileio import atomic_path, check_output_folder, find_images, load_image
-from .inference import resolve_window, segment_images
 from .metrics import MetricAccumulator
-from .model import Segformer
 from .outputs import describe_error, label_paths, output_stems, save_label_png
 from .palettes import overlay, palette_for
 from .predictors import build_forward
-from .runtime import parse_dtype
 
 MANIFEST_NAME = "manifest.jsonl"
 INSTALL_HINT = "pip install segformer-fast[scaleout]"

@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from segformer_fast.testing import max_abs_error
+from segformer_fast.core.numerics import max_abs_error
 
 
 def randomize_norms_(module: torch.nn.Module, seed: int) -> None:
@@ -25,7 +25,7 @@ def random_transformers_model(variant: str, num_labels: int, seed: int):
     """A transformers SegformerForSemanticSegmentation with transformers' own random init (norms randomized)."""
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-    from segformer_fast.config import VARIANTS
+    from segformer_fast.model.config import VARIANTS
 
     dims, depths, decoder_dim = VARIANTS[variant]
     torch.manual_seed(seed)

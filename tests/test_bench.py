@@ -19,7 +19,7 @@ import profile_cpu
 import pytest
 import torch
 
-from segformer_fast import ops
+from segformer_fast.ops import extension as ops
 
 import bench_common
 
@@ -408,7 +408,7 @@ def _b0_floors(height: int, width: int, num_labels: int) -> dict:
     shape parsing: GEMM FLOPs of the folded model (per block q, the SR conv as a GEMM, k/v, the two attention GEMMs,
     o, fc1, fc2; per stage its decoder projection; the classifier), patch-embed and depthwise conv FLOPs, and the
     LayerNorms' fp32 bytes read + written (patch-embed, block and SR norms, stage norm)."""
-    from segformer_fast.config import MLP_RATIO, PATCH_SIZES, SR_RATIOS, STRIDES, VARIANTS
+    from segformer_fast.model.config import MLP_RATIO, PATCH_SIZES, SR_RATIOS, STRIDES, VARIANTS
 
     dims, depths, decoder_dim = VARIANTS["b0"]
     gemm = attention = patch_conv = depthwise = norm_elements = 0

@@ -94,7 +94,7 @@ def test_openmp_flags_per_platform():
 def test_extension_shares_torchs_openmp_runtime():
     """Built with -fopenmp, the extension's at::parallel_for really runs in parallel; it needs libgomp.so.1, which
     must resolve to the runtime torch already loaded (one thread pool in the process, not two)."""
-    from segformer_fast import ops
+    from segformer_fast.ops import extension as ops
 
     if not ops.extension_available():
         pytest.skip("segformer_fast._C is not built")

@@ -1,4 +1,4 @@
-"""Checkpoint loading and saving (segformer_fast.checkpoints): every format, backbone-only files, hub-cache ids,
+"""Checkpoint loading and saving (segformer_fast.model.checkpoints): every format, backbone-only files, hub-cache ids,
 error messages, atomic save_pretrained, and torch.load's weights_only contract.
 
 Every checkpoint is generated here from random weights (B0 only); nothing is downloaded (tests/conftest.py makes
@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from segformer_fast import checkpoints, fileio
-from segformer_fast.model import Segformer
+from segformer_fast.core import fileio
+from segformer_fast.model import checkpoints, key_families
+from segformer_fast.model.segformer import Segformer
 
 from helpers import assert_relative_close, random_transformers_model, randomize_norms_
 
@@ -62,7 +63,7 @@ def _write(path: Path, state_dict: dict, wrapped: bool = False) -> Path:
 
 
 def _hub_state(model: Segformer) -> dict:
-    return checkpoints.to_family(model.state_dict(), "hub")
+    return key_families.to_family(model.state_dict(), "hub")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def sources(tmp_path_factory):
         "hf_folder": folder,
         "hub": (load_file(str(folder / "model.safetensors")), hf_model, "transformers"),
         "transformers5": (_clone(hf_model.state_dict()), hf_model, "transformers"),
-        "official": (checkpoints.to_family(official.state_dict(), "official"), official, "official"),
+        "official": (key_families.to_family(official.state_dict(), "official"), official, "official"),
     }
 
 
@@ -160,7 +161,7 @@ def test_single_file_every_family(sources, tmp_path, family, suffix, layout):
 def test_official_file_loaded_with_transformers_eps_override(sources, tmp_path):
     state_dict, _, _ = sources["transformers5"]
     hub_model = Segformer.from_pretrained(_write(tmp_path / "t5.pth", state_dict))
-    path = _write(tmp_path / "official.pth", checkpoints.to_family(hub_model.state_dict(), "official"), wrapped=True)
+    path = _write(tmp_path / "official.pth", key_families.to_family(hub_model.state_dict(), "official"), wrapped=True)
     model = Segformer.from_pretrained(path, eps_convention="transformers")
     assert model.config.eps_convention == "transformers"
     _assert_same_logits(model, sources["hf_model"], 13, "official keys of a transformers model")
@@ -217,7 +218,7 @@ def _assert_same_features(loaded: Segformer, expected: list, seed: int, what: st
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_imagenet_mit_backbone(tmp_path, suffix):
     source = Segformer.from_config("b0", num_labels=3, seed=21, eps_convention="official")
-    official = checkpoints.to_family(_encoder_only(source.state_dict()), "official")
+    official = key_families.to_family(_encoder_only(source.state_dict()), "official")
     state = {k[len("backbone."):]: v for k, v in official.items()}
     assert {"patch_embed1.proj.weight", "block1.0.attn.kv.weight", "norm1.weight"} <= set(state)
     generator = torch.Generator().manual_seed(5)
@@ -314,12 +315,13 @@ def test_truncated_safetensors(tmp_path):
             Segformer.from_pretrained(truncated)
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".bin", ".pt"])
-def test_garbage_torch_file(tmp_path, suffix):
+@pytest.mark.parametrize("suffix", [".pth", ".bin", ".pt", ".onnx", ".jpg"])
+def test_a_file_that_is_not_a_checkpoint_is_named_with_the_formats(tmp_path, suffix):
     path = tmp_path / f"garbage{suffix}"
     path.write_bytes(bytes(range(256)) * 7)
-    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*not a readable PyTorch checkpoint"):
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": not a checkpoint: expected a .safetensors") as err:
         Segformer.from_pretrained(path)
+    assert "weights_only" not in str(err.value), "torch's advice to unpickle with weights_only=False was passed on"
 
 
 def test_truncated_torch_file(tmp_path):
@@ -369,7 +371,7 @@ def test_unknown_key_family(tmp_path):
 
 def test_to_family_unknown_family():
     with pytest.raises(ValueError, match="unknown key family 'mmseg1'"):
-        checkpoints.to_family({}, "mmseg1")
+        key_families.to_family({}, "mmseg1")
 
 
 def _problem_sections(message: str) -> dict:
@@ -398,7 +400,7 @@ MISSING_KEYS = {
     "family,key", [(f, k) for f, keys in MISSING_KEYS.items() for k in keys], ids=lambda v: str(v)
 )
 def test_one_missing_key(tmp_path, family, key):
-    state = checkpoints.to_family(Segformer.from_config("b0", num_labels=4, seed=3).state_dict(), family)
+    state = key_families.to_family(Segformer.from_config("b0", num_labels=4, seed=3).state_dict(), family)
     del state[key]
     path = _write(tmp_path / "w.pth", state)
     with pytest.raises(ValueError, match=re.escape(str(path))) as info:
@@ -426,7 +428,7 @@ def test_one_unexpected_key(tmp_path):
     ],
 )
 def test_one_misshaped_key(tmp_path, family, key, shape, expected):
-    state = checkpoints.to_family(Segformer.from_config("b0", num_labels=4, seed=3).state_dict(), family)
+    state = key_families.to_family(Segformer.from_config("b0", num_labels=4, seed=3).state_dict(), family)
     state[key] = torch.zeros(shape)
     path = _write(tmp_path / "w.pth", state, wrapped=True)
     with pytest.raises(ValueError, match=re.escape(str(path))) as info:
@@ -468,7 +470,7 @@ def test_config_num_labels_disagreeing_with_weights(tmp_path):
     ("hub", "decode_head.batch_norm.running_var"),
 ])
 def test_non_finite_weight(tmp_path, family, key, bad):
-    state = checkpoints.to_family(Segformer.from_config("b0", num_labels=4, seed=3).state_dict(), family)
+    state = key_families.to_family(Segformer.from_config("b0", num_labels=4, seed=3).state_dict(), family)
     state[key] = state[key].clone()
     state[key].view(-1)[-1] = bad
     path = _write(tmp_path / "w.safetensors", state)
@@ -623,7 +625,7 @@ def test_pickled_custom_object_is_refused(tmp_path, where):
     path = tmp_path / "evil.pth"
     torch.save(obj, path)
     assert not marker.exists()
-    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*not a readable PyTorch checkpoint"):
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": not a checkpoint"):
         Segformer.from_pretrained(path)
     assert not marker.exists(), "the pickle's code ran: torch.load was not called with weights_only=True"
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from segformer_fast import Segformer, cli, postprocess, preprocess
 from segformer_fast.cli import main
-from segformer_fast.fileio import load_image
+from segformer_fast.core.fileio import load_image
 from segformer_fast.palettes import overlay, palette_for
 
 
@@ -162,7 +162,7 @@ def test_segment_skip_existing_resumes(checkpoint, image_folder, tmp_path, capsy
 
 @pytest.mark.parametrize("engine", ["fast", "reference"])
 def test_segment_slide_mode_end_to_end(engine, checkpoint, tmp_path, capsys):
-    from segformer_fast.inference import slide_logits
+    from segformer_fast.inference.windows import slide_logits
 
     rng = np.random.default_rng(5)
     source = tmp_path / "big.png"
@@ -201,7 +201,7 @@ def test_segment_reports_huge_images_and_continues(checkpoint, image_folder, tmp
 
 
 def test_segment_out_of_memory_whole_fails_auto_slides(checkpoint, image_folder, tmp_path, capsys, monkeypatch):
-    from segformer_fast.engine import SegformerEngine
+    from segformer_fast.engine.engine import SegformerEngine
 
     def out_of_memory(self, pixel_values, sizes):
         raise RuntimeError("CUDA out of memory. Tried to allocate 64.00 GiB")
@@ -379,7 +379,7 @@ def test_slide_mode_shows_window_progress_and_auto_says_what_it_chose(checkpoint
 
 
 def test_auto_fallback_is_announced(checkpoint, image_folder, tmp_path, capsys, monkeypatch):
-    from segformer_fast.engine import SegformerEngine
+    from segformer_fast.engine.engine import SegformerEngine
 
     def out_of_memory(self, pixel_values, sizes):
         raise RuntimeError("CUDA out of memory. Tried to allocate 64.00 GiB")

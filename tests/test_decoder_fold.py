@@ -1,18 +1,13 @@
-"""The exact decoder fold (segformer_fast.decoder_fold) against the reference DecodeHead."""
+"""The exact decoder fold (segformer_fast.prepared.decoder_fold) against the reference DecodeHead."""
 
 import pytest
 import torch
 
-from segformer_fast.config import VARIANTS, SegformerConfig
-from segformer_fast.decoder_fold import (
-    FoldedDecodeHead,
-    fold_decode_head,
-    folded_decode,
-    folded_decode_ref,
-    project_features,
-)
-from segformer_fast.model import DecodeHead, _random_init_
-from segformer_fast.testing import assert_within_tolerance
+from segformer_fast.core.numerics import assert_within_tolerance
+from segformer_fast.model.config import VARIANTS, SegformerConfig
+from segformer_fast.model.segformer import DecodeHead, _random_init_
+from segformer_fast.ops.decode import folded_decode, folded_decode_ref, project_features
+from segformer_fast.prepared.decoder_fold import FoldedDecodeHead, fold_decode_head
 
 # Stage grids of a 123 x 77 image (k7 s4 p3, then k3 s2 p1): odd sizes, non-integer resize ratios.
 STAGE_SIZES = ((31, 20), (16, 10), (8, 5), (4, 3))

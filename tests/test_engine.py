@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from segformer_fast import Segformer, postprocess, preprocess
-from segformer_fast.engine import VerificationError, optimize
-from segformer_fast.testing import assert_within_tolerance
+from segformer_fast.core.numerics import assert_within_tolerance
+from segformer_fast.engine.engine import VerificationError, optimize
 
 from helpers import assert_relative_close, counting_calls, random_transformers_model
 

@@ -451,7 +451,7 @@ def test_eval_command_slide_mode(tmp_path, random_b0, capsys):
 
 
 def test_mode_errors_and_class_mismatch(tmp_path, random_b0):
-    from segformer_fast.model import Segformer
+    from segformer_fast.model.segformer import Segformer
 
     model = Segformer.from_pretrained(random_b0)
     with pytest.raises(ValueError, match="unknown inference mode"):

@@ -2,17 +2,18 @@
 
 Each variant and dtype is exported once (module-scoped fixtures); every check runs fresh random inputs at odd sizes
 that are not the traced one (64 x 96), batch 2, through the written file and compares with the fp32 reference by
-the tolerance rule of segformer_fast.testing.
+the tolerance rule of segformer_fast.core.numerics.
 """
 
 import pytest
 import torch
 
 import segformer_fast
-from segformer_fast import export
-from segformer_fast.model import Segformer
-from segformer_fast.processing import postprocess
-from segformer_fast.testing import assert_within_tolerance, max_abs_error, tolerance
+from segformer_fast.core.numerics import assert_within_tolerance, max_abs_error, tolerance
+from segformer_fast.export.onnx import run_onnx
+from segformer_fast.export.program import MIN_PROGRAM_SIDE
+from segformer_fast.inference.processing import postprocess
+from segformer_fast.model.segformer import Segformer
 
 from helpers import random_transformers_model
 
@@ -55,7 +56,7 @@ def onnx_exports(models, tmp_path_factory):
 def test_onnx_matches_reference(models, onnx_exports, variant, dtype):
     model = models[variant]
     path, report = onnx_exports[variant, dtype]
-    assert report["verified"] and report["dtype"] == dtype and len(report["checks"]) == 2
+    assert report["verified"] and report["dtype"] == dtype and len(report["checks"]) == 3
     assert all(check["max_abs_error"] <= check["tolerance"] for check in report["checks"])
     run = session(path)
     for seed, shape in enumerate(CHECK_SHAPES):
@@ -65,9 +66,33 @@ def test_onnx_matches_reference(models, onnx_exports, variant, dtype):
             eager = Segformer(model.config).to(dtype).eval()
             eager.load_state_dict(model.state_dict())
             eager = eager(pixels.to(dtype)).float() if dtype != torch.float32 else None
-        got = export.run_onnx(run, pixels.to(dtype))
+        got = run_onnx(run, pixels.to(dtype))
         assert got.dtype == dtype and got.shape == expected.shape
         assert_within_tolerance(got.float(), expected, dtype, eager=eager, what=f"{variant} ONNX {dtype} {shape}")
+
+
+@pytest.mark.parametrize("height, width", [(28, 20), (17, 33), (9, 9), (1, 1), (5, 200)])
+def test_dynamic_onnx_is_right_below_the_sr_ratios(models, onnx_exports, height, width):
+    """Below 29 px stage grids are smaller than their SR ratio; the graph pads them to R as the reference does,
+    with the padding computed from the input's shape inside the graph."""
+    model = models["b1"]
+    path, _ = onnx_exports["b1", torch.float32]
+    pixels = random_pixels((2, 3, height, width), height * width)
+    with torch.no_grad():
+        expected = model(pixels)
+    assert_within_tolerance(run_onnx(session(path), pixels), expected, torch.float32, what=f"ONNX at {height}x{width}")
+
+
+def test_export_of_a_model_in_train_mode_leaves_it_unchanged(tmp_path):
+    model = Segformer.from_config("b0", num_labels=3, seed=4).train()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    report = segformer_fast.export_onnx(model, tmp_path / "t.onnx", dynamic=False, size=(40, 48))
+    assert report["verified"]
+    program_report = segformer_fast.export_program(model, tmp_path / "t.pt2", dynamic=False, size=(64, 64))
+    assert program_report["verified"]
+    assert all(module.training for module in model.modules()), "export switched the caller's model to eval mode"
+    changed = [name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])]
+    assert not changed, f"export changed the caller's model: {changed}"
 
 
 def test_onnx_graph_has_standard_operators_only(onnx_exports):
@@ -99,7 +124,7 @@ def test_onnx_labels_match_postprocess(models, labels_export):
         pixels = random_pixels(shape, seed)
         with torch.no_grad():
             logits = model(pixels)
-        labels = export.run_onnx(run, pixels)
+        labels = run_onnx(run, pixels)
         assert labels.dtype == torch.uint8 and labels.shape == (shape[0], *shape[2:])
         expected = postprocess(logits, shape[2:])
         agreement = float((labels.long() == expected).double().mean())
@@ -116,7 +141,7 @@ def test_labels_dtype_int32_above_256_classes(tmp_path):
     path = tmp_path / "many.onnx"
     report = segformer_fast.export_onnx(model, path, output="labels", dynamic=False, size=(40, 36), batch=2)
     assert report["verified"] and report["checks"][0]["shape"] == (2, 3, 40, 36)
-    labels = export.run_onnx(session(path), random_pixels((2, 3, 40, 36), 3))
+    labels = run_onnx(session(path), random_pixels((2, 3, 40, 36), 3))
     assert labels.dtype == torch.int32 and labels.shape == (2, 40, 36) and int(labels.max()) < 300
 
 
@@ -138,7 +163,7 @@ def test_fp16_onnx_survives_large_activations(tmp_path):
     assert torch.isfinite(eager).all(), "the fp16 reference overflowed: the rule would be vacuous"
     path = tmp_path / "loud.onnx"
     segformer_fast.export_onnx(model, path, dtype=torch.float16)
-    got = export.run_onnx(session(path), pixels.half()).float()
+    got = run_onnx(session(path), pixels.half()).float()
     assert torch.isfinite(got).all(), "the fp16 ONNX graph gave non-finite logits on large activations"
     assert_within_tolerance(got, expected, torch.float16, eager=eager, what="fp16 ONNX, tokens ~1e4")
 
@@ -151,7 +176,7 @@ def test_transformers_model_in(tmp_path):
     pixels = random_pixels(CHECK_SHAPES[0], 5)
     with torch.no_grad():
         expected = hf_model(pixel_values=pixels).logits
-    assert_within_tolerance(export.run_onnx(session(path), pixels), expected, torch.float32, what="transformers in")
+    assert_within_tolerance(run_onnx(session(path), pixels), expected, torch.float32, what="transformers in")
 
 
 def test_engine_in(models, tmp_path):
@@ -163,7 +188,7 @@ def test_engine_in(models, tmp_path):
     pixels = random_pixels(CHECK_SHAPES[1], 6)
     with torch.no_grad():
         expected = model(pixels)
-    assert_within_tolerance(export.run_onnx(session(path), pixels), expected, torch.float32, what="engine in")
+    assert_within_tolerance(run_onnx(session(path), pixels), expected, torch.float32, what="engine in")
     with pytest.raises(ValueError, match="reference="):
         segformer_fast.export_onnx(engine, tmp_path / "no-reference.onnx")
     with pytest.raises(ValueError, match="float16"):
@@ -184,11 +209,13 @@ def test_failed_verification_raises_and_writes_nothing(models, tmp_path):
 @pytest.mark.parametrize("kwargs, error, fragment", [
     ({"opset": 16}, ValueError, "opset must be one of (17, 18, 19, 20)"),
     ({"opset": 21}, ValueError, "got 21"),
+    ({"opset": 17.0}, ValueError, "got 17.0"),
+    ({"opset": True}, ValueError, "got True"),
     ({"output": "probabilities"}, ValueError, "output must be one of ('logits', 'labels')"),
     ({"dtype": torch.bfloat16}, ValueError, "bfloat16"),
     ({"dtype": "fp64"}, ValueError, "dtype must be one of"),
     ({"size": (0, 32), "dynamic": False}, ValueError, "size must be (H, W)"),
-], ids=["opset-16", "opset-21", "output", "bf16", "fp64", "size"])
+], ids=["opset-16", "opset-21", "opset-float", "opset-bool", "output", "bf16", "fp64", "size"])
 def test_export_onnx_argument_errors(models, tmp_path, kwargs, error, fragment):
     with pytest.raises(error) as info:
         segformer_fast.export_onnx(models["b0"], tmp_path / "x.onnx", **kwargs)
@@ -209,6 +236,13 @@ def test_export_bad_paths_and_models(models, tmp_path):
         segformer_fast.load_program(tmp_path / "absent.pt2")
 
 
+def test_export_refuses_a_folder_it_cannot_write_before_any_work(models):
+    """/proc holds no new files (for root too): the export fails on the path check, before tracing."""
+    for export, name in ((segformer_fast.export_onnx, "x.onnx"), (segformer_fast.export_program, "x.pt2")):
+        with pytest.raises(PermissionError, match="no file can be created in /proc"):
+            export(models["b0"], f"/proc/{name}")
+
+
 def test_program_round_trip_equals_engine(models, tmp_path):
     model = models["b0"]
     path = tmp_path / "b0.pt2"
@@ -223,8 +257,10 @@ def test_program_round_trip_equals_engine(models, tmp_path):
         assert_within_tolerance(got, expected, torch.float32, what=f"program {shape}")
         engine_logits = engine(pixels)
         assert max_abs_error(got, engine_logits) <= 1e-6 * float(engine_logits.abs().max()), "program != engine"
-    with pytest.raises(Exception, match="Guard failed"):
-        program(random_pixels((1, 3, export.MIN_PROGRAM_SIDE - 1, 80), 9))
+    with pytest.raises(ValueError, match=f"takes a height of at least {MIN_PROGRAM_SIDE}"):
+        program(random_pixels((1, 3, MIN_PROGRAM_SIDE - 1, 80), 9))
+    with pytest.raises(ValueError, match="takes a width of at least"):
+        program(random_pixels((2, 3, 80, MIN_PROGRAM_SIDE - 1), 9))
 
 
 def test_cli_export(tmp_path, capsys):
@@ -236,7 +272,7 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", "--model", str(checkpoint), "--onnx", str(out), "--labels", "--static", "40", "56"]) == 0
     printed = capsys.readouterr().out
     assert "verified" in printed and "(1, 3, 40, 56)" in printed and "agreement" in printed
-    labels = export.run_onnx(session(out), random_pixels((1, 3, 40, 56), 1))
+    labels = run_onnx(session(out), random_pixels((1, 3, 40, 56), 1))
     assert labels.shape == (1, 40, 56) and labels.dtype == torch.uint8
     assert main(["export", "--model", str(checkpoint), "--onnx", str(tmp_path / "x.onnx"), "--opset", "12"]) == 2
     assert "opset" in capsys.readouterr().err

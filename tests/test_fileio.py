@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segformer_fast.fileio import (
+from segformer_fast.core.fileio import (
     IMAGE_EXTENSIONS,
     atomic_path,
     atomic_write_bytes,
@@ -314,7 +314,7 @@ def test_find_images_lists_what_it_ignored(tmp_path):
 
 
 def test_check_output_file_and_folder_refuse_what_cannot_be_written(tmp_path):
-    from segformer_fast.fileio import check_output_file
+    from segformer_fast.core.fileio import check_output_file
 
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_text("x")

@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segformer_fast import ops
-from segformer_fast.engine import optimize
-from segformer_fast.model import Segformer
-from segformer_fast.testing import assert_within_tolerance, max_abs_error, poison_, tolerance
+from segformer_fast.core.numerics import assert_within_tolerance, max_abs_error, poison_, tolerance
+from segformer_fast.engine.engine import optimize
+from segformer_fast.model.segformer import Segformer
+from segformer_fast.ops import extension as ops
 
 from helpers import counting_calls
 

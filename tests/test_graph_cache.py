@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from segformer_fast import Segformer
-from segformer_fast.engine import optimize
-from segformer_fast.graph_cache import (
+from segformer_fast.engine.engine import optimize
+from segformer_fast.engine.graph_cache import (
     FIRST_RETRY_AFTER,
     MAX_RETRY_AFTER,
     CUDAGraphCache,

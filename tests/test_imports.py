@@ -18,29 +18,48 @@ PACKAGE_DIRS = {"segformer_fast": ROOT / "segformer_fast", "segformer_fast.kerne
 #: Compiled modules (no .py file; they import nothing from the project): ``from . import _C`` is an edge to them.
 EXTENSION_MODULES = ("segformer_fast._C",)
 
-#: What the bottom of the layering may import from the project (besides nothing at all).
-BOTTOM_LAYER_ALLOWED = {
-    "segformer_fast.config": set(),
-    "segformer_fast.runtime": set(),
-    "segformer_fast.fileio": set(),
-    "segformer_fast.prepared": {"segformer_fast.config", "segformer_fast.runtime", "segformer_fast.fileio"},
-    "segformer_fast.testing": {"segformer_fast.config", "segformer_fast.runtime", "segformer_fast.fileio"},
-    "segformer_fast.torch_ops": {
-        "segformer_fast.prepared", "segformer_fast.testing",
-        "segformer_fast.config", "segformer_fast.runtime", "segformer_fast.fileio",
-    },
+#: The rooms of the package, bottom first, and the rooms each may import from (its own included): every import
+#: points down this table (docs/DESIGN.md section 2).
+ROOMS_BELOW = {
+    "core": {"core"},
+    "model": {"core", "model"},
+    "prepared": {"core", "model", "prepared"},
+    "ops": {"core", "prepared", "ops", "_C"},
+    "kernels": {"core", "prepared", "ops", "kernels"},
+    "inference": {"core", "model", "ops", "inference"},
+    "engine": {"core", "model", "prepared", "ops", "kernels", "inference", "engine"},
+    "export": {"core", "model", "prepared", "ops", "inference", "engine", "export"},
 }
 #: The only package modules the Triton kernels may import (besides segformer_fast.kernels.*).
-KERNELS_ALLOWED = {"segformer_fast.prepared", "segformer_fast.torch_ops", "segformer_fast.runtime"}
+KERNELS_ALLOWED = {"segformer_fast.prepared.weights", "segformer_fast.ops.reference", "segformer_fast.core.runtime"}
+#: The one module that imports the Triton kernels (triton is optional; the engine imports it lazily).
+KERNELS_IMPORTER = "segformer_fast.engine.triton_backend"
+#: No module of the package is longer than this (a module has one reason to change).
+MAX_MODULE_LINES = 400
 
 
 def module_files(package_dirs: dict) -> dict:
-    """Module name -> .py file for every module of the packages (``__init__.py`` is the package itself)."""
+    """Module name -> .py file for every module of the packages, subpackages included (``__init__.py`` is the
+    package itself)."""
     modules = {}
     for package, folder in package_dirs.items():
-        for path in sorted(folder.glob("*.py")):
-            modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted(folder.rglob("*.py")):
+            parts = [package, *path.relative_to(folder).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join(parts)] = path
     return modules
+
+
+def room_of(module: str) -> str | None:
+    """The room a project module lives in ("kernels" for segformer_fast.kernels.*), or None for the package's
+    top-level modules."""
+    parts = module.split(".")
+    if len(parts) < 2:
+        return None
+    if parts[1] in ROOMS_BELOW or parts[1] == "_C":
+        return parts[1]
+    return parts[1] if len(parts) > 2 else None
 
 
 def imported_modules(module: str, path: Path, known: set) -> set:
@@ -217,8 +236,9 @@ def graph():
 
 
 def test_package_modules_are_found(graph):
-    for module in ("segformer_fast", "segformer_fast.engine", "segformer_fast.kernels",
-                   "segformer_fast.kernels.sr_attention", *BOTTOM_LAYER_ALLOWED):
+    for module in ("segformer_fast", "segformer_fast.engine.engine", "segformer_fast.kernels",
+                   "segformer_fast.kernels.sr_attention", "segformer_fast.core.runtime",
+                   "segformer_fast.ops.reference"):
         assert module in graph, f"{module} not found under {sorted(map(str, PACKAGE_DIRS.values()))}"
 
 
@@ -227,16 +247,20 @@ def test_no_import_cycles(graph):
     assert not cycles, f"import cycles (every import counts, also those inside functions):\n{_format(cycles)}"
 
 
-@pytest.mark.parametrize("module", sorted(BOTTOM_LAYER_ALLOWED))
-def test_bottom_layers_import_only_what_is_below(graph, module):
-    forbidden = graph[module] - BOTTOM_LAYER_ALLOWED[module]
-    assert not forbidden, (
-        f"{module} imports {sorted(forbidden)}; it may import only {sorted(BOTTOM_LAYER_ALLOWED[module]) or 'nothing'} "
-        "from the package"
-    )
+def test_every_import_points_down_the_rooms(graph):
+    offenders = []
+    for module, targets in sorted(graph.items()):
+        room = room_of(module)
+        if room not in ROOMS_BELOW:
+            continue
+        for target in sorted(targets):
+            if room_of(target) not in ROOMS_BELOW[room]:
+                offenders.append(f"{module} ({room}) imports {target} ({room_of(target)}); {room} may import only "
+                                 f"{sorted(ROOMS_BELOW[room])}")
+    assert not offenders, "imports that point up or sideways:\n" + "\n".join(offenders)
 
 
-def test_kernels_import_only_prepared_torch_ops_runtime(graph):
+def test_kernels_import_only_prepared_weights_reference_ops_runtime(graph):
     offenders = {
         module: sorted(target for target in targets
                        if not target.startswith("segformer_fast.kernels") and target not in KERNELS_ALLOWED)
@@ -244,3 +268,16 @@ def test_kernels_import_only_prepared_torch_ops_runtime(graph):
     }
     offenders = {module: targets for module, targets in offenders.items() if targets}
     assert not offenders, f"kernels may import only {sorted(KERNELS_ALLOWED)} from the package; found {offenders}"
+
+
+def test_only_the_triton_backend_imports_the_kernels(graph):
+    importers = sorted(module for module, targets in graph.items() if not module.startswith("segformer_fast.kernels")
+                       and any(target.startswith("segformer_fast.kernels") for target in targets))
+    assert importers == [KERNELS_IMPORTER], f"modules importing segformer_fast.kernels: {importers}"
+
+
+def test_no_module_is_longer_than_the_limit():
+    long_modules = {str(path.relative_to(ROOT)): len(path.read_text(encoding="utf-8").splitlines())
+                    for path in module_files(PACKAGE_DIRS).values()}
+    long_modules = {path: lines for path, lines in long_modules.items() if lines > MAX_MODULE_LINES}
+    assert not long_modules, f"modules over {MAX_MODULE_LINES} lines: {long_modules}"

@@ -14,15 +14,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from segformer_fast import Segformer, optimize, postprocess, preprocess
-from segformer_fast.inference import (
-    estimate_peak_memory_bytes,
-    resolve_window,
-    segment_images,
-    slide_labels,
-    slide_logits,
-    window_grid,
-)
-from segformer_fast.runtime import is_out_of_memory
+from segformer_fast.core.runtime import is_out_of_memory
+from segformer_fast.inference.memory import estimate_peak_memory_bytes
+from segformer_fast.inference.segment import segment_images
+from segformer_fast.inference.slide import slide_labels
+from segformer_fast.inference.windows import resolve_window, slide_logits, window_grid
 
 NUM_LABELS = 7
 
@@ -323,7 +319,7 @@ def _engine_tensors(obj, out):
 def test_memory_estimate_matches_live_tensors_on_cpu(dtype):
     """measured <= estimate <= 1.5 x measured for the engine's torch path and the reference, counting live
     tensors on CPU (no allocator statistics there; the workspace allowance is for CUDA libraries)."""
-    from segformer_fast import ops
+    from segformer_fast.ops import extension as ops
 
     model = Segformer.from_config("b0", num_labels=150, seed=2).to(dtype)
     engine = optimize(model, kernels="torch", verify=False)
@@ -352,7 +348,7 @@ def test_memory_estimate_matches_live_tensors_on_cpu(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("variant", ["b0", "b2"])
 def test_memory_estimate_reports_cuda_peak(variant, dtype):
-    from segformer_fast import ops
+    from segformer_fast.ops import extension as ops
 
     device = torch.device("cuda")
     batch, height, width = 2, 512, 1024
@@ -391,7 +387,7 @@ def test_slide_pad_to_crop_pads_small_windows_like_the_official_code(model):
 ], ids=["same-size", "resized", "padded-small", "odd-stride"])
 def test_slide_labels_equal_the_full_buffer_labels(model, height, width, crop, stride, sizes, pad_to_crop):
     """The streamed labels equal argmax of slide_logits (resized to each size) on >= 99.9 % of pixels."""
-    from segformer_fast import ops
+    from segformer_fast.ops import extension as ops
 
     pixels = torch.randn(len(sizes), 3, height, width, generator=torch.Generator().manual_seed(height))
     full = slide_logits(_forward(model), pixels, NUM_LABELS, crop, stride, pad_to_crop=pad_to_crop)

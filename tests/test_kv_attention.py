@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segformer_fast import ops, torch_ops
-from segformer_fast.testing import assert_within_tolerance, tolerance
+from segformer_fast.core.numerics import assert_within_tolerance, tolerance
+from segformer_fast.ops import cpu, reference
+from segformer_fast.ops import extension as ops
 
 needs_kernel = pytest.mark.skipif(not ops._has_kernel("kv_attention", torch.device("cpu")),
                                   reason="segformer_fast._C is not built (no CPU kv_attention kernel)")
@@ -49,19 +50,20 @@ def test_kv_attention_matches_fp64_sdpa(shape, dtype):
     heads = shape[3]
     got = torch.ops.segformer_fast.kv_attention(q, kv, heads)
     assert got.dtype == dtype and got.shape == q.shape and got.is_contiguous()
-    eager = torch_ops.kv_attention(q, kv, heads)  # plain PyTorch in the same dtype
+    eager = reference.kv_attention(q, kv, heads)  # plain PyTorch in the same dtype
     assert_within_tolerance(got, sdpa_reference(q, kv, heads), dtype, eager=eager)
 
 
 @needs_kernel
-def test_kv_attention_through_ops_and_torch_ops(monkeypatch):
+def test_kv_attention_falls_back_to_the_cpu_row_blocks(monkeypatch):
     q, kv = make_inputs(2, 50, 20, 2, 32, torch.float32, seed=3)
     kernel = torch.ops.segformer_fast.kv_attention(q, kv, 2)
     assert torch.equal(ops.kv_attention(q, kv, 2), kernel)
     monkeypatch.setitem(ops._KERNEL_DEVICES, "kv_attention", frozenset())
     monkeypatch.setattr(ops, "_warned", True)
-    assert torch.equal(ops.kv_attention(q, kv, 2), torch_ops.kv_attention(q, kv, 2))
-    assert_within_tolerance(torch_ops.kv_attention(q, kv, 2), sdpa_reference(q, kv, 2), torch.float32)
+    fallback = ops.kv_attention(q, kv, 2)
+    assert torch.equal(fallback, cpu.attention_by_row_chunks(q, kv, 2))
+    assert_within_tolerance(fallback, sdpa_reference(q, kv, 2), torch.float32)
 
 
 @needs_kernel
@@ -107,17 +109,17 @@ def test_kv_attention_baseline_loops_match_the_vectorized_ones(tmp_path):
     outputs differ in the last bits (std::exp against the vectorized exp), which shows the switch took effect."""
     script = (
         "import json, sys, torch\n"
-        "import segformer_fast.ops\n"
-        "from segformer_fast import torch_ops\n"
-        "from segformer_fast.testing import max_abs_error\n"
+        "import segformer_fast.ops.extension\n"
+        "from segformer_fast.ops import reference\n"
+        "from segformer_fast.core.numerics import max_abs_error\n"
         "errors = {}\n"
         "g = torch.Generator().manual_seed(7)\n"
         "q = torch.randn(2, 70, 64, generator=g, dtype=torch.float64) / 3\n"
         "kv = torch.randn(2, 37, 128, generator=g, dtype=torch.float64) / 3\n"
-        "ref = torch_ops.kv_attention(q, kv, 2)\n"
+        "ref = reference.kv_attention(q, kv, 2)\n"
         "for dtype in (torch.float32, torch.bfloat16):\n"
         "    got = torch.ops.segformer_fast.kv_attention(q.to(dtype), kv.to(dtype), 2)\n"
-        "    eager = torch_ops.kv_attention(q.to(dtype), kv.to(dtype), 2)\n"
+        "    eager = reference.kv_attention(q.to(dtype), kv.to(dtype), 2)\n"
         "    errors[str(dtype)] = [max_abs_error(got, ref), max_abs_error(eager, ref), float(ref.abs().max())]\n"
         "    torch.save(got, f'{sys.argv[1]}-{str(dtype)}.pt')\n"
         "print(json.dumps(errors))\n"

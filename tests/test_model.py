@@ -5,9 +5,9 @@ import re
 import pytest
 import torch
 
-from segformer_fast import checkpoints
-from segformer_fast.config import VARIANTS
-from segformer_fast.model import Segformer
+from segformer_fast.model import key_families
+from segformer_fast.model.config import VARIANTS
+from segformer_fast.model.segformer import Segformer
 
 from helpers import assert_relative_close, random_transformers_model
 
@@ -27,9 +27,9 @@ def test_parity_with_transformers_every_family(variant, tmp_path):
 
     loaded = {"hub folder": ours}
     reference_state = ours.state_dict()
-    for family in checkpoints.FAMILIES:
+    for family in key_families.FAMILIES:
         path = tmp_path / f"{family}.pth"
-        torch.save({"state_dict": checkpoints.to_family(reference_state, family), "meta": {}}, path)
+        torch.save({"state_dict": key_families.to_family(reference_state, family), "meta": {}}, path)
         loaded[f"{family} file"] = Segformer.from_pretrained(path, eps_convention="transformers")
     ours.save_pretrained(tmp_path / "ours")
     round_trip = transformers.SegformerForSemanticSegmentation.from_pretrained(tmp_path / "ours").eval()
@@ -55,7 +55,7 @@ def test_official_eps_is_distinguished(tmp_path):
             stage.patch_embed.norm.weight.mul_(1e-3)
             stage.patch_embed.norm.bias.mul_(1e-3)
     path = tmp_path / "official.pth"
-    torch.save({"state_dict": checkpoints.to_family(model.state_dict(), "official")}, path)
+    torch.save({"state_dict": key_families.to_family(model.state_dict(), "official")}, path)
     official = Segformer.from_pretrained(path)
     assert official.config.eps_convention == "official"
     assert official.stages[0].blocks[0].norm1.eps == 1e-6 and official.stages[0].norm.eps == 1e-6
@@ -108,7 +108,7 @@ def test_channels_last_input_matches_contiguous():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_tolerance(dtype):
-    from segformer_fast.testing import assert_within_tolerance
+    from segformer_fast.core.numerics import assert_within_tolerance
 
     model = Segformer.from_config("b0", num_labels=4, seed=0)
     pixels = torch.randn(1, 3, 45, 61)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segformer_fast.fileio import load_image
+from segformer_fast.core.fileio import load_image
 from segformer_fast.outputs import (
     describe_error,
     label_paths,

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from segformer_fast.inference.processing import IMAGENET_MEAN, IMAGENET_STD, output_size, postprocess, preprocess
 from segformer_fast.palettes import (
     ADE20K_CLASSES,
     ADE20K_PALETTE,
@@ -18,7 +19,6 @@ from segformer_fast.palettes import (
     overlay,
     palette_for,
 )
-from segformer_fast.processing import IMAGENET_MEAN, IMAGENET_STD, output_size, postprocess, preprocess
 
 transformers = pytest.importorskip("transformers")
 

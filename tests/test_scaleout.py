@@ -14,9 +14,9 @@ from test_eval import make_ade20k
 
 from segformer_fast import Segformer
 from segformer_fast.cli import main
+from segformer_fast.core.fileio import find_images
 from segformer_fast.datasets import open_dataset
 from segformer_fast.evaluation import evaluate
-from segformer_fast.fileio import find_images
 from segformer_fast.predictors import make_predictor
 from segformer_fast.ray_segment import RaySegmentPredictor, evaluate_with_ray, pool_arguments, segment_with_ray
 from segformer_fast.scaleout import MANIFEST_NAME, SegmentSettings, read_manifest

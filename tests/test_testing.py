@@ -1,11 +1,11 @@
-"""segformer_fast.testing: the TF32 scope of the fp32 ground truth."""
+"""segformer_fast.core.numerics: the TF32 scope of the fp32 ground truth."""
 
 import threading
 
 import pytest
 import torch
 
-from segformer_fast.testing import no_tf32
+from segformer_fast.core.numerics import no_tf32
 
 
 def tf32_flags():

@@ -30,8 +30,8 @@ from typing import Callable
 
 import torch
 
-from segformer_fast.fileio import atomic_write_text
-from segformer_fast.runtime import resolve_device
+from segformer_fast.core.fileio import atomic_write_text
+from segformer_fast.core.runtime import resolve_device
 
 #: Where the scripts write their results by default (next to the scripts, in the repository).
 #: Where results go unless ``--out`` says otherwise: outside the repository (``$SEGFORMER_FAST_RESULTS``, else
@@ -348,7 +348,7 @@ def positive_float(text: str) -> float:
 
 
 def device_argument(text: str) -> torch.device:
-    """An argparse type: "auto", "cpu", "cuda" or "cuda:N" as a checked device (segformer_fast.runtime's rules)."""
+    """An argparse type: "auto", "cpu", "cuda" or "cuda:N" as a checked device (segformer_fast.core.runtime's rules)."""
     try:
         return resolve_device(text)
     except ValueError as err:

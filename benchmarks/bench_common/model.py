@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from segformer_fast.config import VARIANTS, SegformerConfig
-from segformer_fast.model import Segformer
+from segformer_fast.model.config import VARIANTS, SegformerConfig
+from segformer_fast.model.segformer import Segformer
 
 from .harness import console_table, format_number, markdown_table, percentile, split_list, synchronize, time_calls_ms
 
@@ -309,7 +309,7 @@ def paper_setting(variant, resolution: Resolution) -> bool:
 def labels_on_host(fn, engine_labels: bool):
     """The paper's protocol around a runner: logits, then full-resolution labels (bilinear upsampling + argmax, the
     engine through its fused ``upsample_argmax``), copied to the host."""
-    from segformer_fast import ops
+    from segformer_fast.ops import extension as ops
 
     def run(pixel_values):
         logits = fn(pixel_values)

@@ -1,7 +1,8 @@
 // CUDA upsample + argmax: one thread per output pixel loops over the K labels, blending the four source taps with
-// PyTorch's CUDA bilinear formula h0 * (w0 * x00 + w1 * x01) + h1 * (w0 * x10 + w1 * x11) in fp32, rounding to
-// the logits' dtype (as eager stores the upsampled logits) and keeping the first maximum (NaN wins, as
-// torch.argmax). The (B, K, H, W) upsampled logits never exist.
+// PyTorch's CUDA bilinear formula h0 * (w0 * x00 + w1 * x01) + h1 * (w0 * x10 + w1 * x11) in fp32 (fp16 / bf16
+// logits are read and interpolated in fp32, never rounded back: the labels are those of
+// F.interpolate(logits.float()).argmax(1)) and keeping the first maximum (NaN wins, as torch.argmax). The
+// (B, K, H, W) upsampled logits never exist.
 
 #include "../cuda_kernels.h"
 #include "common.cuh"
@@ -30,9 +31,8 @@ __global__ void __launch_bounds__(THREADS)
   int best_label = 0;
   for (int k = 0; k < num_labels; ++k) {
     const T* p = src + k * plane;
-    const float v = to_float(from_float<T>(
-        ty.lambda0 * (tx.lambda0 * to_float(p[o00]) + tx.lambda1 * to_float(p[o01])) +
-        ty.lambda1 * (tx.lambda0 * to_float(p[o10]) + tx.lambda1 * to_float(p[o11]))));
+    const float v = ty.lambda0 * (tx.lambda0 * to_float(p[o00]) + tx.lambda1 * to_float(p[o01])) +
+                    ty.lambda1 * (tx.lambda0 * to_float(p[o10]) + tx.lambda1 * to_float(p[o11]));
     if (k == 0 || v > best || (isnan(v) && !isnan(best))) {
       best = v;
       best_label = k;

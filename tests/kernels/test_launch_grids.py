@@ -14,7 +14,6 @@ import os
 import pytest
 import torch
 
-from segformer_fast.config import NUM_HEADS, PATCH_SIZES, SR_RATIOS, STRIDES, VARIANTS
 from segformer_fast.kernels import (
     common,
     layer_norm,
@@ -29,6 +28,7 @@ from segformer_fast.kernels.layernorm import layer_norm_launch
 from segformer_fast.kernels.linear import linear_launch
 from segformer_fast.kernels.mixffn import column_groups, mixffn_fc2_launch
 from segformer_fast.kernels.sr_attention import flash_sr_attention_launch, sr_kv_launches
+from segformer_fast.model.config import NUM_HEADS, PATCH_SIZES, SR_RATIOS, STRIDES, VARIANTS
 
 SHAPES = [(512, 512), (1024, 2048)]
 BATCHES = [1, 16]

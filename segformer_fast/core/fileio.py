@@ -18,6 +18,7 @@ import re
 import secrets
 import stat
 import struct
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -298,3 +299,17 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Non
     existing = _closest_existing(path.parent)
     if not existing.is_dir():
         raise ValueError(f"cannot write {what} {path}: {existing} is a file (or a dangling link), not a folder")
+
+
+def check_can_create(path: str | os.PathLike) -> None:
+    """PermissionError (or FileNotFoundError) now, before any work, unless a file can be created beside ``path``:
+    a hidden probe file is created in its folder and removed again."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+    except OSError as error:
+        raise PermissionError(f"cannot write {path}: no file can be created in {folder} ({error.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)

@@ -1,7 +1,7 @@
 """Python entry points of the ``segformer_fast._C`` decoder ops, with fake impls and eager fallbacks.
 
 - :func:`fused_decode`: four projected stage maps (channels-last) -> decoder logits, the bilinear upsampling, sum,
-  folded bias, ReLU and classifier fused (see :mod:`segformer_fast.decoder_fold`).
+  folded bias, ReLU and classifier fused (see :mod:`segformer_fast.prepared.decoder_fold`).
 - :func:`upsample_argmax`: logits -> full-resolution labels, bilinear upsampling and argmax fused.
 - :func:`kv_attention`: softmax(q kᵀ) v per head over SR attention's merged k/v, the scores never written (a CPU
   kernel only: on CUDA the Triton flash SR-attention kernel does this).
@@ -16,13 +16,13 @@ import warnings
 
 import torch
 
-from . import torch_ops
-from .runtime import COMPUTE_DTYPES as _SUPPORTED_DTYPES
+from segformer_fast.core.runtime import COMPUTE_DTYPES as _SUPPORTED_DTYPES
+from segformer_fast.ops import cpu, reference
 
 _MAP_NAMES = ("p1", "p2", "p3", "p4")
 
 try:
-    from . import _C  # noqa: F401  (loading the library registers torch.ops.segformer_fast)
+    from segformer_fast import _C  # noqa: F401  (loading the library registers torch.ops.segformer_fast)
 
     _EXTENSION_ERROR = None
 except ImportError as error:  # not built (SEGFORMER_FAST_SKIP_EXT=1) or built against another torch
@@ -192,13 +192,13 @@ if extension_available():
 def fused_decode_eager(p1, p2, p3, p4, bias, cls_weight, cls_bias) -> torch.Tensor:
     """Eager PyTorch version of :func:`fused_decode` (fp32 arithmetic, result in the inputs' dtype)."""
     _check_fused_decode((p1, p2, p3, p4), bias, cls_weight, cls_bias)
-    return torch_ops.fused_decode(p1, p2, p3, p4, bias, cls_weight, cls_bias)
+    return reference.fused_decode(p1, p2, p3, p4, bias, cls_weight, cls_bias)
 
 
 def upsample_argmax_eager(logits, height: int, width: int) -> torch.Tensor:
     """Eager PyTorch version of :func:`upsample_argmax`: ``F.interpolate(...).argmax(1)`` in the logits' dtype."""
     _check_upsample_argmax(logits, height, width)
-    return torch_ops.upsample_argmax(logits, height, width)
+    return reference.upsample_argmax(logits, height, width)
 
 
 def fused_decode(p1, p2, p3, p4, bias, cls_weight, cls_bias) -> torch.Tensor:
@@ -220,14 +220,16 @@ def kv_attention(q, kv, heads: int) -> torch.Tensor:
     head-major -> (B, N, C) in q's dtype, computed in fp32.
 
     The extension's CPU kernel where it is built (scores kept per block of query rows in a thread-local buffer);
-    elsewhere, and while tracing, ``torch_ops.kv_attention``. CUDA has no kernel of its own here, by design: its SR
+    without it on CPU :func:`segformer_fast.ops.cpu.attention_by_row_chunks`; on other devices and while tracing
+    :func:`segformer_fast.ops.reference.kv_attention`. CUDA has no kernel of its own here, by design: its SR
     attention is the Triton flash kernel.
     """
-    if q.device.type == "cpu" and not torch_ops.tracing():
+    if q.device.type == "cpu" and not cpu.tracing():
         if _has_kernel("kv_attention", q.device):
             return torch.ops.segformer_fast.kv_attention(q.contiguous(), kv.contiguous(), int(heads))
         _warn_fallback("kv_attention", q.device)
-    return torch_ops.kv_attention(q, kv, heads)
+        return cpu.attention_by_row_chunks(q, kv, heads)
+    return reference.kv_attention(q, kv, heads)
 
 
 def upsample_argmax(logits, height: int, width: int) -> torch.Tensor:

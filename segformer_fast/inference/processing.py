@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .fileio import apply_exif_orientation, load_image, to_rgb
+from segformer_fast.core.fileio import apply_exif_orientation, load_image, to_rgb
 
 #: ImageNet statistics for pixel values in [0, 1] (transformers' IMAGENET_DEFAULT_MEAN / STD).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -1,8 +1,9 @@
 """``segformer_fast.optimize``: the reference SegFormer's forward rebuilt from prepared weights and fused ops.
 
-Weights are prepared once (``prepared.prepare_stages``: attention scale folded into q, k/v merged, SR conv laid out
-as a GEMM, casts; ``decoder_fold.fold_decode_head``: the decode head folded). ``SegformerEngine._forward`` is
-SegFormer's forward pass, each step run by the ops object of the backend chosen once at construction:
+Weights are prepared once (``prepared.weights.prepare_stages``: attention scale folded into q, k/v merged, SR conv
+laid out as a GEMM, casts; ``prepared.decoder_fold.fold_decode_head``: the decode head folded). The forward is
+SegFormer's (``engine.forward.prepared_forward``, which export traces too), each step run by the ops object of the
+backend chosen once at construction:
 
 - ``kernels="triton"`` (default on CUDA, ``triton_backend.TritonOps``): the patch-embed conv (cuDNN) + Triton
   patch-embed LayerNorm, Triton LayerNorms, the fused SR-attention kernels (KV side + flash attention with q/out
@@ -10,17 +11,20 @@ SegFormer's forward pass, each step run by the ops object of the backend chosen 
   load), then the folded decoder: per-stage projections at their own resolution and the fused
   upsample-sum-ReLU-classifier op of the extension. On CUDA the whole forward is replayed from a CUDA graph per
   (batch, H, W, dtype) (``graph_cache.CUDAGraphCache``).
-- ``kernels="torch"`` (default on CPU, ``backends.TorchOps``): the same prepared graph with PyTorch's best CPU ops
-  (``torch_ops``: ``scaled_dot_product_attention``, channels-last convolutions) and the extension's fused decoder.
-- ``kernels="eager"`` (``backends.EagerOps``): plain PyTorch ops throughout, the decoder included (a debugging aid).
+- ``kernels="torch"`` (default on CPU, ``backends.TorchOps``): the same prepared graph on the CPU fast ops
+  (``ops.cpu``: oneDNN GEMMs on packed weights, the fused depthwise conv + GELU) and the extension's attention core
+  and fused decoder (``ops.extension``).
+- ``kernels="eager"`` (``backends.EagerOps``): the reference ops throughout (``ops.reference``), the decoder
+  included (a debugging aid).
 
 The engine is checked against the reference when it is built (``verify=True``): a random input runs through both
 and the build fails with :class:`VerificationError`, giving the measured error and the tolerance, if they differ
 beyond the tolerance rule of docs/DESIGN.md section 5.
 
-fp32 means IEEE fp32 on both sides: the ground truth in ``verify`` runs with TensorFloat-32 off (``testing.no_tf32``),
-and so does an fp32 engine on CUDA (its cuDNN patch-embed convolutions and cuBLAS decoder projections; the Triton
-kernels never use TF32 for fp32), so it passes the fp32 tolerance honestly. Users who want TF32 speed should ask
+fp32 means IEEE fp32 on both sides: the ground truth in ``verify`` runs with TensorFloat-32 off
+(``core.numerics.no_tf32``), and so does an fp32 engine on CUDA (its cuDNN patch-embed convolutions and cuBLAS
+decoder projections; the Triton kernels never use TF32 for fp32), so it passes the fp32 tolerance honestly. Users
+who want TF32 speed should ask
 for ``dtype=torch.float16`` or ``torch.bfloat16``, which are faster still and have their own tolerance.
 
 The source model is only read: never run in train mode, its weights and BatchNorm statistics never changed.
@@ -31,18 +35,19 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from . import malloc_tuning, ops
-from .backends import EagerOps, TorchOps
-from .checkpoints import check_finite, is_transformers_segformer
-from .decoder_fold import FoldedDecodeHead, fold_decode_head, project_stage
-from .graph_cache import CUDAGraphCache
-from .inference import segment_images
-from .model import Segformer, check_pixel_values
-from .prepared import StageParams, prepare_stages
-from .runtime import COMPUTE_DTYPES
-from .testing import max_abs_error, no_tf32, tolerance
+from segformer_fast.core import malloc_tuning
+from segformer_fast.core.numerics import max_abs_error, no_tf32, tolerance
+from segformer_fast.core.runtime import COMPUTE_DTYPES
+from segformer_fast.engine.backends import EagerOps, TorchOps
+from segformer_fast.engine.forward import prepared_forward
+from segformer_fast.engine.graph_cache import CUDAGraphCache
+from segformer_fast.inference.segment import segment_images
+from segformer_fast.model.checkpoints import check_finite, is_transformers_segformer
+from segformer_fast.model.segformer import Segformer, check_pixel_values
+from segformer_fast.ops import extension
+from segformer_fast.prepared.decoder_fold import FoldedDecodeHead, fold_decode_head
+from segformer_fast.prepared.weights import StageParams, prepare_stages
 
 KERNEL_CHOICES = ("auto", "triton", "torch", "eager")
 
@@ -65,7 +70,7 @@ def _triton_available() -> bool:
 def _make_ops(kernels: str):
     """The ops object of a resolved backend name ("triton", "torch" or "eager")."""
     if kernels == "triton":
-        from .triton_backend import TritonOps  # triton is optional: imported only when chosen
+        from segformer_fast.engine.triton_backend import TritonOps  # triton is optional: imported only when chosen
 
         return TritonOps()
     return EagerOps() if kernels == "eager" else TorchOps()
@@ -136,30 +141,7 @@ class SegformerEngine:
     # ------------------------------------------------------------------------------------------------- forward
     def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """SegFormer's forward on the prepared weights: (B, 3, H, W) -> logits (B, K, ceil(H/4), ceil(W/4))."""
-        image = pixel_values
-        projected = []
-        for stage, fold_weight in zip(self._run_stages, self._run_decoder.weights):
-            tokens, height, width = self._patch_embed(image, stage)
-            batch, _, channels = tokens.shape
-            for block in stage.blocks:
-                tokens = self.ops.attention(self.ops.layer_norm(tokens, block.norm1), tokens, height, width, block.attn)
-                tokens = self.ops.mixffn(self.ops.layer_norm(tokens, block.norm2), tokens, height, width, block.mlp)
-            tokens = self.ops.layer_norm(tokens, stage.norm)
-            # the folded head's projection of this stage, P_i = F_i W'_i^T, at the stage's own resolution, as
-            # channels-last (B, h_i, w_i, D): computed now, while the tokens are in cache, so the stage output
-            # need not be kept until the encoder is done
-            projected.append(project_stage(tokens, fold_weight, batch, height, width))
-            # channels-last (B, C, h, w) view of the stage output: the next patch-embed conv reads it without a copy
-            image = tokens.view(batch, height, width, channels).permute(0, 3, 1, 2)
-        # folded All-MLP head: bilinear upsampling of the projections, sum, bias, ReLU, classifier
-        return self.ops.decode(projected, self._run_decoder)
-
-    def _patch_embed(self, image: torch.Tensor, stage: StageParams) -> tuple:
-        """Overlapping patch embedding: strided conv, then LayerNorm of the tokens: (tokens (B, h*w, C), h, w).
-
-        A method of its own so that the conv output is freed on return, not kept through the stage's blocks."""
-        embedded = F.conv2d(image, stage.patch_weight, stage.patch_bias, stride=stage.stride, padding=stage.padding)
-        return self.ops.patch_embed_norm(embedded, stage.patch_norm), embedded.shape[2], embedded.shape[3]
+        return prepared_forward(self.ops, self._run_stages, self._run_decoder, pixel_values)
 
     @torch.no_grad()
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -206,7 +188,7 @@ class SegformerEngine:
         batch.
 
         mode: "whole" (one forward per batch; the fused ``upsample_argmax`` takes each image's logits to its own
-        size), "slide" (mmseg's sliding windows, :func:`segformer_fast.inference.slide_logits`, with ``crop``
+        size), "slide" (mmseg's sliding windows, :func:`segformer_fast.inference.windows.slide_logits`, with ``crop``
         (default 1024 x 1024) and ``stride`` (default 2/3 of the crop); the full-resolution logits are resized to
         each image's size and argmaxed) or "auto" (whole; where that runs out of memory, a ``RuntimeWarning``
         naming the crop and stride and then slide). Returns one (H, W) tensor for a single image, else a list.
@@ -220,7 +202,7 @@ class SegformerEngine:
     def whole_labels(self, pixel_values, sizes):
         """Whole-image labels of a preprocessed batch: one forward, then per image the fused upsample + argmax."""
         logits = self.logits(pixel_values)
-        return [ops.upsample_argmax(logits[i:i + 1], h, w)[0] for i, (h, w) in enumerate(sizes)]
+        return [extension.upsample_argmax(logits[i:i + 1], h, w)[0] for i, (h, w) in enumerate(sizes)]
 
     @torch.no_grad()
     def verify(self, reference: Segformer, height: int = 67, width: int = 91, batch: int = 2, seed: int = 0):

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoints
-from .config import BATCH_NORM_EPS, MLP_RATIO, PATCH_SIZES, STRIDES, SegformerConfig
+from segformer_fast.model import checkpoints, key_families
+from segformer_fast.model.config import BATCH_NORM_EPS, MLP_RATIO, PATCH_SIZES, STRIDES, SegformerConfig
 
 
 def _tokens_to_image(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -208,7 +208,7 @@ class Segformer(nn.Module):
         """
         config, state_dict, family, source_name = checkpoints.read_checkpoint(source, num_labels, eps_convention)
         model = cls(config)
-        tensors = checkpoints.from_family(state_dict, family, model.state_dict(), config.variant, source_name)
+        tensors = key_families.from_family(state_dict, family, model.state_dict(), config.variant, source_name)
         checkpoints.check_finite(tensors, source_name, family)
         if not any(name.startswith("decode_head.") for name in tensors):
             warnings.warn(
@@ -230,7 +230,7 @@ class Segformer(nn.Module):
         ``SegformerForSemanticSegmentation``, which is read, never modified."""
         config, state_dict, family, source_name = checkpoints.transformers_checkpoint(hf_model)
         model = cls(config)
-        tensors = checkpoints.from_family(state_dict, family, model.state_dict(), config.variant, source_name)
+        tensors = key_families.from_family(state_dict, family, model.state_dict(), config.variant, source_name)
         model.load_state_dict(tensors, strict=False)
         device = next(hf_model.parameters()).device
         return model.to(device=device, dtype=torch.float32).eval()

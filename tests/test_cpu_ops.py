@@ -1,6 +1,7 @@
-"""The CPU engine's own paths in segformer_fast.torch_ops and their helpers: the oneDNN GEMM (``linear`` with plain
+"""The CPU engine's own paths in segformer_fast.ops.cpu and their helpers: the oneDNN GEMM (``linear`` with plain
 and packed weights, ``pack_linear_weight``), the row-blocked CPU attention, ``TorchOps.prepare`` and the glibc
-malloc settings. Each result is checked against an fp64 reference with the tolerance rule (segformer_fast.testing)."""
+malloc settings. Each result is checked against an fp64 reference with the tolerance rule
+(segformer_fast.core.numerics)."""
 
 import os
 import platform
@@ -12,14 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segformer_fast import Segformer, torch_ops
-from segformer_fast.backends import EagerOps, TorchOps
-from segformer_fast.engine import optimize
-from segformer_fast.malloc_tuning import ENV_VAR, keep_freed_memory
-from segformer_fast.testing import assert_within_tolerance
+from segformer_fast import Segformer
+from segformer_fast.core.malloc_tuning import ENV_VAR, keep_freed_memory
+from segformer_fast.core.numerics import assert_within_tolerance
+from segformer_fast.engine.backends import EagerOps, TorchOps
+from segformer_fast.engine.engine import optimize
+from segformer_fast.ops import cpu, reference
 
-ONEDNN = torch_ops._ONEDNN_LINEAR
-ONEDNN_BF16 = torch_ops._ONEDNN_BF16
+ONEDNN = cpu._ONEDNN_LINEAR
+ONEDNN_BF16 = cpu._ONEDNN_BF16
 DTYPES = [
     torch.float32,
     pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
@@ -73,10 +75,10 @@ def test_linear_matches_fp64_reference(dtype, packed, with_bias, with_residual, 
     bias = None if bias64 is None else bias64.to(dtype)
     residual = None if residual64 is None else residual64.to(dtype)
     eager = F.linear(x, weight, bias) + (residual if with_residual else 0)
-    run_weight = torch_ops.pack_linear_weight(weight) if packed else weight
+    run_weight = cpu.pack_linear_weight(weight) if packed else weight
     assert run_weight.is_mkldnn == packed
 
-    got = torch_ops.linear(x, run_weight, bias, residual)
+    got = cpu.linear(x, run_weight, bias, residual)
     assert got.shape == reference.shape and got.dtype == dtype
     assert_within_tolerance(got, reference, dtype, eager, what=f"linear {layout}")
     assert torch.equal(weight, weight64.to(dtype)), "linear changed its weight"
@@ -87,8 +89,8 @@ def test_linear_matches_fp64_reference(dtype, packed, with_bias, with_residual, 
 def test_linear_runs_on_onednn_for_cpu_fp32_and_bf16(dtype):
     x = torch.randn(8, 16, dtype=dtype)
     weight = torch.randn(4, 16, dtype=dtype)
-    assert "mkldnn::_linear_pointwise" in _ops_run(lambda: torch_ops.linear(x, weight))
-    fp64_ops = _ops_run(lambda: torch_ops.linear(x.double(), weight.double()))
+    assert "mkldnn::_linear_pointwise" in _ops_run(lambda: cpu.linear(x, weight))
+    fp64_ops = _ops_run(lambda: cpu.linear(x.double(), weight.double()))
     assert "mkldnn::_linear_pointwise" not in fp64_ops and "aten::linear" in fp64_ops
 
 
@@ -98,16 +100,16 @@ def test_linear_runs_on_onednn_for_cpu_fp32_and_bf16(dtype):
 @NEEDS_ONEDNN
 def test_pack_linear_weight_packs_cpu_fp32_and_leaves_the_rest():
     weight = torch.randn(24, 40)
-    packed = torch_ops.pack_linear_weight(weight)
+    packed = cpu.pack_linear_weight(weight)
     assert packed.is_mkldnn and tuple(packed.shape) == (24, 40)
     assert not weight.is_mkldnn
     assert torch.equal(packed.to_dense(), weight), "packing changed the values"
-    assert torch_ops.pack_linear_weight(packed) is packed, "a packed weight is packed again"
+    assert cpu.pack_linear_weight(packed) is packed, "a packed weight is packed again"
     for unpackable in (weight.double(), weight.half()):
-        assert torch_ops.pack_linear_weight(unpackable) is unpackable
-    assert torch_ops.pack_linear_weight(None) is None
+        assert cpu.pack_linear_weight(unpackable) is unpackable
+    assert cpu.pack_linear_weight(None) is None
     bf16 = weight.bfloat16()
-    assert torch_ops.pack_linear_weight(bf16).is_mkldnn == ONEDNN_BF16
+    assert cpu.pack_linear_weight(bf16).is_mkldnn == ONEDNN_BF16
 
 
 @NEEDS_ONEDNN
@@ -119,7 +121,7 @@ def test_traced_linear_uses_standard_ops():
     x = torch.randn(3, 7, 20, generator=generator)
 
     def project(tokens):
-        return torch_ops.linear(tokens, weight, bias)
+        return cpu.linear(tokens, weight, bias)
 
     assert "mkldnn::_linear_pointwise" in _ops_run(lambda: project(x)), "outside tracing the GEMM is oneDNN's"
     traced = torch.jit.trace(project, x)
@@ -150,7 +152,7 @@ def test_attention_by_row_chunks_matches_sdpa(monkeypatch, dtype, heads, block):
     batch, tokens, kv_tokens, head_dim = 2, 50, 7, 8
     if block == "row-blocks":
         # 16 query rows per block: blocks of 16, 16, 16 and a ragged 2
-        monkeypatch.setattr(torch_ops, "_SCORE_BLOCK_ELEMENTS", 16 * kv_tokens)
+        monkeypatch.setattr(cpu, "_SCORE_BLOCK_ELEMENTS", 16 * kv_tokens)
     generator = torch.Generator().manual_seed(17 * heads + (block == "row-blocks"))
     channels = heads * head_dim
     q64 = torch.randn(batch, tokens, channels, generator=generator, dtype=torch.float64)
@@ -158,7 +160,7 @@ def test_attention_by_row_chunks_matches_sdpa(monkeypatch, dtype, heads, block):
     reference = _sdpa(q64, kv64, heads)
     q, kv = q64.to(dtype), kv64.to(dtype)
 
-    got = torch_ops._attention_by_row_chunks(q, kv, heads)
+    got = cpu.attention_by_row_chunks(q, kv, heads)
     assert got.shape == (batch, tokens, channels) and got.dtype == dtype
     assert_within_tolerance(got, reference, dtype, _sdpa(q, kv, heads), what=f"attention ({block})")
 
@@ -227,15 +229,15 @@ def test_dwconv_gelu_matches_fp64_and_runs_as_one_onednn_conv(dtype, shape):
     tokens = torch.randn(batch, height * width, channels, generator=generator, dtype=torch.float64)
     weight = torch.randn(channels, 1, 3, 3, generator=generator, dtype=torch.float64) / 3
     bias = 0.5 * torch.randn(channels, generator=generator, dtype=torch.float64)
-    reference = torch_ops.dwconv_gelu(tokens, height, width, weight, bias)  # fp64: nine shifted slices
+    expected = reference.dwconv_gelu(tokens, height, width, weight, bias)  # fp64: nine shifted slices
     args = (tokens.to(dtype), height, width, weight.to(dtype), bias.to(dtype))
-    got = torch_ops.dwconv_gelu(*args)
+    got = cpu.dwconv_gelu(*args)
     assert got.dtype == dtype and got.shape == tokens.shape and got.is_contiguous()
     conv = F.conv2d(args[0].reshape(batch, height, width, channels).permute(0, 3, 1, 2), args[3], args[4], padding=1,
                     groups=channels)
     eager = F.gelu(conv.permute(0, 2, 3, 1).reshape(tokens.shape))  # the conv, then GELU, in the same dtype
-    assert_within_tolerance(got, reference, dtype, eager)
-    ops_run = _ops_run(lambda: torch_ops.dwconv_gelu(*args))
+    assert_within_tolerance(got, expected, dtype, eager)
+    ops_run = _ops_run(lambda: cpu.dwconv_gelu(*args))
     if ONEDNN and hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
         assert "mkldnn::_convolution_pointwise" in ops_run and "aten::gelu" not in ops_run
 
@@ -244,9 +246,9 @@ def test_traced_dwconv_gelu_uses_standard_ops():
     generator = torch.Generator().manual_seed(6)
     weight, bias = torch.randn(8, 1, 3, 3, generator=generator), torch.randn(8, generator=generator)
     tokens = torch.randn(1, 20, 8, generator=generator)
-    traced = torch.jit.trace(lambda h: torch_ops.dwconv_gelu(h, 4, 5, weight, bias), tokens)
+    traced = torch.jit.trace(lambda h: cpu.dwconv_gelu(h, 4, 5, weight, bias), tokens)
     assert "mkldnn" not in str(traced.graph) and "gelu" in str(traced.graph)
-    assert torch.allclose(traced(tokens), torch_ops.dwconv_gelu(tokens, 4, 5, weight, bias), atol=1e-5)
+    assert torch.allclose(traced(tokens), cpu.dwconv_gelu(tokens, 4, 5, weight, bias), atol=1e-5)
 
 
 #: Prints what keep_freed_memory() returned and whether a fresh 64 MiB malloc was mmap-ed (glibc's mallinfo2
@@ -254,7 +256,7 @@ def test_traced_dwconv_gelu_uses_standard_ops():
 #: 256 MiB and the block comes from the heap.
 _MALLOC_PROBE = """
 import ctypes
-from segformer_fast.malloc_tuning import keep_freed_memory
+from segformer_fast.core.malloc_tuning import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops, torch_ops
-
 
 @dataclass
 class FoldedDecodeHead:
@@ -90,46 +88,3 @@ def fold_decode_head(head, dtype: torch.dtype = torch.float32, device=None) -> F
     else:
         cls_bias = torch.zeros(classifier.out_channels, dtype=torch.float64)
     return FoldedDecodeHead(tuple(weights), bias, cls_weight, cls_bias).to(device=device, dtype=dtype)
-
-
-def project_stage(tokens, weight, batch: int, height: int, width: int):
-    """One stage's P_i = F_i W'_i^T: tokens (B, h*w, C_i) or (B*h*w, C_i) -> channels-last (B, h, w, D), one
-    GEMM over the whole batch."""
-    return torch_ops.linear(tokens, weight).view(batch, height, width, weight.shape[0])
-
-
-def project_features(features, folded: FoldedDecodeHead) -> list:
-    """P_i = F_i W'_i^T at each stage's own resolution.
-
-    features: four (B, C_i, h_i, w_i) maps -> four channels-last (B, h_i, w_i, D) contiguous maps, the layout
-    :func:`segformer_fast.ops.fused_decode` takes (:func:`project_stage` on each; no copy of channels-last
-    features, the engine's layout).
-    """
-    projected = []
-    for feature, weight in zip(features, folded.weights):
-        batch, channels, height, width = feature.shape
-        if weight.shape[1] != channels:
-            raise ValueError(f"stage feature has {channels} channels but the folded weight expects {weight.shape[1]}")
-        # (B*h*w, C) rows: 2-D, since 3-D matmul / linear on a batch-1 view took a slower batched path
-        rows = feature.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
-        projected.append(project_stage(rows, weight, batch, height, width))
-    return projected
-
-
-def folded_decode_ref(features, folded: FoldedDecodeHead) -> torch.Tensor:
-    """The eager composition of the folded head: features (B, C_i, h_i, w_i) -> logits (B, K, h_1, w_1).
-
-    :func:`project_features`, then :func:`segformer_fast.torch_ops.fused_decode` (y = ReLU(sum_i up_i(P_i) + b'),
-    logits = y W_cls^T + b_cls, with up_i bilinear, align_corners=False), in fp32 or, for fp64 inputs, in fp64.
-    """
-    return torch_ops.fused_decode(*project_features(features, folded), folded.bias, folded.cls_weight,
-                                  folded.cls_bias)
-
-
-def folded_decode(features, folded: FoldedDecodeHead) -> torch.Tensor:
-    """The fast path: :func:`project_features`, then the fused upsample-sum-ReLU-classifier op.
-
-    features: four (B, C_i, h_i, w_i) maps -> logits (B, K, h_1, w_1). Uses the ``segformer_fast._C`` kernels when
-    built, their eager fallbacks otherwise (:func:`segformer_fast.ops.fused_decode`).
-    """
-    return ops.fused_decode(*project_features(features, folded), folded.bias, folded.cls_weight, folded.cls_bias)

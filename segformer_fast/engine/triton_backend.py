@@ -6,16 +6,17 @@ through the ``kernels`` module, so a test can spy on them by patching its attrib
 
 import torch
 
-from . import kernels, torch_ops
-from .backends import TorchOps
-from .decoder_fold import FoldedDecodeHead
-from .prepared import MixFFNParams, NormParams, SRAttentionParams
+from segformer_fast import kernels
+from segformer_fast.engine.backends import TorchOps
+from segformer_fast.prepared.decoder_fold import FoldedDecodeHead
+from segformer_fast.prepared.weights import MixFFNParams, NormParams, SRAttentionParams
 
 
 class TritonOps(TorchOps):
     """Triton LayerNorms, fused SR attention and Mix-FFN; the decoder as :class:`TorchOps` (projections + the
     extension's fused decode). Blocks whose stage grid is smaller than the SR ratio (images below ~29 px for the
-    stage-1 ratio 8) have no reduced token for the SR kernel: their attention runs ``torch_ops`` (padded SR conv)."""
+    stage-1 ratio 8) have no reduced token for the SR kernel: their attention runs as :class:`TorchOps`' does
+    (padded SR conv)."""
 
     name = "triton"
 
@@ -37,7 +38,7 @@ class TritonOps(TorchOps):
 
     def attention(self, x_norm, residual, height, width, params: SRAttentionParams):
         if height < params.sr_ratio or width < params.sr_ratio:
-            return torch_ops.sr_attention(x_norm, residual, height, width, params)
+            return super().attention(x_norm, residual, height, width, params)
         return kernels.sr_attention(x_norm, residual, height, width, params)
 
     def mixffn(self, x_norm, residual, height, width, params: MixFFNParams):

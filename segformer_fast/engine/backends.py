@@ -1,0 +1,111 @@
+"""The engine's ops objects: one per backend, each method one step of SegFormer's forward pass
+(``engine.forward.prepared_forward``).
+
+Every backend takes the same prepared weights (``segformer_fast.prepared.weights``) and the same token layout:
+channels-last tokens (B, H*W, C), row-major over the stage grid.
+
+- :class:`TorchOps` (the CPU default): the CPU fast ops (:mod:`segformer_fast.ops.cpu`: oneDNN GEMMs on packed
+  weights with fused residual adds, the fused depthwise conv + GELU) and the extension's ops (``kv_attention``,
+  ``fused_decode``: :mod:`segformer_fast.ops.extension`).
+- :class:`EagerOps`: the reference ops (:mod:`segformer_fast.ops.reference`) everywhere, the decoder included (a
+  debugging aid, and what the fast backends are checked against).
+- ``TritonOps`` (``segformer_fast.engine.triton_backend``, the CUDA default): the fused Triton kernels.
+"""
+
+import dataclasses
+
+from segformer_fast.ops import cpu, extension, reference
+from segformer_fast.prepared.decoder_fold import FoldedDecodeHead
+from segformer_fast.prepared.weights import BlockParams, MixFFNParams, NormParams, SRAttentionParams
+
+#: The GEMM weights of each params dataclass, the ones ``TorchOps.prepare`` packs for oneDNN.
+_GEMM_WEIGHTS = {
+    SRAttentionParams: ("q_weight", "kv_weight", "o_weight", "sr_weight"),
+    MixFFNParams: ("fc1_weight", "fc2_weight"),
+}
+
+
+def _pack_gemm_weights(params):
+    """A copy of an SRAttentionParams / MixFFNParams with its GEMM weights packed (cpu.pack_linear_weight)."""
+    return dataclasses.replace(params, **{
+        name: cpu.pack_linear_weight(getattr(params, name)) for name in _GEMM_WEIGHTS[type(params)]
+    })
+
+
+class TorchOps:
+    """The prepared forward's steps on the CPU fast ops, with the extension's attention core and fused decode."""
+
+    name = "torch"
+
+    def prepare(self, stages: list, decoder: FoldedDecodeHead) -> tuple:
+        """The (stages, decoder) this backend runs on, made once from the prepared weights: on CPU every GEMM
+        weight packed for oneDNN (``cpu.pack_linear_weight``; weights it cannot pack stay as they are). The
+        prepared weights themselves are left unchanged (export and the Triton path read them)."""
+        packed_stages = [
+            dataclasses.replace(stage, blocks=[
+                BlockParams(block.norm1, _pack_gemm_weights(block.attn), block.norm2, _pack_gemm_weights(block.mlp))
+                for block in stage.blocks
+            ])
+            for stage in stages
+        ]
+        packed_decoder = dataclasses.replace(
+            decoder, weights=tuple(cpu.pack_linear_weight(weight) for weight in decoder.weights))
+        return packed_stages, packed_decoder
+
+    def patch_embed_norm(self, features, norm: NormParams):
+        """The patch-embed conv output (B, C, h, w), any layout -> LayerNorm-ed tokens (B, h*w, C)."""
+        return cpu.patch_embed_layer_norm(features, norm.weight, norm.bias, norm.eps)
+
+    def layer_norm(self, tokens, norm: NormParams):
+        """LayerNorm over the channels of tokens (B, N, C)."""
+        return cpu.layer_norm(tokens, norm.weight, norm.bias, norm.eps)
+
+    def attention(self, x_norm, residual, height, width, params: SRAttentionParams):
+        """residual + SR attention of the normalized tokens x_norm (B, h*w, C) on an h x w grid: q and the merged
+        k/v projections, the extension's attention kernel (``extension.kv_attention``), the output projection with
+        the residual add in its epilogue."""
+        q = cpu.linear(x_norm, params.q_weight, params.q_bias)
+        attended = extension.kv_attention(q, cpu.sr_kv(x_norm, height, width, params), params.num_heads)
+        return cpu.linear(attended, params.o_weight, params.o_bias, residual)
+
+    def mixffn(self, x_norm, residual, height, width, params: MixFFNParams):
+        """residual + Mix-FFN of the normalized tokens x_norm (B, h*w, C) on an h x w grid (fc2 with the residual
+        add in its epilogue)."""
+        return cpu.mixffn(x_norm, height, width, params, residual=residual)
+
+    def project(self, tokens, weight, batch, height, width):
+        """One stage's folded decoder projection: tokens (B, h*w, C_i) -> channels-last (B, h, w, D)."""
+        return cpu.project_stage(tokens, weight, batch, height, width)
+
+    def decode(self, projected, decoder: FoldedDecodeHead):
+        """The folded decode head's tail: the four projected stage maps (B, h_i, w_i, D) -> logits (B, K, h_1, w_1)
+        (bilinear upsampling to the stage-1 grid, sum, folded bias, ReLU, classifier: the extension's fused op)."""
+        return extension.fused_decode(*projected, decoder.bias, decoder.cls_weight, decoder.cls_bias)
+
+
+class EagerOps:
+    """The reference ops throughout (:mod:`segformer_fast.ops.reference`), the decoder's tail too."""
+
+    name = "eager"
+
+    def prepare(self, stages: list, decoder: FoldedDecodeHead) -> tuple:
+        """The prepared weights as they are (plain PyTorch GEMMs)."""
+        return stages, decoder
+
+    def patch_embed_norm(self, features, norm: NormParams):
+        return reference.patch_embed_layer_norm(features, norm.weight, norm.bias, norm.eps)
+
+    def layer_norm(self, tokens, norm: NormParams):
+        return reference.layer_norm(tokens, norm.weight, norm.bias, norm.eps)
+
+    def attention(self, x_norm, residual, height, width, params: SRAttentionParams):
+        return reference.sr_attention(x_norm, residual, height, width, params)
+
+    def mixffn(self, x_norm, residual, height, width, params: MixFFNParams):
+        return reference.mixffn(x_norm, height, width, params, residual=residual)
+
+    def project(self, tokens, weight, batch, height, width):
+        return reference.project_stage(tokens, weight, batch, height, width)
+
+    def decode(self, projected, decoder: FoldedDecodeHead):
+        return reference.fused_decode(*projected, decoder.bias, decoder.cls_weight, decoder.cls_bias)
