@@ -16,7 +16,7 @@ the patch-embed variant keeps at least 16 tokens per block, its contiguous axis,
 import triton
 import triton.language as tl
 
-from segformer_fast.ops import reference as torch_ops
+from segformer_fast.ops import reference
 from segformer_fast.prepared.weights import check_tensor
 
 from .common import Launch, check_compute_dtype, check_device, check_out, pick_launch, ref_dtype
@@ -139,17 +139,17 @@ def patch_embed_layer_norm(x, weight, bias, eps, out=None):
 
 
 def layer_norm_ref(x, weight, bias, eps, residual=None, upcast=True):
-    """``torch_ops.layer_norm`` in fp32 (fp64 inputs stay fp64) when ``upcast``, else in x's dtype.
+    """``reference.layer_norm`` in fp32 (fp64 inputs stay fp64) when ``upcast``, else in x's dtype.
 
     Returns y, or (y, s) with s = x + residual. With ``upcast`` the sum is not rounded to x's dtype.
     """
     dt = ref_dtype(x.dtype, upcast)
-    return torch_ops.layer_norm(x.to(dt), weight.to(dt), bias.to(dt), eps,
+    return reference.layer_norm(x.to(dt), weight.to(dt), bias.to(dt), eps,
                                 residual=None if residual is None else residual.to(dt))
 
 
 def patch_embed_layer_norm_ref(x, weight, bias, eps, upcast=True):
-    """``torch_ops.patch_embed_layer_norm`` ((B, C, H, W) -> LN over C of (B, H*W, C) tokens), in fp32 (fp64 stays
+    """``reference.patch_embed_layer_norm`` ((B, C, H, W) -> LN over C of (B, H*W, C) tokens), in fp32 (fp64 stays
     fp64) when ``upcast``, else in x's dtype."""
     dt = ref_dtype(x.dtype, upcast)
-    return torch_ops.patch_embed_layer_norm(x.to(dt), weight.to(dt), bias.to(dt), eps)
+    return reference.patch_embed_layer_norm(x.to(dt), weight.to(dt), bias.to(dt), eps)

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from segformer_fast.ops import reference as torch_ops
+from segformer_fast.ops import reference
 from segformer_fast.prepared.weights import check_tensor
 
 from .common import Launch, check_compute_dtype, check_device, check_out, mma, pick_launch, ref_dtype, upcast_dot
@@ -108,7 +108,7 @@ def linear_launch(M, N, K, dtype) -> Launch:
 
 
 def linear_ref(x, weight, bias, residual=None, upcast=True):
-    """``torch_ops.linear`` (``x Wᵀ + b (+ residual)``) in fp32 (fp64 inputs stay fp64) when ``upcast``, else in
+    """``reference.linear`` (``x Wᵀ + b (+ residual)``) in fp32 (fp64 inputs stay fp64) when ``upcast``, else in
     x's dtype."""
     dt = ref_dtype(x.dtype, upcast)
-    return torch_ops.linear(x.to(dt), weight.to(dt), bias.to(dt), None if residual is None else residual.to(dt))
+    return reference.linear(x.to(dt), weight.to(dt), bias.to(dt), None if residual is None else residual.to(dt))

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from segformer_fast.ops import reference as torch_ops
+from segformer_fast.ops import reference
 from segformer_fast.prepared.weights import MixFFNParams, check_tensor
 
 from .common import Launch, check_compute_dtype, check_device, check_out, mma, pick_launch, ref_dtype, upcast_dot
@@ -182,17 +182,17 @@ def mixffn(x_norm, H, W, params, residual=None, out=None):
 
 
 def dwconv_gelu_ref(h, H, W, dw_weight, dw_bias, upcast=True):
-    """``torch_ops.dwconv_gelu`` (the A operand ``mixffn_fc2`` computes on the fly) in fp32 (fp64 stays fp64) when
+    """``reference.dwconv_gelu`` (the A operand ``mixffn_fc2`` computes on the fly) in fp32 (fp64 stays fp64) when
     ``upcast``, else in h's dtype. h: (B, H*W, C4) -> (B, H*W, C4)."""
     dt = ref_dtype(h.dtype, upcast)
-    return torch_ops.dwconv_gelu(h.to(dt), H, W, dw_weight.to(dt), dw_bias.to(dt))
+    return reference.dwconv_gelu(h.to(dt), H, W, dw_weight.to(dt), dw_bias.to(dt))
 
 
 def mixffn_ref(x_norm, H, W, params, residual=None, upcast=True):
-    """``torch_ops.mixffn`` (fc1, depthwise conv, GELU, fc2, + residual) in fp32 (fp64 stays fp64) when ``upcast``,
+    """``reference.mixffn`` (fc1, depthwise conv, GELU, fc2, + residual) in fp32 (fp64 stays fp64) when ``upcast``,
     else in x's dtype."""
     dt = ref_dtype(x_norm.dtype, upcast)
-    return torch_ops.mixffn(x_norm.to(dt), H, W, params.to(dtype=dt),
+    return reference.mixffn(x_norm.to(dt), H, W, params.to(dtype=dt),
                             residual=None if residual is None else residual.to(dt))
 
 

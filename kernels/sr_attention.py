@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from segformer_fast.ops import reference as torch_ops
+from segformer_fast.ops import reference
 from segformer_fast.prepared.weights import check_tensor
 
 from .common import (
@@ -202,10 +202,10 @@ def sr_attention(x_norm, residual, H, W, params, out=None):
 
 
 def sr_attention_ref(x_norm, residual, H, W, params, upcast=True):
-    """``torch_ops.sr_attention`` in fp32 (fp64 inputs stay fp64) when ``upcast``, else in x_norm's dtype (the eager
+    """``reference.sr_attention`` in fp32 (fp64 inputs stay fp64) when ``upcast``, else in x_norm's dtype (the eager
     composition for the tolerance rule and the benchmark). Same arguments and shapes as ``sr_attention``."""
     dt = ref_dtype(x_norm.dtype, upcast)
-    return torch_ops.sr_attention(x_norm.to(dt), None if residual is None else residual.to(dt), H, W,
+    return reference.sr_attention(x_norm.to(dt), None if residual is None else residual.to(dt), H, W,
                                   params.to(dtype=dt))
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from segformer_fast.ops import reference as torch_ops
+from segformer_fast.ops import reference
 from segformer_fast.prepared.weights import SRAttentionParams, check_tensor
 
 from .common import (
@@ -272,10 +272,10 @@ def sr_kv_launches(B, NKV, C, R, dtype) -> list:
 
 
 def sr_kv_ref(x_norm, H, W, params, upcast=True):
-    """``torch_ops.sr_kv`` (patchify GEMM + SR LayerNorm + k/v projection) in fp32 (fp64 stays fp64) when
+    """``reference.sr_kv`` (patchify GEMM + SR LayerNorm + k/v projection) in fp32 (fp64 stays fp64) when
     ``upcast``, else in x_norm's dtype. Returns (B, Nkv, 2C)."""
     dt = ref_dtype(x_norm.dtype, upcast)
-    return torch_ops.sr_kv(x_norm.to(dt), H, W, params.to(dtype=dt))
+    return reference.sr_kv(x_norm.to(dt), H, W, params.to(dtype=dt))
 
 
 __all__ = ["MAX_SR_CHANNELS", "reduced_size", "sr_kv", "sr_kv_launches", "sr_kv_ref"]

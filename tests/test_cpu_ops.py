@@ -185,7 +185,7 @@ def _gemm_weights(stages, decoder) -> dict:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_ops_prepare_packs_gemm_weights_and_keeps_the_originals(dtype):
+def test_torch_backend_prepare_packs_gemm_weights_and_keeps_the_originals(dtype):
     model = Segformer.from_config("b0", num_labels=7, seed=3)
     engine = optimize(model, dtype=dtype, kernels="torch", verify=False)
     originals = _gemm_weights(engine.stages, engine.decoder)
