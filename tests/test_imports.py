@@ -30,16 +30,25 @@ BOTTOM_LAYER_ALLOWED = {
         "segformer_fast.config", "segformer_fast.runtime", "segformer_fast.fileio",
     },
 }
+#: The rooms at the top of the layering (docs/DESIGN.md section 2): the CLI may import anything; the jobs anything
+#: but the CLI; nothing else in the package imports either (``segformer_fast/__main__.py`` runs the CLI).
+TOP_ROOMS = ("segformer_fast.cli", "segformer_fast.jobs")
+TOP_ROOM_ENTRY_POINTS = {"segformer_fast.__main__": {"segformer_fast.cli"}}
 #: The only package modules the Triton kernels may import (besides segformer_fast.kernels.*).
 KERNELS_ALLOWED = {"segformer_fast.prepared", "segformer_fast.torch_ops", "segformer_fast.runtime"}
 
 
 def module_files(package_dirs: dict) -> dict:
-    """Module name -> .py file for every module of the packages (``__init__.py`` is the package itself)."""
+    """Module name -> .py file for every module of the packages and of their subpackages (folders with an
+    ``__init__.py``: the rooms); ``__init__.py`` is the package itself."""
     modules = {}
     for package, folder in package_dirs.items():
         for path in sorted(folder.glob("*.py")):
             modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for room in sorted(folder.iterdir()):
+            name = f"{package}.{room.name}"
+            if (room / "__init__.py").is_file() and name not in package_dirs:
+                modules.update(module_files({name: room}))
     return modules
 
 
@@ -244,3 +253,31 @@ def test_kernels_import_only_prepared_torch_ops_runtime(graph):
     }
     offenders = {module: targets for module, targets in offenders.items() if targets}
     assert not offenders, f"kernels may import only {sorted(KERNELS_ALLOWED)} from the package; found {offenders}"
+
+
+def _room(module: str) -> str | None:
+    return next((room for room in TOP_ROOMS if module == room or module.startswith(room + ".")), None)
+
+
+def test_rooms_are_found(graph):
+    for module in ("segformer_fast.cli", "segformer_fast.cli.segment", "segformer_fast.jobs",
+                   "segformer_fast.jobs.segment", "segformer_fast.jobs.ray_executor"):
+        assert module in graph, f"{module} not found: the checker must read the rooms (subpackages)"
+
+
+def test_jobs_never_import_the_cli(graph):
+    offenders = {module: sorted(t for t in targets if _room(t) == "segformer_fast.cli")
+                 for module, targets in graph.items() if _room(module) == "segformer_fast.jobs"}
+    offenders = {module: targets for module, targets in offenders.items() if targets}
+    assert not offenders, f"segformer_fast.jobs may not import the CLI: {offenders}"
+
+
+def test_lower_layers_never_import_the_top_rooms(graph):
+    offenders = {}
+    for module, targets in graph.items():
+        if _room(module) is not None:
+            continue
+        upward = {t for t in targets if _room(t) is not None} - TOP_ROOM_ENTRY_POINTS.get(module, set())
+        if upward:
+            offenders[module] = sorted(upward)
+    assert not offenders, f"only the CLI and the jobs may import {TOP_ROOMS}; found {offenders}"

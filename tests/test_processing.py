@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from segformer_fast.palettes import (
+from segformer_fast.jobs.palettes import (
     ADE20K_CLASSES,
     ADE20K_PALETTE,
     CITYSCAPES_CLASSES,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from segformer_fast import ops
 from segformer_fast.engine import optimize
-from segformer_fast.metrics import MetricAccumulator
+from segformer_fast.jobs.metrics import MetricAccumulator
 from segformer_fast.model import Segformer
 from segformer_fast.processing import output_size
 from segformer_fast.testing import assert_within_tolerance, max_abs_error, poison_

@@ -14,12 +14,13 @@ from test_eval import make_ade20k
 
 from segformer_fast import Segformer
 from segformer_fast.cli import main
-from segformer_fast.datasets import open_dataset
-from segformer_fast.evaluation import evaluate
 from segformer_fast.fileio import find_images
-from segformer_fast.predictors import make_predictor
-from segformer_fast.ray_segment import RaySegmentPredictor, evaluate_with_ray, pool_arguments, segment_with_ray
-from segformer_fast.scaleout import MANIFEST_NAME, SegmentSettings, read_manifest
+from segformer_fast.jobs.datasets import open_dataset
+from segformer_fast.jobs.evaluate import evaluate
+from segformer_fast.jobs.manifest import MANIFEST_NAME, read_manifest
+from segformer_fast.jobs.predictors import make_predictor
+from segformer_fast.jobs.ray_executor import RaySegmentPredictor, evaluate_with_ray, pool_arguments, segment_with_ray
+from segformer_fast.jobs.settings import SegmentSettings
 
 SIZE = ["--size", "64", "64"]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -102,7 +103,8 @@ def test_ray_segment_equals_single_process_and_resumes(ray_session, checkpoint, 
                  "--workers", "2", "--batch-size", "4", "--quiet"])
     captured = capsys.readouterr()
     assert code == 1, "a failed image must make the exit code 1"
-    assert "segmented 18 of 20 images" in captured.err and "images/s" in captured.err
+    assert "segmented 18 of 20 images" in captured.out and "images/s" in captured.out, "the words of a plain run"
+    assert "2 images failed:" in captured.err
     _assert_same_outputs(out, single_process_output)
 
     records = _manifest_lines(out)
@@ -112,7 +114,7 @@ def test_ray_segment_equals_single_process_and_resumes(ray_session, checkpoint, 
     assert set(failed) == {"truncated.jpg", "notes.png"}
     assert all("cannot read image" in r["error"] for r in failed.values())
     for record in records:
-        assert set(record) == {"input", "output", "status", "error", "worker", "seconds"}
+        assert set(record) == {"input", "output", "status", "error", "worker", "seconds", "settings"}
         assert record["seconds"] >= 0 and record["worker"]
         if record["status"] == "ok":
             assert record["error"] is None and Path(record["output"]).is_file()
@@ -205,7 +207,7 @@ def test_torchrun_segment_and_eval_equal_single_process(checkpoint, mixed_folder
     result = _torchrun(["segment", str(mixed_folder), "--model", str(checkpoint), "--out", str(out), *SIZE,
                         "--device", "cpu", "--batch-size", "3", "--quiet"], tmp_path)
     assert result.returncode != 0, "the broken inputs must make the exit code non-zero"
-    assert result.stderr.count("segmented 18 of 20 images") == 1, result.stderr[-3000:]
+    assert result.stdout.count("segmented 18 of 20 images") == 1, result.stdout[-3000:] + result.stderr[-3000:]
     _assert_same_outputs(out, single_process_output)
     records = _manifest_lines(out)
     assert len(records) == 20 and len({r["input"] for r in records}) == 20, "sharded without duplicates"
@@ -233,7 +235,7 @@ def test_missing_ray_names_the_extra(checkpoint, mixed_folder, tmp_path, monkeyp
 
 
 def test_package_imports_without_ray():
-    code = "import sys, segformer_fast, segformer_fast.cli, segformer_fast.ray_segment; print('ray' in sys.modules)"
+    code = "import sys, segformer_fast, segformer_fast.cli, segformer_fast.jobs; print('ray' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 

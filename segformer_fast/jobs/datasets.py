@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .fileio import load_image
+from ..fileio import load_image
 from .metrics import cityscapes_label_table, reduce_zero_label
 from .palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES
 

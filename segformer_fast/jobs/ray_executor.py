@@ -1,45 +1,49 @@
-"""Segmentation and evaluation of image collections on a Ray cluster with Ray Data.
+"""The Ray Data executor: the segment and eval jobs on a Ray cluster.
 
-The inputs become a Ray Dataset of paths, mapped with ``map_batches`` by a pool of actors
-(:class:`RaySegmentPredictor`, :class:`RayEvalPredictor`), each building its engine once. Decoding happens in the
-actors, so every path only has to be readable there (a shared or object-store file system mounted at the same
-path). Ray Data restarts an actor whose process dies and retries the batches it held (its actor pools set
-``max_restarts`` and ``max_task_retries`` to -1, without limit); outputs are renamed into place only once complete,
-so a retried batch rewrites whole files and none is ever half-written. The driver
-streams the records back, appends them to the manifest and advances the progress bar (see ``scaleout``).
+The plan's items become a Ray Dataset, mapped with ``map_batches`` by a pool of actors (:class:`RaySegmentPredictor`,
+:class:`RayEvalPredictor`), each building its worker once. Decoding happens in the actors, so every path only has
+to be readable there (a shared or object-store file system mounted at the same path; a relative ``--model`` is made
+absolute as the inputs are). Ray Data restarts an actor whose process dies and retries the batches it held;
+outputs are renamed into place only once complete, so a retried batch rewrites whole files and none is ever
+half-written. The driver streams the records back and records them as every executor does (``segment``).
 
-ray is an optional extra (``pip install segformer-fast[scaleout]``), imported when a job starts.
+Before any work the session refuses what would hang: an address where nothing answers (one line, within seconds),
+and workers asking for more GPUs or CPUs than any node of the cluster has. An error inside the workers ends the job
+with its first line, not Ray's tracebacks. ray is an optional extra (``pip install segformer-fast[scaleout]``),
+imported when a job starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
+import socket
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .datasets import Sample
-from .evaluation import build_report
+from .evaluate import EvalWorker, build_report, score_sample
 from .metrics import MetricAccumulator
-from .model import Segformer
-from .predictors import make_predictor
-from .runtime import parse_dtype
-from .scaleout import (
-    COUNT_FIELDS,
-    ImageSegmenter,
-    SegmentSettings,
-    SegmentSummary,
-    add_counts,
-    import_ray,
-    plan_segment,
-    progress_bar,
-    record_results,
-    score_sample,
-    set_threads,
-    worker_name,
-)
+from .segment import Interrupted, SegmentSummary, SegmentWorker, plan_segment, progress_bar, record_results
+from .settings import SegmentSettings, set_threads, worker_name
+
+INSTALL_HINT = "pip install segformer-fast[scaleout]"
+#: Seconds to wait for a TCP connection to a cluster address before calling it unreachable.
+CONNECT_TIMEOUT_S = 10
+
+
+def import_ray():
+    """The ``ray`` module with Ray Data; ImportError naming the extra to install when it is missing."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (Ray Data is a separate part of the ray package)
+    except ImportError as error:
+        raise ImportError(f"scaling out with Ray needs ray with Ray Data: {INSTALL_HINT} "
+                          f"(or pip install 'ray[data]'); import failed: {error}") from None
+    return ray
 
 
 def _device_for_worker(use_gpu: bool) -> str:
@@ -47,47 +51,39 @@ def _device_for_worker(use_gpu: bool) -> str:
 
 
 class RaySegmentPredictor:
-    """The ``map_batches`` callable class: one engine per actor; a batch of paths in, manifest records out.
-
-    batch: {"input", "labels", "overlay"} arrays of strings. Returns the records as columns.
-    """
+    """The ``map_batches`` callable class: one ``SegmentWorker`` per actor; a batch of items in, records out (as
+    columns; ``notes`` joined by newlines)."""
 
     def __init__(self, settings: SegmentSettings, use_gpu: bool, cpus: float):
         set_threads(cpus)
-        self.segmenter = ImageSegmenter(settings, _device_for_worker(use_gpu), worker_name())
+        self.worker = SegmentWorker(settings, _device_for_worker(use_gpu), worker_name())
 
     def __call__(self, batch: dict) -> dict:
-        items = list(zip(batch["input"].tolist(), batch["labels"].tolist(), batch["overlay"].tolist()))
-        records = self.segmenter.segment_files(items)
-        columns = {key: [record[key] for record in records] for key in ("input", "output", "status", "worker")}
-        columns["error"] = [record["error"] or "" for record in records]
-        columns["seconds"] = [record["seconds"] for record in records]
-        return {key: np.asarray(values) for key, values in columns.items()}
+        columns = [key for key in batch if key != "input"]
+        items = [{"input": source, **{key: str(batch[key][row]) for key in columns}}
+                 for row, source in enumerate(batch["input"].tolist())]
+        records = self.worker.segment_files(items)
+        out = {key: np.asarray([record[key] for record in records]) for key in ("input", "output", "status", "worker")}
+        out["error"] = np.asarray([record["error"] or "" for record in records])
+        out["notes"] = np.asarray(["\n".join(record["notes"]) for record in records])
+        out["seconds"] = np.asarray([record["seconds"] for record in records])
+        return out
 
 
 class RayEvalPredictor:
-    """The ``map_batches`` callable class for evaluation: one predictor per actor; a batch of (image, annotation)
-    paths in, one row of summed ``MetricAccumulator`` counts out.
-
-    dataset: the ``SegmentationDataset`` (without its samples) whose label loading applies (reduce_zero_label,
-    Cityscapes trainIds)."""
+    """The ``map_batches`` callable class for evaluation: one ``EvalWorker`` per actor; a batch of (image,
+    annotation) paths in, one row of summed ``MetricAccumulator`` counts out."""
 
     def __init__(self, settings: SegmentSettings, dataset, use_gpu: bool, cpus: float):
         set_threads(cpus)
-        device = _device_for_worker(use_gpu)
-        model = Segformer.from_pretrained(settings.model).to(device=device).eval()
-        self.dataset = dataset
-        self.num_classes = model.config.num_labels
-        options = {"crop": settings.crop, "stride": settings.stride} if settings.mode == "slide" else {}
-        self.predict = make_predictor(model, settings.engine, settings.mode, resize=settings.resize(), device=device,
-                                      dtype=parse_dtype(settings.dtype), **options)
+        self.worker = EvalWorker(settings, dataset, _device_for_worker(use_gpu))
 
     def __call__(self, batch: dict) -> dict:
-        accumulator = MetricAccumulator(self.num_classes)
+        accumulator = MetricAccumulator(self.worker.num_classes)
         for image_path, label_path in zip(batch["image"].tolist(), batch["label"].tolist()):
-            counts = score_sample(self.predict, self.dataset, Sample(Path(image_path), Path(label_path)))
-            add_counts(accumulator, counts)
-        return {field: np.asarray([getattr(accumulator, field)]) for field in COUNT_FIELDS}
+            score_sample(self.worker.predict, self.worker.dataset, Sample(Path(image_path), Path(label_path)),
+                         accumulator)
+        return {field: np.asarray([value]) for field, value in accumulator.counts().items()}
 
 
 def pool_arguments(map_batches, workers: int) -> dict:
@@ -103,9 +99,25 @@ def pool_arguments(map_batches, workers: int) -> dict:
     return {"compute": ActorPoolStrategy(min_size=workers, max_size=workers)}
 
 
+def _check_reachable(address: str | None) -> None:
+    """ValueError within seconds when nothing answers at a "host:port" or "ray://host:port" address (Ray itself
+    retries for minutes)."""
+    if not address or address == "auto" or address == "local":
+        return
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--ray {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(f"cannot reach the Ray cluster at {address}: {reason}") from None
+
+
 class _RaySession:
     """Connects to the cluster at ``address`` ("auto", "host:port", "ray://host:port") or starts a local one
-    (address None or ""); leaves an already initialized Ray as it is, and shuts down only what it started."""
+    (address None, "" or "local"); leaves an already initialized Ray as it is, and shuts down only what it started."""
 
     def __init__(self, address: str | None):
         self.ray = import_ray()
@@ -114,11 +126,14 @@ class _RaySession:
 
     def __enter__(self):
         if not self.ray.is_initialized():
+            _check_reachable(self.address)
             try:
-                self.ray.init(address=self.address, logging_level="WARNING", log_to_driver=True)
+                self.ray.init(address=self.address, logging_level="ERROR", log_to_driver=False,
+                              configure_logging=True)
             except ConnectionError as error:
                 raise ValueError(f"cannot connect to the Ray cluster at {self.address}: {error}") from None
             self.started = True
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         context = self.ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # ours counts images from the records instead
         return self.ray
@@ -139,11 +154,46 @@ def _check_pool(workers: int, batch_size: int, gpus_per_worker, cpus_per_worker:
         raise ValueError(f"cpus_per_worker must be a number > 0, got {cpus_per_worker!r}")
 
 
-def _gpus(ray, gpus_per_worker) -> float:
-    """GPUs per actor: as given, else 1 where the cluster has GPUs and 0 where it has none."""
-    if gpus_per_worker is not None:
-        return float(gpus_per_worker)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+def _resources(ray, gpus_per_worker, cpus_per_worker: float) -> float:
+    """GPUs per actor (as given, else 1 where the cluster has GPUs and 0 where it has none), after refusing a
+    request that no node can meet (Ray would wait for such a node forever)."""
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive", True)]
+    most_gpus = max((node.get("GPU", 0) for node in nodes), default=0)
+    most_cpus = max((node.get("CPU", 0) for node in nodes), default=0)
+    gpus = float(gpus_per_worker) if gpus_per_worker is not None else (1.0 if most_gpus > 0 else 0.0)
+    if gpus > most_gpus:
+        has = f"at most {most_gpus:g} GPUs on a node" if most_gpus else "no GPUs"
+        raise ValueError(f"--gpus-per-worker {gpus:g}: the Ray cluster has {has}; use --gpus-per-worker 0 (CPU "
+                         "workers) or a cluster with GPUs")
+    if cpus_per_worker > most_cpus:
+        raise ValueError(f"--cpus-per-worker {cpus_per_worker:g}: the Ray cluster has at most {most_cpus:g} CPUs "
+                         "on a node")
+    return gpus
+
+
+def _first_cause(error: BaseException) -> BaseException:
+    """The user-code exception inside Ray's wrappers (RayTaskError's ``cause``, ``__cause__`` chains)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    return error
+
+
+def _stream(rows):
+    """Rows of a Ray Dataset; an error in the workers becomes one ValueError with the first line of its cause."""
+    try:
+        yield from rows
+    except (KeyboardInterrupt, GeneratorExit):
+        raise
+    except Exception as error:
+        cause = _first_cause(error)
+        text = str(cause).strip().splitlines()
+        message = text[-1] if text and type(cause).__module__.startswith("ray") else (text[0] if text else "")
+        raise ValueError(f"the Ray workers failed: {type(cause).__name__}: {message}") from None
 
 
 def _map(ray, rows: list, predictor_class, constructor_kwargs: dict, *, workers, batch_size, gpus, cpus):
@@ -164,12 +214,15 @@ def segment_with_ray(
     batch_size: int = 4,
     address: str | None = None,
     retry_failed: bool = False,
+    skip_existing: bool = False,
     progress: bool = True,
+    on_plan=None,
     predictor_class=RaySegmentPredictor,
 ) -> SegmentSummary:
     """Segment image files (a path, a folder searched recursively, or a list of them) with a pool of ``workers``
-    Ray actors, writing ``<name>_labels.png`` (and ``_overlay.png`` with ``settings.overlay``) under ``out_dir`` as
-    ``segformer-fast segment`` names them, and the manifest beside them; finished images of earlier runs are skipped.
+    Ray actors, writing ``settings.kinds`` under ``out_dir`` as ``segformer-fast segment`` names them, and the
+    manifest beside them; finished images of earlier runs are skipped (``segment.plan_segment``; ``on_plan(plan)``
+    is called before the work).
 
     Each actor holds one engine, ``gpus_per_worker`` GPUs (default: 1 where the cluster has GPUs, else 0) and
     ``cpus_per_worker`` CPUs (its torch threads); ``batch_size`` images go to an actor at a time. ``address``: a
@@ -178,20 +231,28 @@ def segment_with_ray(
     """
     _check_pool(workers, batch_size, gpus_per_worker, cpus_per_worker)
     import_ray()
-    plan = plan_segment(inputs, out_dir, settings.overlay, retry_failed)
+    settings = settings.resolved()
+    plan = plan_segment(inputs, out_dir, settings, retry_failed=retry_failed, skip_existing=skip_existing)
+    if on_plan is not None:
+        on_plan(plan)
     start = time.perf_counter()
     if not plan.todo:
-        return record_results(plan, [], progress, workers, start)
-    with _RaySession(address) as ray:
-        gpus = _gpus(ray, gpus_per_worker)
-        rows = [{"input": source, "labels": labels, "overlay": overlay} for source, labels, overlay in plan.todo]
-        results = _map(ray, rows, predictor_class, {"settings": settings, "use_gpu": gpus > 0,
-                                                    "cpus": cpus_per_worker},
-                       workers=workers, batch_size=batch_size, gpus=gpus, cpus=cpus_per_worker)
-        records = ({"input": row["input"], "output": row["output"], "status": row["status"],
-                    "error": row["error"] or None, "worker": row["worker"], "seconds": float(row["seconds"])}
-                   for row in results.iter_rows())
-        return record_results(plan, records, progress, workers, start)
+        return record_results(plan, [], progress=progress, workers=workers, start=start)
+    try:
+        with _RaySession(address) as ray:
+            gpus = _resources(ray, gpus_per_worker, cpus_per_worker)
+            kinds = settings.kinds
+            rows = [{"input": item["input"], **{kind: item[kind] for kind in kinds}} for item in plan.todo]
+            results = _map(ray, rows, predictor_class, {"settings": settings, "use_gpu": gpus > 0,
+                                                        "cpus": cpus_per_worker},
+                           workers=workers, batch_size=batch_size, gpus=gpus, cpus=cpus_per_worker)
+            records = ({"input": row["input"], "output": row["output"], "status": row["status"],
+                        "error": row["error"] or None, "worker": row["worker"], "seconds": float(row["seconds"]),
+                        "notes": [note for note in str(row["notes"]).split("\n") if note]}
+                       for row in _stream(results.iter_rows()))
+            return record_results(plan, records, progress=progress, workers=workers, start=start)
+    except KeyboardInterrupt:  # while Ray started or shut down
+        raise Interrupted(plan.done_before, len(plan.images)) from None
 
 
 def evaluate_with_ray(
@@ -205,27 +266,28 @@ def evaluate_with_ray(
     address: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """``evaluation.evaluate`` on a Ray actor pool: each batch's counts are computed in a worker and summed here.
+    """``evaluate.evaluate`` on a Ray actor pool: each batch's counts are computed in a worker and merged here.
     Returns the same report (``build_report``) as a single process, with exactly the same numbers."""
     _check_pool(workers, batch_size, gpus_per_worker, cpus_per_worker)
     if len(dataset) == 0:
         raise ValueError(f"no images to evaluate in {dataset.root}")
     import_ray()
+    settings = settings.resolved()
     total = MetricAccumulator(dataset.num_classes)
-    with _RaySession(address) as ray:
-        gpus = _gpus(ray, gpus_per_worker)
-        rows = [{"image": str(sample.image), "label": str(sample.label)} for sample in dataset.samples]
-        loader = dataclasses.replace(dataset, samples=[])
-        results = _map(ray, rows, RayEvalPredictor, {"settings": settings, "dataset": loader, "use_gpu": gpus > 0,
-                                                     "cpus": cpus_per_worker},
-                       workers=workers, batch_size=batch_size, gpus=gpus, cpus=cpus_per_worker)
-        bar = progress_bar(len(dataset), progress, "eval")
-        try:
-            for row in results.iter_rows():
-                add_counts(total, row)
+    bar = progress_bar(len(dataset), progress, "eval")
+    try:
+        with _RaySession(address) as ray:
+            gpus = _resources(ray, gpus_per_worker, cpus_per_worker)
+            rows = [{"image": str(sample.image), "label": str(sample.label)} for sample in dataset.samples]
+            loader = dataclasses.replace(dataset, samples=[])
+            results = _map(ray, rows, RayEvalPredictor, {"settings": settings, "dataset": loader,
+                                                         "use_gpu": gpus > 0, "cpus": cpus_per_worker},
+                           workers=workers, batch_size=batch_size, gpus=gpus, cpus=cpus_per_worker)
+            for row in _stream(results.iter_rows()):
+                total.merge(row)
                 bar.update(int(row["num_images"]))
-        finally:
-            bar.close()
+    except KeyboardInterrupt:
+        raise Interrupted(total.num_images, len(dataset), resumable=False) from None
+    finally:
+        bar.close()
     return build_report(total.compute(), dataset)
-
-
