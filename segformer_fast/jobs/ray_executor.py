@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import re
 import socket
 import time
 from pathlib import Path
@@ -133,7 +134,7 @@ class _RaySession:
             except ConnectionError as error:
                 raise ValueError(f"cannot connect to the Ray cluster at {self.address}: {error}") from None
             self.started = True
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # a worker's error is reported once, by us
         context = self.ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # ours counts images from the records instead
         return self.ray
@@ -171,29 +172,29 @@ def _resources(ray, gpus_per_worker, cpus_per_worker: float) -> float:
     return gpus
 
 
-def _first_cause(error: BaseException) -> BaseException:
-    """The user-code exception inside Ray's wrappers (RayTaskError's ``cause``, ``__cause__`` chains)."""
-    seen = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        inner = getattr(error, "cause", None) or error.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        error = inner
-    return error
+#: A line of a traceback that states an exception: "ValueError: message" (module-qualified names too).
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): (.*)$")
+
+
+def _worker_error(error: BaseException) -> str:
+    """``Type: message`` of the error a worker raised, out of Ray's wrappers: the first exception stated in the
+    traceback text Ray carries back that is not one of Ray's own (its cause chain does not survive the trip)."""
+    for line in str(error).splitlines():
+        raised = _RAISED.match(line.strip())
+        if raised and not raised.group(1).startswith("ray."):
+            return f"{raised.group(1).rsplit('.', 1)[-1]}: {raised.group(2)}"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"
 
 
 def _stream(rows):
-    """Rows of a Ray Dataset; an error in the workers becomes one ValueError with the first line of its cause."""
+    """Rows of a Ray Dataset; an error in the workers becomes one ValueError naming it."""
     try:
         yield from rows
     except (KeyboardInterrupt, GeneratorExit):
         raise
     except Exception as error:
-        cause = _first_cause(error)
-        text = str(cause).strip().splitlines()
-        message = text[-1] if text and type(cause).__module__.startswith("ray") else (text[0] if text else "")
-        raise ValueError(f"the Ray workers failed: {type(cause).__name__}: {message}") from None
+        raise ValueError(f"the Ray workers failed: {_worker_error(error)}") from None
 
 
 def _map(ray, rows: list, predictor_class, constructor_kwargs: dict, *, workers, batch_size, gpus, cpus):
