@@ -240,3 +240,27 @@ def test_class_count_reads_the_config_only(checkpoint, tmp_path):
     (folder / "config.json").write_text((checkpoint / "config.json").read_text())
     assert checkpoint_num_labels(folder) == 150, "a folder's class count comes from config.json, weights unread"
     assert checkpoint_num_labels(checkpoint / "model.safetensors") == 150, "a .safetensors header is enough"
+
+
+def test_ctrl_c_during_export_is_one_line(tmp_path, monkeypatch, capsys, checkpoint):
+    from segformer_fast.cli import export as export_verb
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_verb, "export_onnx", interrupted)
+    assert main(["export", "--model", str(checkpoint), "--onnx", str(tmp_path / "b0.onnx")]) == 130
+    assert capsys.readouterr().err == "segformer-fast: interrupted\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_checks_both_paths_and_labels_before_the_work(tmp_path, capsys, checkpoint):
+    (tmp_path / "taken").write_text("a file")
+    for argv, message in (
+        (["--onnx", str(tmp_path / "a.onnx"), "--pt2", str(tmp_path / "taken" / "x.pt2")], "is a file"),
+        (["--pt2", str(tmp_path / "b.pt2"), "--labels"], "--labels applies to --onnx only"),
+    ):
+        assert main(["export", "--model", str(tmp_path / "no-such-ckpt"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "no-such-ckpt" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

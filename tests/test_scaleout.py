@@ -309,7 +309,7 @@ def test_every_executor_reports_in_the_same_words(ray_session, checkpoint, tmp_p
     assert (tmp_path / "ray" / MANIFEST_NAME).read_text().count("\n") == 4
 
 
-def test_ray_skip_existing_after_a_plain_run_redoes_nothing(ray_session, checkpoint, tmp_path, capsys):
+def test_ray_skip_existing_after_a_plain_run_redoes_nothing(ray_session, checkpoint, tmp_path, capsys, monkeypatch):
     images = tmp_path / "in"
     _write_images(images, 4, seed=22)
     out = tmp_path / "out"
@@ -324,6 +324,14 @@ def test_ray_skip_existing_after_a_plain_run_redoes_nothing(ray_session, checkpo
     printed = capsys.readouterr().out
     assert "removed 1 temporary file" in printed and f"segmented 0 of 4 images into {out} (4 already done)" in printed
     assert not stale.exists() and {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamps
+    # a plain run's manifest: a Ray re-run (the checkpoint given by a relative path this time) resumes from it
+    assert main(["segment", str(images), "--model", str(checkpoint), "--out", str(tmp_path / "again"), *SIZE,
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(checkpoint.parent)
+    assert main(["segment", str(images), "--model", checkpoint.name, "--out", str(tmp_path / "again"), *SIZE,
+                 "--quiet", "--ray"]) == 0
+    assert "(4 already done)" in capsys.readouterr().out
 
 
 def test_relative_model_path_under_ray(ray_session, checkpoint, tmp_path, monkeypatch, capsys):

@@ -13,7 +13,7 @@ import re
 import sys
 
 from .. import __version__
-from ..jobs.settings import Interrupted
+from ..jobs.settings import Interrupted, torchrun_world
 from . import evaluate, export, info, init, segment
 
 DESCRIPTION = (
@@ -67,11 +67,10 @@ def main(argv=None) -> int:
     args = _parse(parser, argv)
     try:
         return args.func(args)
-    except Interrupted as stop:
-        print(f"segformer-fast: {stop}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("segformer-fast: interrupted", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as stop:  # Ctrl-C: one line (from torchrun's rank 0 only), no traceback
+        world = torchrun_world()
+        if world is None or world[0] == 0:
+            print(f"segformer-fast: {stop if isinstance(stop, Interrupted) else 'interrupted'}", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError, ImportError) as error:
         print(f"segformer-fast: {_message(error)}", file=sys.stderr)

@@ -98,7 +98,7 @@ def settings_from_args(args) -> SegmentSettings:
                            short_side=resize.get("short_side"), max_long_side=resize.get("max_long_side"),
                            mode=args.mode, crop=tuple(args.crop) if args.crop else None,
                            stride=tuple(args.stride) if args.stride else None, alpha=args.alpha,
-                           outputs=parse_outputs(args.outputs))
+                           outputs=parse_outputs(args.outputs)).resolved()  # the same records for every executor
 
 
 def print_plan(plan) -> None:
