@@ -4,6 +4,7 @@ process, one image at a time, with a progress bar of each image's sliding window
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -40,7 +41,7 @@ def segment_in_process(plan: SegmentPlan, settings: SegmentSettings, *, device="
             return
         worker = SegmentWorker(settings, device, worker_name())
         for item in plan.todo:
-            windows = _WindowProgress(item["input"].rsplit("/", 1)[-1]) if progress else None
+            windows = _WindowProgress(Path(item["input"]).name) if progress else None
             try:
                 yield from worker.segment_files([item], progress=windows)
             finally:

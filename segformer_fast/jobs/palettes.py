@@ -159,10 +159,14 @@ def overlay(
     # per pixel in bands of rows: the same values as blending in float64, without image-sized float64 arrays
     values = np.arange(256, dtype=np.float64)
     table = np.clip(np.rint((1.0 - alpha) * values[:, None] + alpha * values[None, :]), 0, 255).astype(np.uint8)
+    table = table.reshape(-1)  # indexed by image value * 256 + color value
     pixels = np.asarray(to_rgb(image), dtype=np.uint8)
     blended = np.empty_like(pixels)
     rows = max(1, (1 << 20) // max(1, image.width))
     for top in range(0, image.height, rows):
         band = slice(top, top + rows)
-        blended[band] = table[pixels[band], colors[label_array[band]]]
+        index = pixels[band].astype(np.uint16)
+        index <<= 8
+        index |= colors[label_array[band]]
+        blended[band] = table.take(index)
     return Image.fromarray(blended, "RGB")

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ..fileio import check_output_folder, find_images, load_image, remove_stale_temporaries
-from ..inference import resolve_window, segment_images
+from ..inference import segment_images
 from ..model import Segformer
 from ..runtime import parse_dtype
 from .manifest import MANIFEST_NAME, ManifestWriter, read_manifest
@@ -136,7 +136,6 @@ class SegmentWorker:
         self.worker = worker
         self.device = torch.device(device)
         self.dtype = parse_dtype(settings.dtype)
-        self.crop, self.stride = resolve_window(settings.crop, settings.stride)
         model = Segformer.from_pretrained(settings.model).to(device=self.device)
         self.num_labels = model.config.num_labels
         self.palette = palette_for(self.num_labels)
@@ -153,7 +152,8 @@ class SegmentWorker:
         with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             labels = segment_images(images, self.forward, num_labels=self.num_labels, device=self.device,
-                                    dtype=self.dtype, mode=self.settings.mode, crop=self.crop, stride=self.stride,
+                                    dtype=self.dtype, mode=self.settings.mode, crop=self.settings.crop,
+                                    stride=self.settings.stride,
                                     whole_labels=self.whole_labels, progress=progress, on_auto_choice=say_choice,
                                     **self.settings.resize())
         notes.extend(str(warning.message) for warning in caught)
