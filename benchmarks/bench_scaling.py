@@ -34,8 +34,7 @@ from PIL import Image
 from segformer_fast import Segformer
 from segformer_fast.cli import main as segment_cli
 from segformer_fast.core.fileio import atomic_write_text
-from segformer_fast.ray_segment import segment_with_ray
-from segformer_fast.scaleout import SegmentSettings
+from segformer_fast.jobs import SegmentSettings, segment_with_ray
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

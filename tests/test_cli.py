@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from segformer_fast import Segformer, cli, postprocess, preprocess
+from segformer_fast import Segformer, postprocess, preprocess
+from segformer_fast.cli import common as cli_common
 from segformer_fast.cli import main
 from segformer_fast.core.fileio import load_image
-from segformer_fast.palettes import overlay, palette_for
+from segformer_fast.jobs.palettes import overlay, palette_for
 
 
 @pytest.fixture(scope="module")
@@ -412,7 +413,7 @@ def test_help_is_plain_text_and_version_is_shown(capsys):
 @pytest.mark.parametrize("fast_bf16", [True, False])
 def test_half_precision_on_cpu_gets_a_note(checkpoint, tmp_path, capsys, monkeypatch, fast_bf16):
     """fp16 on a CPU always gets the note; bf16 only where the CPU has no native bf16."""
-    monkeypatch.setattr(cli, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(cli_common, "cpu_has_fast_bf16", lambda: fast_bf16)
     _write_image(tmp_path / "a.png")
     assert main(["segment", str(tmp_path / "a.png"), "--model", str(checkpoint), "--out", str(tmp_path / "out"),
                  "--size", "32", "32", "--engine", "reference", "--dtype", "fp16", "--device", "cpu",

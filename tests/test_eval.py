@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segformer_fast.cli import add_eval_arguments, cmd_eval, resize_from_args
-from segformer_fast.datasets import ade20k_dataset, cityscapes_dataset, open_dataset
-from segformer_fast.evaluation import compare, evaluate, write_report
-from segformer_fast.metrics import CITYSCAPES_LABEL_TO_TRAIN_ID, MetricAccumulator, reduce_zero_label
-from segformer_fast.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES
-from segformer_fast.predictors import make_predictor
+from segformer_fast.cli.evaluate import add_eval_arguments, resize_from_args
+from segformer_fast.cli.evaluate import run as cmd_eval
+from segformer_fast.jobs.datasets import ade20k_dataset, cityscapes_dataset, open_dataset
+from segformer_fast.jobs.evaluate import compare, evaluate, write_report
+from segformer_fast.jobs.metrics import CITYSCAPES_LABEL_TO_TRAIN_ID, MetricAccumulator, reduce_zero_label
+from segformer_fast.jobs.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES
+from segformer_fast.jobs.predictors import make_predictor
 
 # ------------------------------------------------------------------------------------------------ known metrics
 

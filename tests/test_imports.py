@@ -29,7 +29,13 @@ ROOMS_BELOW = {
     "inference": {"core", "model", "ops", "inference"},
     "engine": {"core", "model", "prepared", "ops", "kernels", "inference", "engine"},
     "export": {"core", "model", "prepared", "ops", "inference", "engine", "export"},
+    "jobs": {"core", "model", "prepared", "ops", "inference", "engine", "export", "jobs"},
+    "serve": {"core", "model", "prepared", "ops", "inference", "engine", "export", "jobs", "serve"},
+    "cli": {"core", "model", "prepared", "ops", "inference", "engine", "export", "jobs", "serve", "cli"},
 }
+#: The rooms the package's top level (``__init__``) never imports; ``__main__`` runs the CLI.
+TOP_ROOMS = ("jobs", "serve", "cli")
+ENTRY_POINTS = {"segformer_fast.__main__": ("segformer_fast.cli",)}
 #: The only package modules the Triton kernels may import (besides segformer_fast.kernels.*).
 KERNELS_ALLOWED = {"segformer_fast.prepared.weights", "segformer_fast.ops.reference", "segformer_fast.core.runtime"}
 #: The one module that imports the Triton kernels (triton is optional; the engine imports it lazily).
@@ -238,7 +244,8 @@ def graph():
 def test_package_modules_are_found(graph):
     for module in ("segformer_fast", "segformer_fast.engine.engine", "segformer_fast.kernels",
                    "segformer_fast.kernels.sr_attention", "segformer_fast.core.runtime",
-                   "segformer_fast.ops.reference"):
+                   "segformer_fast.ops.reference", "segformer_fast.cli", "segformer_fast.cli.segment",
+                   "segformer_fast.jobs.segment", "segformer_fast.jobs.ray_executor"):
         assert module in graph, f"{module} not found under {sorted(map(str, PACKAGE_DIRS.values()))}"
 
 
@@ -281,3 +288,12 @@ def test_no_module_is_longer_than_the_limit():
                     for path in module_files(PACKAGE_DIRS).values()}
     long_modules = {path: lines for path, lines in long_modules.items() if lines > MAX_MODULE_LINES}
     assert not long_modules, f"modules over {MAX_MODULE_LINES} lines: {long_modules}"
+
+
+def test_the_package_top_level_imports_no_job_service_or_cli(graph):
+    """``segformer_fast/__init__.py`` (the public API) stays below the jobs, the service and the CLI; only
+    ``__main__`` runs the CLI."""
+    offenders = {module: sorted(t for t in targets if room_of(t) in TOP_ROOMS and t not in ENTRY_POINTS.get(module, ()))
+                 for module, targets in graph.items() if room_of(module) is None}
+    offenders = {module: targets for module, targets in offenders.items() if targets}
+    assert not offenders, f"the package's top level imports {offenders}"

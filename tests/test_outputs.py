@@ -1,4 +1,4 @@
-"""Output naming, label / overlay PNGs and the per-image segment loop of segformer_fast.outputs."""
+"""Output naming, the output kinds, label / overlay files and the writability check of segformer_fast.jobs.outputs."""
 
 from pathlib import Path
 
@@ -6,17 +6,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segformer_fast.core.fileio import load_image
-from segformer_fast.outputs import (
+from segformer_fast.core.fileio import check_can_create, load_image
+from segformer_fast.jobs.outputs import (
     describe_error,
     label_paths,
+    output_paths,
     output_stem,
     outputs_exist,
+    parse_outputs,
     save_label_png,
     save_overlay_png,
-    segment_files,
+    write_outputs,
 )
-from segformer_fast.palettes import overlay, palette_for
+from segformer_fast.jobs.palettes import overlay, palette_for
 
 
 def _write_rgb(path: Path, height: int, width: int, seed: int) -> None:
@@ -84,39 +86,72 @@ def test_describe_error_is_one_line():
     assert describe_error(OSError("   ")) == "OSError"
 
 
-def test_segment_files_writes_outputs_and_reports_failures(tmp_path, capsys):
+def test_describe_error_does_not_repeat_the_path():
+    path = Path("/photos/a.png")
+    error = ValueError(f"cannot read image {path}: truncated file")
+    assert describe_error(error, path) == "ValueError: cannot read image: truncated file"
+    assert describe_error(error) == f"ValueError: cannot read image {path}: truncated file"
+
+
+def test_write_outputs_writes_the_chosen_kinds(tmp_path):
     root = tmp_path / "in"
-    _write_rgb(root / "a.png", 6, 8, 0)
     _write_rgb(root / "sub" / "b.png", 5, 7, 1)
-    _write_rgb(root / "boom.png", 4, 4, 2)
-    (root / "broken.png").write_bytes(b"not a png")
+    image = load_image(root / "sub" / "b.png")
+    labels = np.asarray(image)[:, :, 0].astype(np.int64) % 150
     palette = palette_for(150)
+    for outputs, names in ((("labels",), ["b_labels.png"]), (("overlay-jpg",), ["b_overlay.jpg"]),
+                           (("labels", "overlay"), ["b_labels.png", "b_overlay.png"])):
+        out = tmp_path / "-".join(outputs)
+        paths = output_paths(out, root / "sub" / "b.png", [root], outputs)
+        write_outputs(image, labels, palette, paths, alpha=0.5)
+        assert sorted(p.name for p in out.rglob("*") if p.is_file()) == names
+        assert outputs_exist(out, root / "sub" / "b.png", [root], outputs)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "labels" / "sub" / "b_labels.png")), labels)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "labels-overlay" / "sub" / "b_overlay.png")),
+                                  np.asarray(overlay(image, labels, palette, alpha=0.5)))
+    assert Image.open(tmp_path / "overlay-jpg" / "sub" / "b_overlay.jpg").format == "JPEG"
 
-    def predict(image):
-        if image.size == (4, 4):
-            raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB\ndetails")
-        return np.asarray(image)[:, :, 0].astype(np.int64) % 150  # labels that depend on the pixels
 
-    paths = [root / "a.png", root / "boom.png", root / "broken.png", root / "sub" / "b.png"]
-    failures = segment_files(paths, predict, palette, tmp_path / "out", [root], alpha=0.5, progress=False)
-    err = capsys.readouterr().err
-    assert failures == [f"{root / 'boom.png'}: RuntimeError: CUDA out of memory. Tried to allocate 1 GiB",
-                        failures[1]]
-    assert failures[1].startswith(f"{root / 'broken.png'}: ")
-    assert "failed" in err and "boom.png" in err and "cannot read" in err and "broken.png" in err
-    for relative in ("a", "sub/b"):
-        image = load_image(root / f"{relative}.png")
-        expected = predict(image)
-        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / f"{relative}_labels.png")), expected)
-        np.testing.assert_array_equal(
-            np.asarray(Image.open(tmp_path / "out" / f"{relative}_overlay.png").convert("RGB")),
-            np.asarray(overlay(image, expected, palette, alpha=0.5)))
-    assert not (tmp_path / "out" / "boom_labels.png").exists() and not (tmp_path / "out" / "broken_labels.png").exists()
-    assert not list((tmp_path / "out").rglob(".*")), "temporary files left behind"
+def test_parse_outputs():
+    assert parse_outputs("overlay,labels") == ("labels", "overlay")
+    assert parse_outputs("labels") == ("labels",)
+    for bad in ("", "labels,mask", "overlay,overlay-jpg"):
+        with pytest.raises(ValueError, match="--outputs"):
+            parse_outputs(bad)
+
+
+def test_overlay_equals_the_float64_blend():
+    rng = np.random.default_rng(4)
+    image = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    labels = rng.integers(0, 19, (37, 53))
+    palette = palette_for(19)
+    for alpha in (0.0, 0.3, 0.5, 1.0):
+        expected = np.clip(np.rint((1 - alpha) * np.asarray(image, dtype=np.float64)
+                                   + alpha * palette[labels].astype(np.float64)), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(np.asarray(overlay(image, labels, palette, alpha=alpha)), expected)
+
+
+def test_check_can_create_refuses_a_read_only_folder(tmp_path):
+    import os
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    check_can_create(folder / "new" / "deeper", "--out folder")  # a missing folder is checked where it will be made
+    os.chmod(folder, 0o500)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        with pytest.raises(ValueError, match="cannot write --out folder"):
+            check_can_create(folder, "--out folder")
+        with pytest.raises(ValueError, match="cannot write"):
+            check_can_create(folder / "new", "--out folder")
+    finally:
+        os.chmod(folder, 0o700)
+    assert not list(folder.iterdir()), "the probe file was left behind"
 
 
 def test_output_stems_refuse_inputs_that_share_outputs(tmp_path):
-    from segformer_fast.outputs import output_stems
+    from segformer_fast.jobs.outputs import output_stems
 
     day, night = tmp_path / "day", tmp_path / "night"
     for path in (day / "a.jpg", day / "a.png", day / "b.png", night / "b.png", night / "c.png"):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from segformer_fast.inference.processing import IMAGENET_MEAN, IMAGENET_STD, output_size, postprocess, preprocess
-from segformer_fast.palettes import (
+from segformer_fast.jobs.palettes import (
     ADE20K_CLASSES,
     ADE20K_PALETTE,
     CITYSCAPES_CLASSES,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from segformer_fast.core.numerics import assert_within_tolerance, max_abs_error, poison_
 from segformer_fast.engine.engine import optimize
 from segformer_fast.inference.processing import output_size
-from segformer_fast.metrics import MetricAccumulator
+from segformer_fast.jobs.metrics import MetricAccumulator
 from segformer_fast.model.segformer import Segformer
 from segformer_fast.ops import extension as ops
 

@@ -18,7 +18,6 @@ import re
 import secrets
 import stat
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -301,15 +300,18 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Non
         raise ValueError(f"cannot write {what} {path}: {existing} is a file (or a dangling link), not a folder")
 
 
-def check_can_create(path: str | os.PathLike) -> None:
-    """PermissionError (or FileNotFoundError) now, before any work, unless a file can be created beside ``path``:
-    a hidden probe file is created in its folder and removed again."""
-    folder = Path(path).parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist")
+def check_can_create(folder, what: str) -> None:
+    """ValueError unless a file can be created in ``folder`` (or, where it does not exist yet, in its closest
+    existing ancestor, where the writer will create it): made before a model is loaded, so that an unwritable
+    output is found before the work, not after it. The probe file is removed at once."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    probe = existing / f".segformer-fast-probe.{secrets.token_hex(6)}"
     try:
-        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
     except OSError as error:
-        raise PermissionError(f"cannot write {path}: no file can be created in {folder} ({error.strerror})") from None
-    os.close(fd)
-    os.unlink(probe)
+        raise ValueError(f"cannot write {what} {folder}: creating a file in {existing} failed "
+                         f"({error.strerror or type(error).__name__})") from None

@@ -9,7 +9,7 @@ ONNX Runtime and OpenVINO avoid the same cost with their own memory arenas.
 :func:`keep_freed_memory` raises the mmap threshold to 256 MiB (smaller blocks come from the heap) and the trim
 threshold to 1 GiB (freed heap memory stays mapped for the next call). Both are process-wide: the process keeps up
 to 1 GiB of freed memory mapped. ``optimize`` applies them to CPU engines unless the environment variable
-``SEGFORMER_FAST_TUNE_MALLOC`` is ``0``; elsewhere (musl, macOS, Windows) nothing changes.
+``SEGFORMER_FAST_TUNE_MALLOC`` is ``0``, ``false``, ``no`` or ``off``; elsewhere (musl, macOS, Windows) nothing changes.
 """
 
 import ctypes
@@ -43,12 +43,14 @@ def _glibc_mallopt():
 def keep_freed_memory() -> bool:
     """Apply the settings once per process (see the module docstring); returns whether they are in force.
 
-    Does nothing, and returns False, when ``SEGFORMER_FAST_TUNE_MALLOC=0`` or the C library is not glibc.
+    Does nothing, and returns False, when ``SEGFORMER_FAST_TUNE_MALLOC`` is 0 / false / no / off (any case) or the C
+    library is not glibc.
     """
     global _applied
     if _applied is None:
         _applied = False
-        mallopt = None if os.environ.get(ENV_VAR, "1") == "0" else _glibc_mallopt()
+        off = os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off")
+        mallopt = None if off else _glibc_mallopt()
         if mallopt is not None:
             _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
                 mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))

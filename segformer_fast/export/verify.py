@@ -65,7 +65,7 @@ def check_output_path(path, suffixes):
         raise FileNotFoundError(f"output folder {str(path.parent)!r} does not exist (for {str(path)!r})")
     if path.is_dir():
         raise ValueError(f"output path {str(path)!r} is a folder; expected a file name ending in {suffixes[0]}")
-    check_can_create(path)
+    check_can_create(path.parent, f"the export {path} in")
     return path
 
 

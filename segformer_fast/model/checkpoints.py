@@ -116,6 +116,11 @@ def _index_shards(index_path: Path) -> list:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def is_hub_id(source) -> bool:
+    """Whether ``source`` reads as a hub id ("owner/name"), not a relative or absolute path."""
+    return bool(_HUB_ID.match(str(source))) and not str(source).startswith((".", "/"))
+
+
 def resolve_hub_id(repo_id: str) -> Path:
     """The local snapshot folder of a hub id, through huggingface_hub (its cache first, the hub if reachable)."""
     try:
@@ -168,7 +173,7 @@ def read_checkpoint(source, num_labels: int | None = None, eps_convention: str |
         raw, weights_path = _folder_state_dict(path)
     elif path.is_file():
         raw, weights_path = read_state_dict(path), path
-    elif not path.exists() and _HUB_ID.match(str(source)) and not str(source).startswith((".", "/")):
+    elif not path.exists() and is_hub_id(source):
         return read_checkpoint(resolve_hub_id(str(source)), num_labels, eps_convention)
     else:
         raise FileNotFoundError(f"checkpoint not found: {source} (not a file, a folder or a hub id)")

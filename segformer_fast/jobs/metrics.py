@@ -130,6 +130,29 @@ class MetricAccumulator:
         self.num_ignored += int(label.size - label_valid.size)
         return valid
 
+    #: The integer totals that :meth:`counts` returns and :meth:`merge` adds (what scale-out workers send back).
+    COUNT_FIELDS = ("area_intersect", "area_pred", "area_label", "num_images", "num_pixels", "num_ignored")
+
+    def counts(self) -> dict:
+        """The integer totals so far (``COUNT_FIELDS``): per-class arrays as lists, counts as ints (JSON-ready)."""
+        return {field: (value.tolist() if isinstance(value, np.ndarray) else int(value))
+                for field, value in ((field, getattr(self, field)) for field in self.COUNT_FIELDS)}
+
+    def merge(self, other) -> "MetricAccumulator":
+        """Add another accumulator's totals, or a :meth:`counts` dict, to these; the metrics then equal those of
+        one accumulator updated with both sets of images. Returns self."""
+        counts = other.counts() if isinstance(other, MetricAccumulator) else other
+        for field in self.COUNT_FIELDS:
+            value = counts[field]
+            if isinstance(getattr(self, field), np.ndarray):
+                value = np.asarray(value, dtype=np.int64).reshape(-1)
+                if value.shape != (self.num_classes,):
+                    raise ValueError(f"cannot merge counts of {value.shape[0]} classes into {self.num_classes}")
+                setattr(self, field, getattr(self, field) + value)
+            else:
+                setattr(self, field, getattr(self, field) + int(value))
+        return self
+
     def compute(self) -> dict:
         """Metrics so far: ``mIoU``, ``aAcc``, ``mAcc`` (floats, NaN when undefined), ``IoU`` and ``Acc`` ((K,)
         float64 arrays, NaN for undefined classes), the int64 areas, and the image and pixel counts."""

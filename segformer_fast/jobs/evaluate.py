@@ -1,9 +1,12 @@
-"""The evaluation loop: score a predictor on a dataset with mmseg's metrics, optionally beside a second one, and
-the report (a JSON-ready dict, its file, its text summary).
+"""The eval job: score a predictor on a dataset with mmseg's metrics, optionally beside a second one, and the
+report (a JSON-ready dict, its file, its text summary). Every executor runs the same steps: **plan** (the dataset,
+``predictors.check_model_classes``), **work** (an :class:`EvalWorker` and :func:`score_sample` per image),
+**record** (``MetricAccumulator.merge`` of the workers' ``counts()``), **summarize** (:func:`build_report`,
+:func:`format_summary`). :func:`evaluate` is the in-process executor.
 
 Prediction is one injectable callable, ``predict(image: PIL.Image) -> (H, W) integer labels`` at the image's own
 resolution (``segformer_fast.predictors.make_predictor`` builds one from a model); datasets come from
-``segformer_fast.datasets``, the metric definitions from ``segformer_fast.metrics``. The printed summary shows
+``segformer_fast.jobs.datasets``, the metric definitions from ``segformer_fast.jobs.metrics``. The printed summary shows
 percentages; the report keeps fractions in [0, 1].
 """
 
@@ -21,9 +24,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from segformer_fast.core.fileio import atomic_write_text
+from segformer_fast.core.runtime import parse_dtype
+from segformer_fast.model.segformer import Segformer
 
-from .datasets import SegmentationDataset
+from .datasets import Sample, SegmentationDataset
 from .metrics import IGNORE_INDEX, MetricAccumulator, as_numpy
+from .predictors import make_predictor
+from .settings import Interrupted
 
 #: An image -> its (H, W) label map, at the image's own resolution.
 Predictor = Callable[[Image.Image], np.ndarray]
@@ -55,25 +62,21 @@ def evaluate(
     other = MetricAccumulator(num_classes) if reference is not None else None
     same_valid = same_all = 0
     bar = tqdm(dataset, desc="eval", unit="img", total=len(dataset), disable=not progress, file=sys.stderr)
-    for sample in bar:
-        image = dataset.load_image(sample)
-        label = dataset.load_label(sample)
-        if label.shape != (image.height, image.width):
-            raise ValueError(
-                f"{sample.label}: annotation size {label.shape[1]}x{label.shape[0]} differs from the image "
-                f"{sample.image} ({image.width}x{image.height}, W x H)"
-            )
-        pred = _check_prediction(predict(image), label.shape, sample.image)
-        valid = main.update(pred, label, name=str(sample.image))
-        if other is not None:
-            ref = _check_prediction(reference(image), label.shape, sample.image)
-            other.update(ref, label, name=str(sample.image))
-            same = pred == ref
-            same_valid += int(same[valid].sum())
-            same_all += int(same.sum())
-        if progress:
-            bar.set_postfix(mIoU=f"{100 * main.compute()['mIoU']:.2f}")
-    bar.close()
+    try:
+        for sample in bar:
+            image, pred, valid = score_sample(predict, dataset, sample, main)
+            if other is not None:
+                ref = _check_prediction(reference(image), pred.shape, sample.image)
+                other.update(ref, dataset.load_label(sample), name=str(sample.image))
+                same = pred == ref
+                same_valid += int(same[valid].sum())
+                same_all += int(same.sum())
+            if progress:
+                bar.set_postfix(mIoU=f"{100 * main.compute()['mIoU']:.2f}")
+    except KeyboardInterrupt:
+        raise Interrupted(main.num_images, len(dataset), resumable=False) from None
+    finally:
+        bar.close()
     result = build_report(main.compute(), dataset)
     if other is not None:
         metrics = other.compute()
@@ -101,6 +104,44 @@ def compare(
 ) -> dict:
     """``evaluate`` of ``predict`` with ``reference`` scored alongside: both mIoUs and their pixel agreement."""
     return evaluate(predict, dataset, num_classes, progress=progress, reference=reference)
+
+
+def score_sample(predict: Predictor, dataset: SegmentationDataset, sample: Sample,
+                 accumulator: MetricAccumulator) -> tuple:
+    """Score one image into ``accumulator``: (image, prediction, valid-pixel mask). ValueError naming the files for
+    an annotation whose size differs from the image's, or a prediction of the wrong shape."""
+    image = dataset.load_image(sample)
+    label = dataset.load_label(sample)
+    if label.shape != (image.height, image.width):
+        raise ValueError(
+            f"{sample.label}: annotation size {label.shape[1]}x{label.shape[0]} differs from the image "
+            f"{sample.image} ({image.width}x{image.height}, W x H)"
+        )
+    pred = _check_prediction(predict(image), label.shape, sample.image)
+    return image, pred, accumulator.update(pred, label, name=str(sample.image))
+
+
+class EvalWorker:
+    """The work of an eval job in one process: the checkpoint's predictor built once for ``settings`` (a
+    ``SegmentSettings``) on ``device``; ``dataset`` gives the label loading (reduce_zero_label, Cityscapes
+    trainIds)."""
+
+    def __init__(self, settings, dataset: SegmentationDataset, device):
+        model = Segformer.from_pretrained(settings.model).to(device=device).eval()
+        self.dataset = dataset
+        self.num_classes = model.config.num_labels
+        options = {"crop": settings.crop, "stride": settings.stride} if settings.mode == "slide" else {}
+        self.predict = make_predictor(model, settings.engine, settings.mode, resize=settings.resize(), device=device,
+                                      dtype=parse_dtype(settings.dtype), **options)
+
+    def score(self, samples, progress=None) -> MetricAccumulator:
+        """The counts of ``samples``; ``progress()`` after each image."""
+        accumulator = MetricAccumulator(self.num_classes)
+        for sample in samples:
+            score_sample(self.predict, self.dataset, sample, accumulator)
+            if progress is not None:
+                progress()
+        return accumulator
 
 
 def _check_prediction(pred, shape: tuple, image_path: Path) -> np.ndarray:

@@ -1,0 +1,7 @@
+"""``python -m segformer_fast.cli`` runs the ``segformer-fast`` command, as ``python -m segformer_fast`` does."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,92 @@
+"""What the verbs share: option groups (scale-out), the checks of arguments made once before any work, and the
+notes printed before a model is loaded."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from segformer_fast.core.runtime import cpu_has_fast_bf16
+from segformer_fast.inference.processing import output_size
+
+from ..jobs.settings import torchrun_world
+
+DTYPE_HELP = ("compute dtype (default fp32). fp16 is for GPUs (on a CPU it runs, usually slower than fp32); bf16 is "
+              "fast on GPUs and on CPUs with AVX512-BF16 or AMX, elsewhere slower than fp32")
+MODEL_HELP = "checkpoint: folder, weights file or hub id"
+DEVICE_HELP = "auto (cuda if available), cpu, cuda, cuda:N"
+
+
+def note_half_precision_on_cpu(device: torch.device, dtype: torch.dtype) -> None:
+    """One line on stderr when a half-precision dtype will run slowly on a CPU: fp16 always, bf16 on a CPU without
+    native bf16 (``runtime.cpu_has_fast_bf16``)."""
+    if device.type != "cpu" or dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_fast_bf16()):
+        return
+    if dtype == torch.float16:
+        print("note: --dtype fp16 on CPU is usually slower than fp32 (few CPU kernels are fast in fp16); it is meant "
+              "for GPUs", file=sys.stderr)
+    else:
+        print("note: --dtype bf16 on this CPU is usually slower than fp32 (it has no AVX512-BF16 or AMX, so bf16 is "
+              "emulated)", file=sys.stderr)
+
+
+def check_resize(resize: dict) -> dict:
+    """The checks ``preprocess`` makes on its resize arguments, made before any work (ValueError); ``resize``."""
+    if resize.get("max_long_side") is not None and resize.get("short_side") is None:
+        raise ValueError("--max-long-side needs --short-side")
+    if resize.get("short_side") is not None or resize.get("size") is not None:
+        output_size(1, 1, **resize)
+    return resize
+
+
+def check_positive(value, flag: str) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{flag} must be a positive integer, got {value}")
+
+
+def add_scaleout_arguments(parser) -> None:
+    """The scale-out options of ``segment`` and ``eval``."""
+    group = parser.add_argument_group(
+        "scale-out", "Ray Data (--ray), or torchrun: torchrun --nproc-per-node N -m segformer_fast ...")
+    group.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run on Ray: a local cluster, or the running one at ADDRESS (auto, host:6379, "
+                            "ray://host:10001)")
+    group.add_argument("--workers", type=int, metavar="N", help="Ray actors, one engine each (default 1; --ray only)")
+    group.add_argument("--gpus-per-worker", type=float, metavar="F",
+                       help="GPUs per Ray actor (fractions share a GPU; default 1 where the cluster has GPUs, else 0)")
+    group.add_argument("--cpus-per-worker", type=float, metavar="C",
+                       help="CPUs per Ray actor, also its torch threads (default 1)")
+    group.add_argument("--batch-size", type=int, default=4, metavar="B",
+                       help="images per batch sent to a worker (Ray) or run at once by a rank (torchrun; default 4)")
+    group.add_argument("--retry-failed", action="store_true",
+                       help="segment: also redo the images the manifest records as failed (else a re-run skips them)")
+
+
+def wants_scaleout(args) -> bool:
+    """True when the command runs on Ray (--ray) or under torchrun."""
+    return getattr(args, "ray", None) is not None or torchrun_world() is not None
+
+
+def check_scaleout_arguments(args) -> None:
+    """The scale-out options' checks, before any work: the Ray-only options need --ray; counts are positive."""
+    if not hasattr(args, "ray"):  # a parser without the scale-out group
+        return
+    if args.ray is None:
+        given = [flag for flag, value in (("--workers", args.workers), ("--gpus-per-worker", args.gpus_per_worker),
+                                          ("--cpus-per-worker", args.cpus_per_worker)) if value is not None]
+        if given:
+            where = "; under torchrun the processes are torchrun's --nproc-per-node" if torchrun_world() else ""
+            raise ValueError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --ray only{where}")
+    check_positive(args.workers, "--workers")
+    check_positive(args.batch_size, "--batch-size")
+    if args.gpus_per_worker is not None and not args.gpus_per_worker >= 0:
+        raise ValueError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
+    if args.cpus_per_worker is not None and not args.cpus_per_worker > 0:
+        raise ValueError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
+
+
+def ray_pool(args) -> dict:
+    """The Ray pool keywords of ``segment_with_ray`` / ``evaluate_with_ray`` from the options."""
+    return {"workers": args.workers or 1, "gpus_per_worker": args.gpus_per_worker,
+            "cpus_per_worker": args.cpus_per_worker or 1, "batch_size": args.batch_size, "address": args.ray}
