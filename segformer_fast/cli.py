@@ -28,6 +28,7 @@ from .processing import output_size
 from .ray_segment import evaluate_with_ray, segment_with_ray
 from .runtime import DTYPES, cpu_has_fast_bf16, parse_dtype, resolve_device
 from .scaleout import SegmentSettings, check_model_classes, torchrun_world
+from .serve import command as serve_command
 
 DESCRIPTION = (
     "SegFormer inference: segment images, evaluate mIoU on ADE20K / Cityscapes, describe or create checkpoints, "
@@ -527,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_init)
 
     add_export_parser(commands)
+    serve_command.add_parser(commands)
     return parser
 
 
