@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Project module name prefix -> the folder holding its files.
-PACKAGE_DIRS = {"segformer_fast": ROOT / "segformer_fast", "segformer_fast.kernels": ROOT / "kernels"}
+PACKAGE_DIRS = {"segformer_fast": ROOT / "segformer_fast", "segformer_fast.kernels": ROOT / "kernels",
+                "segformer_fast.serve": ROOT / "segformer_fast" / "serve"}
 #: Compiled modules (no .py file; they import nothing from the project): ``from . import _C`` is an edge to them.
 EXTENSION_MODULES = ("segformer_fast._C",)
 

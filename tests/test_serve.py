@@ -10,6 +10,9 @@ import io
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +21,7 @@ import pytest
 from PIL import Image
 
 from segformer_fast import Segformer, optimize
+from segformer_fast.cli import main
 from segformer_fast.palettes import ADE20K_CLASSES, overlay, palette_for
 from segformer_fast.serve import api
 from segformer_fast.serve.local import LocalServer, alive, http_call
@@ -129,6 +133,30 @@ def multipart(data: bytes, name: str = "image", filename: str = "x.png") -> tupl
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
             "Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_package_and_cli_import_without_ray():
+    code = ("import sys, segformer_fast, segformer_fast.cli, segformer_fast.serve.command, segformer_fast.serve.local; "
+            "print(sorted(m for m in ('ray', 'fastapi', 'starlette', 'segformer_fast.serve.app') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_command_refuses_before_ray_starts(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["serve", "--model", str(empty), "--port", "8000"]) == 2
+    assert "no weights found" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(empty), "--port", str(port)]) == 2
+    assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+    for options, message in ((["--replicas", "0"], "--replicas"), (["--max-batch-size", "0"], "max-batch-size"),
+                             (["--max-body-mb", "-1"], "max-body-mb"), (["--port", "70000"], "--port")):
+        assert main(["serve", "--model", str(empty), *options]) == 2
+        assert message in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------- the server

@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 
+from ..model import Segformer
 from ..runtime import DTYPES
 from .api import ServeSettings
 
@@ -101,6 +102,10 @@ def run(args) -> int:
     check_port(args.host, args.port)
     if args.temp_dir is not None and args.ray:
         raise ValueError("--temp-dir applies to the local Ray instance only, not with --ray ADDRESS")
+    if not args.ray:
+        # on this machine the replicas read the same files: a checkpoint that cannot load fails here, in a line,
+        # before Ray starts (on a cluster the path need only exist where the replicas run)
+        Segformer.from_pretrained(settings.model)
     try:
         from . import app
     except ImportError as error:
