@@ -346,24 +346,32 @@ def test_overload_503_with_retry_after(server):
     assert_still_serving(server)
 
 
+def cpu_ticks(pid: int) -> int:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
 def test_replica_killed_under_load_is_restarted(server):
-    """SIGKILL one of the two model replicas while requests run: those it held fail with 503 (with Retry-After),
-    every request ends within its bound, the others succeed, and Ray starts a new replica."""
+    """SIGKILL one of the two model replicas in the middle of a forward: the requests it held fail with 503 (with
+    Retry-After), every request ends within its bound, the others succeed, and Ray starts a new replica."""
     replicas = server.find("SegmentModel")
     assert len(replicas) == 2, server.track()
+    victim = replicas[0]
     data = random_png(60, 60, 10)
     with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(post, server, "/v1/segment?size=256", data, None, 90) for _ in range(8)]
-        time.sleep(0.4)
-        victim = replicas[0]
+        before = cpu_ticks(victim)
+        futures = [pool.submit(post, server, "/v1/segment?size=384", data, None, 90) for _ in range(8)]
+        deadline = time.monotonic() + 20
+        while cpu_ticks(victim) < before + 5 and time.monotonic() < deadline:  # the victim is running a forward
+            time.sleep(0.01)
         os.kill(victim, signal.SIGKILL)
         answers = [future.result(timeout=CALL_TIMEOUT_S) for future in futures]
     statuses = [status for status, _, _ in answers]
     assert set(statuses) <= {200, 503}, [(s, b[:200]) for s, _, b in answers]
-    assert statuses.count(200) >= 1, statuses
+    assert statuses.count(503) >= 1 and statuses.count(200) >= 1, statuses
     for status, headers, body in answers:
         if status == 503:
-            assert_json_error(status, headers, body, 503)
+            assert_json_error(status, headers, body, 503, "replica")
             assert "retry-after" in headers
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -13,7 +13,7 @@ import sys
 import threading
 
 from ..model import Segformer
-from ..runtime import DTYPES
+from ..runtime import DTYPES, resolve_device
 from .api import ServeSettings
 
 INSTALL_HINT = 'pip install "segformer-fast[serve]"'
@@ -106,6 +106,7 @@ def run(args) -> int:
         # on this machine the replicas read the same files: a checkpoint that cannot load fails here, in a line,
         # before Ray starts (on a cluster the path need only exist where the replicas run)
         Segformer.from_pretrained(settings.model)
+        resolve_device(settings.device)  # --device cuda where there is none: refused now, not an unplaceable replica
     try:
         from . import app
     except ImportError as error:
