@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
@@ -33,6 +32,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
+from ray import exceptions as ray_exceptions
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -105,13 +105,13 @@ class SegmentModel:
     def describe(self) -> dict:
         return self.description
 
-    def pid(self) -> int:
-        return os.getpid()
-
     async def segment(self, image: np.ndarray, request: SegmentRequest) -> tuple:
         """(labels (H, W) uint8 / uint16 at the image's size, images in the forward that computed them)."""
         if request.mode == "whole":
-            return await self.segment_batch((image, request.target_size(image.shape[0], image.shape[1])))
+            result = await self.segment_batch((image, request.target_size(image.shape[0], image.shape[1])))
+            if isinstance(result, Exception):
+                raise result
+            return result
         loop = asyncio.get_running_loop()
         labels = await loop.run_in_executor(self.forward_thread, self._segment_alone, image, request)
         return labels, 1
@@ -122,18 +122,26 @@ class SegmentModel:
         return await loop.run_in_executor(self.forward_thread, self._run_batch, items)
 
     def _run_batch(self, items: list) -> list:
-        """One forward per preprocessed size, exactly as ``engine.segment`` runs a group of same-size images."""
+        """One forward per preprocessed size, exactly as ``engine.segment`` runs a group of same-size images. A
+        group that fails (out of memory, say) fails its own requests only: their entries are the exception."""
         groups: dict = {}
         for index, (_, target) in enumerate(items):
             groups.setdefault(target, []).append(index)
         results: list = [None] * len(items)
-        with torch.no_grad():
-            for target, indices in groups.items():
-                images = [Image.fromarray(items[index][0], "RGB") for index in indices]
-                pixel_values, sizes = preprocess(images, size=target, size_divisor=None, device=self.engine.device,
-                                                 dtype=self.engine.dtype, return_sizes=True)
-                for index, labels in zip(indices, self.engine.whole_labels(pixel_values, sizes)):
-                    results[index] = (self._compact(labels), len(indices))
+        for target, indices in groups.items():
+            try:
+                with torch.no_grad():
+                    images = [Image.fromarray(items[index][0], "RGB") for index in indices]
+                    pixel_values, sizes = preprocess(images, size=target, size_divisor=None,
+                                                     device=self.engine.device, dtype=self.engine.dtype,
+                                                     return_sizes=True)
+                    for index, labels in zip(indices, self.engine.whole_labels(pixel_values, sizes)):
+                        results[index] = (self._compact(labels), len(indices))
+            except Exception as error:
+                for index in indices:
+                    results[index] = error
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
         return results
 
     def _segment_alone(self, image: np.ndarray, request: SegmentRequest) -> np.ndarray:
@@ -200,12 +208,10 @@ def _read_page() -> str:
 
 
 def _replica_lost(error: BaseException) -> bool:
-    from ray import exceptions
-
-    lost = tuple(getattr(exceptions, name) for name in ("RayActorError", "ActorDiedError", "ActorUnavailableError",
+    lost = tuple(getattr(ray_exceptions, name) for name in ("RayActorError", "ActorDiedError", "ActorUnavailableError",
                                                         "ActorUnschedulableError", "WorkerCrashedError",
                                                         "NodeDiedError")
-                 if hasattr(exceptions, name))
+                 if hasattr(ray_exceptions, name))
     return isinstance(error, lost)
 
 
@@ -241,8 +247,6 @@ class SegmentIngress:
         self.codec = ThreadPoolExecutor(max_workers=2, thread_name_prefix="codec")
         self.in_flight = 0
         self.description = None
-        self.ready_at = 0.0
-        self.ready = False
 
     async def _describe(self) -> dict:
         if self.description is None:
