@@ -24,7 +24,7 @@ from segformer_fast import Segformer, optimize
 from segformer_fast.cli import main
 from segformer_fast.palettes import ADE20K_CLASSES, overlay, palette_for
 from segformer_fast.serve import api
-from segformer_fast.serve.local import LocalServer, alive, http_call
+from segformer_fast.serve.local import LocalServer, alive, free_port, http_call
 
 MAX_PIXELS = 1_000_000
 SERVER_ARGS = ["--replicas", "2", "--cpus-per-replica", "1", "--max-batch-size", "4", "--batch-wait-ms", "150",
@@ -145,7 +145,7 @@ def test_package_and_cli_import_without_ray():
 def test_command_refuses_before_ray_starts(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["serve", "--model", str(empty), "--port", "8000"]) == 2
+    assert main(["serve", "--model", str(empty), "--port", str(free_port())]) == 2
     assert "no weights found" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -155,7 +155,7 @@ def test_command_refuses_before_ray_starts(tmp_path, capsys):
     assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
     for options, message in ((["--replicas", "0"], "--replicas"), (["--max-batch-size", "0"], "max-batch-size"),
                              (["--max-body-mb", "-1"], "max-body-mb"), (["--port", "70000"], "--port")):
-        assert main(["serve", "--model", str(empty), *options]) == 2
+        assert main(["serve", "--model", str(empty), "--port", str(free_port()), *options]) == 2
         assert message in capsys.readouterr().err
 
 

@@ -399,6 +399,7 @@ def build_application(settings: ServeSettings, gpus_per_replica: float = 0.0):
         ray_actor_options={"num_cpus": settings.cpus_per_replica, "num_gpus": gpus_per_replica},
         max_ongoing_requests=max(settings.max_queue, settings.max_batch_size),
         graceful_shutdown_timeout_s=5,
+        **_quiet_logging(),
     ).bind(values)
     return SegmentIngress.options(
         num_replicas=1,
@@ -406,6 +407,7 @@ def build_application(settings: ServeSettings, gpus_per_replica: float = 0.0):
         # the ingress admits max_queue requests itself and answers the rest with 503 at once
         max_ongoing_requests=settings.max_queue + 16,
         graceful_shutdown_timeout_s=5,
+        **_quiet_logging(),
     ).bind(values, model)
 
 
@@ -414,6 +416,7 @@ def start(settings: ServeSettings, *, host: str, port: int, address: str | None 
     """Start (or join) Ray, deploy, and return once every model replica's engine is built and verified. Whatever
     fails or is interrupted half way is taken down again before the error propagates."""
     running = Running(url=f"http://{_url_host(host)}:{port}/", description={}, started_ray=False)
+    logger.setLevel(logging.WARNING)  # this process's Serve messages: warnings and errors only
     try:
         if not ray.is_initialized():
             options = {"include_dashboard": False, "logging_level": logging.WARNING}
@@ -438,7 +441,7 @@ def start(settings: ServeSettings, *, host: str, port: int, address: str | None 
 def _quiet_logging() -> dict:
     """Serve's per-request access log off where this Ray can say so (its warnings and errors are kept)."""
     try:
-        from ray.serve.config import LoggingConfig
+        from ray.serve.schema import LoggingConfig
     except ImportError:
         return {}
     return {"logging_config": LoggingConfig(enable_access_log=False, log_level="WARNING")}
