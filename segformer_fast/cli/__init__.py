@@ -1,5 +1,6 @@
 """The ``segformer-fast`` command: ``segment`` images, ``info`` about a checkpoint, ``eval`` mIoU on a dataset,
-``init`` a random-weight checkpoint, ``export`` a model to ONNX / torch.export; ``segment`` and ``eval`` also run on
+``init`` a random-weight checkpoint, ``export`` a model to ONNX / torch.export, ``serve`` it over HTTP (the verb's
+module is ``segformer_fast.serve.command``); ``segment`` and ``eval`` also run on
 Ray (``--ray``) or under torchrun. One module per verb (``VERBS``), each with ``register(commands)`` and ``run(args)``;
 the work is done by ``segformer_fast.jobs`` and the modules below it. Every argument and output path is checked
 before a model is loaded; bad input ends with a one-line error and exit code 2, Ctrl-C with one line and exit code
@@ -15,6 +16,7 @@ import sys
 from segformer_fast import __version__
 
 from ..jobs.settings import Interrupted, torchrun_world
+from ..serve import command as serve
 from . import evaluate, export, info, init, segment
 
 DESCRIPTION = (
@@ -22,7 +24,7 @@ DESCRIPTION = (
     "export to ONNX / torch.export. Run 'segformer-fast COMMAND --help' for a command's options."
 )
 #: The verbs, in the order ``--help`` lists them.
-VERBS = (segment, info, evaluate, init, export)
+VERBS = (segment, info, evaluate, init, export, serve)
 _HUB_MISS = re.compile(r"could not resolve hub id '([^']+)'")
 
 

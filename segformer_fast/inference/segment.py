@@ -1,6 +1,6 @@
 """The ``segment`` driver (:func:`segment_images`): images -> label maps with ``mode`` "whole", "slide" or "auto"
 (whole, and on out-of-memory a warning and sliding windows), for any ``forward`` (the engine's ``logits``, the
-reference model, transformers' model; ``segformer_fast.predictors.build_forward`` builds them).
+reference model, transformers' model; ``segformer_fast.jobs.predictors.build_forward`` builds them).
 ``SegformerEngine.segment``, the CLI and the evaluation use it.
 """
 

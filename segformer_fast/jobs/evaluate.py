@@ -5,7 +5,7 @@ report (a JSON-ready dict, its file, its text summary). Every executor runs the 
 :func:`format_summary`). :func:`evaluate` is the in-process executor.
 
 Prediction is one injectable callable, ``predict(image: PIL.Image) -> (H, W) integer labels`` at the image's own
-resolution (``segformer_fast.predictors.make_predictor`` builds one from a model); datasets come from
+resolution (``segformer_fast.jobs.predictors.make_predictor`` builds one from a model); datasets come from
 ``segformer_fast.jobs.datasets``, the metric definitions from ``segformer_fast.jobs.metrics``. The printed summary shows
 percentages; the report keeps fractions in [0, 1].
 """

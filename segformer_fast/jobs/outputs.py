@@ -94,14 +94,20 @@ def outputs_exist(out_dir: Path, image_path: Path, roots: list, outputs=DEFAULT_
     return all(path.is_file() for path in output_paths(out_dir, image_path, roots, outputs).values())
 
 
-def save_label_png(labels: np.ndarray, palette: np.ndarray, path: Path) -> None:
-    """Write a label map atomically: a palette PNG (pixel values are class ids, shown in the palette's colors) for
-    up to 256 classes, a 16-bit grayscale PNG of class ids above that."""
+def label_image(labels: np.ndarray, palette: np.ndarray) -> Image.Image:
+    """A label map as the image ``save_label_png`` writes: palette mode (pixel values are class ids, shown in the
+    palette's colors) for up to 256 classes, 16-bit grayscale class ids above that."""
     if len(palette) <= 256:
         image = Image.fromarray(labels.astype(np.uint8), "P")
         image.putpalette(palette.astype(np.uint8).reshape(-1).tolist())
-    else:
-        image = Image.fromarray(labels.astype(np.uint16))
+        return image
+    return Image.fromarray(labels.astype(np.uint16))
+
+
+def save_label_png(labels: np.ndarray, palette: np.ndarray, path: Path) -> None:
+    """Write a label map atomically: a palette PNG (pixel values are class ids, shown in the palette's colors) for
+    up to 256 classes, a 16-bit grayscale PNG of class ids above that (:func:`label_image`)."""
+    image = label_image(labels, palette)
     with atomic_path(path) as temporary:
         image.save(temporary, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 

@@ -1,0 +1,310 @@
+"""What the service does with a request, without Ray or an HTTP framework: the settings, the query parameters, the
+body (raw or multipart) read into a decoded image within the limits, and the outputs (label PNG, overlay PNG,
+JSON summary). Every refusal is an :class:`ApiError` carrying the HTTP status and a message for the client.
+
+Nothing here takes a file path from a request or unpickles anything: a request is bytes and query strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.parser
+import email.policy
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from segformer_fast.core.fileio import apply_exif_orientation, to_rgb
+from segformer_fast.inference.processing import output_size
+from segformer_fast.inference.segment import MODES
+from segformer_fast.jobs.outputs import label_image
+from segformer_fast.jobs.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES, overlay
+
+OUTPUTS = ("labels", "overlay", "json")
+#: The query parameters ``POST /v1/segment`` takes; any other is refused with 400.
+PARAMETERS = ("output", "mode", "size", "short_side", "max_long_side", "timeout_s")
+#: Seconds a client is told to wait (``Retry-After``) when the service is over its queue.
+RETRY_AFTER_S = 1
+
+
+class ApiError(Exception):
+    """A request the service refuses: ``status`` (4xx / 5xx) and a one-line ``message`` for the client."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """What ``segformer-fast serve`` was started with (sent to every replica, so plain values only)."""
+
+    model: str
+    dtype: str = "fp32"
+    device: str = "auto"
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    max_batch_size: int = 8
+    batch_wait_ms: float = 10.0
+    max_body_mb: float = 20.0
+    max_pixels: int = 4096 * 4096
+    max_queue: int = 64
+    request_timeout_s: float = 60.0
+
+    def __post_init__(self):
+        for name in ("replicas", "max_batch_size", "max_pixels", "max_queue"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        for name in ("cpus_per_replica", "max_body_mb", "request_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name.replace('_', '-')} must be a positive number, got {value!r}")
+        if not (isinstance(self.batch_wait_ms, (int, float)) and math.isfinite(self.batch_wait_ms)
+                and self.batch_wait_ms >= 0):
+            raise ValueError(f"batch-wait-ms must be a number >= 0, got {self.batch_wait_ms!r}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentRequest:
+    """A checked ``POST /v1/segment`` query: the output kind, the mode, ``segment``'s resize arguments and the
+    seconds the client is willing to wait (at most the server's request timeout)."""
+
+    output: str = "labels"
+    mode: str = "whole"
+    resize: tuple = (("size", (512, 512)),)
+    timeout_s: float = 60.0
+
+    def resize_arguments(self) -> dict:
+        return dict(self.resize)
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (H, W) ``engine.segment`` resizes an image of this size to (its own size with ``size`` None)."""
+        resize = self.resize_arguments()
+        if resize.get("short_side") is not None:
+            return output_size(height, width, short_side=resize["short_side"],
+                               max_long_side=resize.get("max_long_side"))
+        if resize.get("size") is None:
+            return height, width
+        return output_size(height, width, resize["size"])
+
+
+def _int_parameter(name: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ApiError(400, f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise ApiError(400, f"{name} must be a positive integer, got {value!r}")
+    return number
+
+
+def _size_parameter(value: str):
+    """``size``: ``N`` (N x N), ``HxW`` or ``H,W``, or ``none`` (the image's own size)."""
+    text = value.strip().lower()
+    if text in ("none", "original"):
+        return None
+    parts = text.replace(",", "x").split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise ApiError(400, f"size must be N, HxW or none, got {value!r}")
+    return _int_parameter("size height", parts[0]), _int_parameter("size width", parts[1])
+
+
+def parse_query(items, settings: ServeSettings) -> SegmentRequest:
+    """``items``: the query's (name, value) pairs. ApiError 400 for an unknown or repeated parameter, an unknown
+    output or mode, or a malformed size; the resize follows ``segformer-fast segment`` (default 512 x 512 in whole
+    mode, the image's own size in slide and auto modes)."""
+    query: dict = {}
+    for name, value in items:
+        if name not in PARAMETERS:
+            raise ApiError(400, f"unknown parameter {name!r}; known: {', '.join(PARAMETERS)}")
+        if name in query:
+            raise ApiError(400, f"parameter {name!r} given more than once")
+        query[name] = value
+    output = query.get("output", "labels")
+    if output not in OUTPUTS:
+        raise ApiError(400, f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
+    mode = query.get("mode", "whole")
+    if mode not in MODES:
+        raise ApiError(400, f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    short_side = _int_parameter("short_side", query["short_side"]) if "short_side" in query else None
+    max_long_side = _int_parameter("max_long_side", query["max_long_side"]) if "max_long_side" in query else None
+    if short_side is not None:
+        if "size" in query:
+            raise ApiError(400, "give size or short_side, not both")
+        if max_long_side is not None and max_long_side < short_side:
+            raise ApiError(400, f"max_long_side must be >= short_side, got {max_long_side} < {short_side}")
+        resize = (("short_side", short_side), ("max_long_side", max_long_side), ("size", None))
+    else:
+        if max_long_side is not None:
+            raise ApiError(400, "max_long_side needs short_side")
+        if "size" in query:
+            size = _size_parameter(query["size"])
+        else:
+            size = (512, 512) if mode == "whole" else None
+        resize = (("size", size),)
+    timeout_s = settings.request_timeout_s
+    if "timeout_s" in query:
+        try:
+            asked = float(query["timeout_s"])
+        except ValueError:
+            asked = math.nan
+        if not (math.isfinite(asked) and asked > 0):
+            raise ApiError(400, f"timeout_s must be a positive number of seconds, got {query['timeout_s']!r}")
+        timeout_s = min(asked, settings.request_timeout_s)
+    return SegmentRequest(output=output, mode=mode, resize=resize, timeout_s=timeout_s)
+
+
+def check_declared_length(content_length: str | None, settings: ServeSettings) -> None:
+    """413 when the declared body is over the limit (checked before a byte of the body is read)."""
+    if content_length is None:
+        return
+    try:
+        declared = int(content_length)
+    except ValueError:
+        raise ApiError(400, f"malformed Content-Length {content_length!r}") from None
+    if declared > settings.max_body_bytes:
+        raise body_too_large(settings)
+
+
+def body_too_large(settings: ServeSettings) -> ApiError:
+    return ApiError(413, f"request body over the limit of {settings.max_body_mb:g} MiB (--max-body-mb)")
+
+
+def image_bytes(body: bytes, content_type: str | None) -> bytes:
+    """The image's bytes: the body itself, or for ``multipart/form-data`` the first part that is a file (else the
+    part named ``image`` or ``file``). 400 for an empty body or a multipart body without an image part."""
+    if content_type and content_type.lower().startswith("multipart/"):
+        return _multipart_file(body, content_type)
+    if not body:
+        raise ApiError(400, "empty body: send the image as the request body or as a multipart file field")
+    return body
+
+
+def _multipart_file(body: bytes, content_type: str) -> bytes:
+    if "boundary=" not in content_type.lower():
+        raise ApiError(400, "multipart body without a boundary in its Content-Type")
+    parser = email.parser.BytesParser(policy=email.policy.HTTP)
+    try:
+        message = parser.parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    except (UnicodeEncodeError, ValueError, TypeError) as error:
+        raise ApiError(400, f"malformed multipart body: {error}") from None
+    if not message.is_multipart():
+        raise ApiError(400, "malformed multipart body")
+    parts = [part for part in message.iter_parts() if not part.is_multipart()]
+    chosen = next((part for part in parts if part.get_filename()), None)
+    if chosen is None:
+        chosen = next((part for part in parts if part.get_param("name", header="content-disposition")
+                       in ("image", "file")), None)
+    if chosen is None:
+        raise ApiError(400, "multipart body without a file part (send the image as a file field named 'image')")
+    data = chosen.get_payload(decode=True) or b""
+    if not data:
+        raise ApiError(400, "empty image: the multipart file part holds zero bytes")
+    return data
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode an image from bytes into 8-bit RGB, upright by its EXIF orientation (as ``segment`` reads files).
+
+    400 naming the problem for bytes that are not an image or a truncated / corrupt one; 413 for more pixels than
+    ``max_pixels``, checked from the header before the pixels are decoded (a decompression bomb never is)."""
+    if not data:
+        raise ApiError(400, "empty image: zero bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            opened = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ApiError(400, "not an image: the body is no image format this server reads (PNG, JPEG, WebP, "
+                                "BMP, TIFF, GIF, ...)") from None
+        except Image.DecompressionBombError as error:
+            raise ApiError(413, f"image over the pixel limit: {error}") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise ApiError(400, f"corrupt image header: {error or type(error).__name__}") from None
+        with opened:
+            width, height = opened.size
+            if width < 1 or height < 1:
+                raise ApiError(400, f"empty image of {width}x{height} pixels")
+            if width * height > max_pixels:
+                raise ApiError(413, f"image of {width}x{height} = {width * height} pixels, over the limit of "
+                                    f"{max_pixels} (--max-pixels)")
+            try:
+                opened.load()
+                image = to_rgb(apply_exif_orientation(opened))
+                if image is opened:
+                    image = opened.copy()
+            except Image.DecompressionBombError as error:
+                raise ApiError(413, f"image over the pixel limit: {error}") from None
+            except (OSError, SyntaxError, ValueError, EOFError, KeyError) as error:
+                reason = str(error) or type(error).__name__
+                raise ApiError(400, f"truncated or corrupt image: {reason}") from None
+    return image
+
+
+def check_work_size(request: SegmentRequest, image: Image.Image, max_pixels: int) -> tuple[int, int]:
+    """The size the image runs at; 400 when the asked resize would run more than ``max_pixels`` pixels."""
+    try:
+        target = request.target_size(image.height, image.width)
+    except ValueError as error:
+        raise ApiError(400, str(error)) from None
+    if target[0] * target[1] > max_pixels:
+        raise ApiError(400, f"the resize asked for runs the model at {target[0]}x{target[1]} = "
+                            f"{target[0] * target[1]} pixels, over the limit of {max_pixels} (--max-pixels)")
+    return target
+
+
+def class_names(id2label: dict, num_labels: int) -> list[str]:
+    """A name per class: the checkpoint's own names where it has real ones, else ADE20K's (150 classes),
+    Cityscapes' (19) or ``class i``."""
+    generic = all(str(name) == f"LABEL_{index}" for index, name in id2label.items())
+    if id2label and not generic:
+        return [str(id2label.get(index, f"class {index}")) for index in range(num_labels)]
+    if num_labels == len(ADE20K_CLASSES):
+        return list(ADE20K_CLASSES)
+    if num_labels == len(CITYSCAPES_CLASSES):
+        return list(CITYSCAPES_CLASSES)
+    return [f"class {index}" for index in range(num_labels)]
+
+
+def hex_color(color) -> str:
+    return "#" + "".join(f"{int(channel):02x}" for channel in color)
+
+
+def labels_png(labels: np.ndarray, palette: np.ndarray) -> bytes:
+    """The label map as ``segment`` writes it (a palette PNG of class ids; 16-bit grayscale above 256 classes)."""
+    buffer = io.BytesIO()
+    label_image(labels, palette).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def overlay_png(image: Image.Image, labels: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> bytes:
+    """The labels' colors over the image, as ``segment``'s overlay (a fast PNG compression: same pixels)."""
+    buffer = io.BytesIO()
+    overlay(image, labels, palette, alpha=alpha).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def summary(labels: np.ndarray, names: list[str], palette: np.ndarray) -> dict:
+    """The JSON output: the image size and the classes present, most pixels first, with name, color, pixel count
+    and share of the pixels."""
+    counts = np.bincount(labels.reshape(-1).astype(np.int64), minlength=len(names))
+    total = int(labels.size)
+    present = sorted((int(index) for index in np.flatnonzero(counts)), key=lambda index: (-int(counts[index]), index))
+    return {
+        "height": int(labels.shape[0]),
+        "width": int(labels.shape[1]),
+        "classes": [{"id": index, "name": names[index], "color": hex_color(palette[index]),
+                     "pixels": int(counts[index]), "share": int(counts[index]) / total} for index in present],
+    }
