@@ -394,8 +394,12 @@ def test_slide_labels_equal_the_full_buffer_labels(model, height, width, crop, s
     calls = []
     got = slide_labels(_forward(model), pixels, sizes, NUM_LABELS, crop, stride, pad_to_crop=pad_to_crop,
                        chunk_bytes=50_000, progress=lambda done, total: calls.append((done, total)))
-    total = len(window_grid(height, width, *resolve_window(crop, stride)))
+    windows = len(window_grid(height, width, *resolve_window(crop, stride)))
+    # progress counts windows and label bands, so it moves through the label passes too: steps of one, each
+    # report with the same total, more steps than windows, ending at the total
+    total = calls[-1][1]
     assert [done for done, _ in calls] == list(range(1, total + 1)) and {t for _, t in calls} == {total}
+    assert total > windows
     for index, (h, w) in enumerate(sizes):
         expected = full[index].argmax(0) if (h, w) == (height, width) else \
             ops.upsample_argmax_eager(full[index:index + 1], h, w)[0]

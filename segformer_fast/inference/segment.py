@@ -68,8 +68,8 @@ def segment_images(
     each image's size and argmax (``whole_labels(pixel_values, sizes)`` if given, e.g. the engine's fused op);
     "slide": :func:`slide_logits` with ``crop`` (default 1024x1024) and ``stride`` (default 2/3 of the crop),
     resized to each image's size, argmax, streamed by :func:`slide_labels` (``progress(done, total)`` after each
-    forward call, windows counted per group of same-size images); "auto": whole, and where that runs out of memory
-    a warning and slide, with ``on_auto_choice(mode, (H, W))`` called per group of same-size images with the mode
+    forward call and each band of labels, per group of same-size images); "auto": whole, and where that runs out of
+    memory a warning and slide, with ``on_auto_choice(mode, (H, W))`` called per group of same-size images with the mode
     it ran in ("whole" or "slide") and the size the images were resized to. Returns one tensor for a single image,
     else a list.
     """

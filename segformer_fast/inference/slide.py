@@ -63,7 +63,9 @@ def slide_labels(
     chunks of rows (each chunk's window-upsampled, averaged and resized logits at most ``chunk_bytes`` of float32).
     Peak memory is proportional to a row of windows at 1/4 resolution plus one chunk, not to classes x image size.
     Equal to the full-buffer computation up to float rounding (the interpolation is computed in its separable form,
-    rows then columns). ``progress(done, total)`` is called after each forward call, with windows counted.
+    rows then columns). ``progress(done, total)`` counts the work in steps, windows and label bands: it is called
+    after each forward call (with the windows it ran) and after each band of labels, so a bar over it keeps moving
+    through the label passes between window rows; ``total`` is the windows plus the bands.
     """
     check_slide_arguments(pixel_values, num_labels, windows_per_call)
     crop, stride = resolve_window(crop, stride)
@@ -74,19 +76,23 @@ def slide_labels(
     row_spans = sorted({(y1, y2) for y1, y2, _, _ in windows})
     device = pixel_values.device
     window_logits: dict = {}  # (y1, y2, x1, x2) -> (B, K, h', w') float32 at the model's resolution
-    computed = 0
+    done_steps = 0  # windows run + label bands written, for progress
+    total_steps = len(windows)  # + the bands, once they are planned below
+
+    def report(steps: int) -> None:
+        nonlocal done_steps
+        done_steps += steps
+        if progress is not None:
+            progress(done_steps, total_steps)
 
     def compute_window_row(span):
-        nonlocal computed
         row = [window for window in windows if window[:2] == span]
         for start in range(0, len(row), windows_per_call):
             group = row[start:start + windows_per_call]
             logits = forward_windows(forward, pixel_values, group, num_labels, crop, pad_to_crop)
             for index, window in enumerate(group):
                 window_logits[window] = logits[index * batch:(index + 1) * batch].float()
-            computed += len(group)
-            if progress is not None:
-                progress(computed, len(windows))
+            report(len(group))
 
     def averaged_rows(image: int, first: int, last: int) -> torch.Tensor:
         """Rows [first, last] of slide_logits for one image, (1, K, n, width), from the windows covering them."""
@@ -118,6 +124,7 @@ def slide_labels(
                 first, last = int(i0.min()), int(i1.max())
             tasks.append((first, last, image, out_rows))
     tasks.sort(key=lambda task: (task[1], task[0]))
+    total_steps += len(tasks)
     labels = [torch.empty(h, w, dtype=torch.int64, device=device) for h, w in sizes]
     next_span = 0
     for number, (first, last, image, out_rows) in enumerate(tasks):
@@ -132,4 +139,5 @@ def slide_labels(
         if (out_h, out_w) != (height, width):
             band = _resize_rows(band, out_rows, height, out_h, out_w, first_row=first)
         labels[image][out_rows[0]:out_rows[-1] + 1] = band[0].argmax(0)
+        report(1)
     return labels

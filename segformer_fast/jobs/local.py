@@ -22,7 +22,8 @@ class _WindowProgress:
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
-            self.bar = tqdm(total=total, desc=self.name, unit="window", leave=False, position=1, mininterval=0)
+            # steps: the sliding windows' forwards and the streamed label bands between them
+            self.bar = tqdm(total=total, desc=self.name, unit="step", leave=False, position=1, mininterval=0)
         self.bar.total = total
         self.bar.update(done - self.bar.n)
 
