@@ -157,8 +157,7 @@ class PreparedSegformer(nn.Module):
         self.num_labels = engine.decoder.num_labels
         self.ops = OnnxOps() if mode == "onnx" else TorchOps()
         device = device or engine.device
-        stages = [dataclasses.replace(stage, blocks=list(stage.blocks)) for stage in engine.stages]
-        stages = _norms_in_fp32(stages) if mode == "onnx" else stages
+        stages = _norms_in_fp32(engine.stages) if mode == "onnx" else engine.stages
         self.stages = _hold([_to_device(stage, device) for stage in stages])
         self.decoder = _hold(engine.decoder.to(device=device))
 
