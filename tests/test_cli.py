@@ -371,7 +371,8 @@ def test_slide_mode_shows_window_progress_and_auto_says_what_it_chose(checkpoint
     assert main(["segment", *common, "--out", str(tmp_path / "slide"), "--mode", "slide", "--crop", "64", "64",
                  "--stride", "48", "48"]) == 0
     err = capsys.readouterr().err
-    assert "big.png" in err and "6/6" in err and "window" in err  # 2 x 3 windows, counted as they run
+    # 2 x 3 window forwards and one band of labels, counted as they run
+    assert "big.png" in err and "7/7" in err and "step" in err
     assert main(["segment", *common, "--out", str(tmp_path / "auto"), "--mode", "auto"]) == 0
     assert "mode auto chose whole image at 100x130" in capsys.readouterr().err
     assert main(["segment", *common, "--out", str(tmp_path / "quiet"), "--mode", "slide", "--crop", "64", "64",

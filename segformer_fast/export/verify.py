@@ -39,19 +39,23 @@ def engine_and_reference(model, dtype, reference, kernels):
             )
         if reference is not None and not (isinstance(reference, Segformer) or is_transformers_segformer(reference)):
             raise TypeError(f"reference must be a Segformer or a transformers model, got {type(reference).__name__}")
-        return model, _in_eval_mode(reference)
+        return model, _as_reference(reference)
     if not (isinstance(model, Segformer) or is_transformers_segformer(model)):
         raise TypeError(
             "export takes a segformer_fast.Segformer, a transformers SegformerForSemanticSegmentation or a "
             f"SegformerEngine, got {type(model).__name__}"
         )
     dtype = dtype if dtype is not None else torch.float32
-    return optimize(model, dtype=dtype, kernels=kernels, cuda_graphs=False, verify=False), _in_eval_mode(model)
+    return optimize(model, dtype=dtype, kernels=kernels, cuda_graphs=False, verify=False), _as_reference(model)
 
 
-def _in_eval_mode(model):
-    """``model`` itself when it is in eval mode, else an eval-mode copy: export runs the reference with eval
-    semantics and never changes the caller's model (its training flag, its BatchNorm statistics)."""
+def _as_reference(model):
+    """What an export is checked against: a transformers model as the reference ``Segformer`` with its weights (an
+    fp32 eval copy, equal to it within 1e-5 x max |logits|, which also runs the inputs under 29 px a dynamic export
+    is verified at, where transformers raises); a ``Segformer`` itself when in eval mode, else an eval-mode copy.
+    The caller's model is never run in train mode or changed (its training flag, its BatchNorm statistics)."""
+    if model is not None and is_transformers_segformer(model):
+        return Segformer.from_transformers(model)
     if model is None or not any(module.training for module in model.modules()):
         return model
     return copy.deepcopy(model).eval()
@@ -86,15 +90,15 @@ def shapes(dynamic, batch, size, kind):
 
 
 def reference_logits(reference, pixel_values, dtype):
-    """The reference's logits for fp32 ``pixel_values``, computed in ``dtype`` (a copy is cast when needed)."""
+    """The reference ``Segformer``'s logits for fp32 ``pixel_values``, computed in ``dtype`` (a copy is cast when
+    needed)."""
     device = next(reference.parameters()).device
     model = reference
     if next(reference.parameters()).dtype != dtype:
         model = copy.deepcopy(reference).to(dtype)
     inputs = pixel_values.to(device=device, dtype=dtype)
     with torch.no_grad():
-        out = model(pixel_values=inputs).logits if is_transformers_segformer(model) else model(inputs)
-    return out.float().cpu()
+        return model(inputs).float().cpu()
 
 
 def random_pixels(batch, height, width, seed):
