@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from segformer_fast.core.runtime import MAX_FUSED_OUT_CHANNELS  # the memory model reads it there too
 from segformer_fast.ops import reference
 from segformer_fast.prepared.weights import check_tensor
 
@@ -52,9 +53,6 @@ from .common import (
 )
 from .linear import linear
 from .sr_kv import _check_x, reduced_size, sr_kv, sr_kv_launches, sr_kv_ref
-
-#: Widest C whose output projection is fused into the attention epilogue (accumulator BLOCK_M x 256 in fp32).
-MAX_FUSED_OUT_CHANNELS = 256
 
 
 @triton.jit

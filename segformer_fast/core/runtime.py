@@ -10,8 +10,9 @@ import torch
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: The same dtypes, as a tuple for membership checks.
 COMPUTE_DTYPES = tuple(DTYPES.values())
-#: Widest stage whose Triton flash SR attention fuses the output projection (kernels.sr_attention); wider stages
-#: write the attention output to a temporary first. The kernels and the memory model (inference.memory) read it here.
+#: Widest stage whose Triton flash SR attention fuses the output projection (kernels.sr_attention; accumulator
+#: BLOCK_M x 256 in fp32); wider stages write the attention output to a temporary first. The kernels and the
+#: memory model (inference.memory) read it here.
 MAX_FUSED_OUT_CHANNELS = 256
 #: Long names accepted wherever a short one is.
 _DTYPE_ALIASES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
