@@ -95,6 +95,7 @@ CATEGORY_OF_OP = {
     "aten::scaled_dot_product_attention": "sdpa", "aten::_scaled_dot_product_flash_attention_for_cpu": "sdpa",
     "aten::gelu": "gelu",
     "aten::layer_norm": "layer_norm", "aten::native_layer_norm": "layer_norm",
+    "segformer_fast::layer_norm": "layer_norm",
     "segformer_fast::fused_decode": "decoder",
     "segformer_fast::kv_attention": "attention kernel",
     "aten::copy_": "copy", "aten::clone": "copy",
@@ -187,7 +188,7 @@ def floors(event) -> tuple:
     if name == "aten::_scaled_dot_product_flash_attention_for_cpu":
         q, k = shapes[0], shapes[1]  # (B, heads, N, d), (B, heads, Nkv, d)
         return 4 * _numel(q) * k[2], None
-    if name in ("aten::native_layer_norm", "aten::gelu", "aten::_softmax"):
+    if name in ("aten::native_layer_norm", "segformer_fast::layer_norm", "aten::gelu", "aten::_softmax"):
         read = _bytes(event, 0)
         return None, None if read is None else 2 * read
     if name == "aten::copy_":

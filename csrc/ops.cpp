@@ -1,4 +1,4 @@
-// The segformer_fast operator library: schemas here, kernels in decode_cpu.cpp and kv_attention_cpu.cpp (CPU) and
+// The segformer_fast operator library: schemas here, kernels in decode_cpu.cpp, kv_attention_cpu.cpp and layer_norm_cpu.cpp (CPU) and
 // cuda_launch.cpp (CUDA).
 // Fake (meta) implementations for torch.compile / torch.export live in segformer_fast/ops.py.
 
@@ -24,4 +24,7 @@ TORCH_LIBRARY(segformer_fast, m) {
   // q: (B, N, C) contiguous, projected and scaled; kv: (B, Nkv, 2C) = [k | v]; heads split C head-major ->
   // softmax(q kᵀ) v per head, (B, N, C). CPU only (the CUDA path is the Triton flash SR-attention kernel).
   m.def("kv_attention(Tensor q, Tensor kv, int heads) -> Tensor");
+  // x: (..., C) contiguous; weight, bias: (C,) in x's dtype -> LayerNorm over C with fp32 statistics, x's dtype.
+  // CPU only (the CUDA path is the Triton LayerNorm kernel).
+  m.def("layer_norm(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor");
 }

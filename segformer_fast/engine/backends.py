@@ -5,8 +5,8 @@ Every backend takes the same prepared weights (``segformer_fast.prepared.weights
 channels-last tokens (B, H*W, C), row-major over the stage grid.
 
 - :class:`TorchOps` (the CPU default): the CPU fast ops (:mod:`segformer_fast.ops.cpu`: oneDNN GEMMs on packed
-  weights with fused residual adds, the fused depthwise conv + GELU) and the extension's ops (``kv_attention``,
-  ``fused_decode``: :mod:`segformer_fast.ops.extension`).
+  weights with fused residual adds, the fused depthwise conv + GELU) and the extension's ops (``layer_norm``,
+  ``kv_attention``, ``fused_decode``: :mod:`segformer_fast.ops.extension`).
 - :class:`EagerOps`: the reference ops (:mod:`segformer_fast.ops.reference`) everywhere, the decoder included (a
   debugging aid, and what the fast backends are checked against).
 - ``TritonOps`` (``segformer_fast.engine.triton_backend``, the CUDA default): the fused Triton kernels.
@@ -53,19 +53,27 @@ class TorchOps:
         return packed_stages, packed_decoder
 
     def patch_embed_norm(self, features, norm: NormParams):
-        """The patch-embed conv output (B, C, h, w), any layout -> LayerNorm-ed tokens (B, h*w, C)."""
-        return cpu.patch_embed_layer_norm(features, norm.weight, norm.bias, norm.eps)
+        """The patch-embed conv output (B, C, h, w), any layout -> LayerNorm-ed tokens (B, h*w, C): the extension's
+        LayerNorm reads the first stage's NCHW output as it is (channel-major tokens), the later stages'
+        channels-last outputs as rows."""
+        return extension.layer_norm(features.flatten(2).transpose(1, 2), norm.weight, norm.bias, norm.eps)
 
     def layer_norm(self, tokens, norm: NormParams):
         """LayerNorm over the channels of tokens (B, N, C)."""
-        return cpu.layer_norm(tokens, norm.weight, norm.bias, norm.eps)
+        return extension.layer_norm(tokens, norm.weight, norm.bias, norm.eps)
 
     def attention(self, x_norm, residual, height, width, params: SRAttentionParams):
-        """residual + SR attention of the normalized tokens x_norm (B, h*w, C) on an h x w grid: q and the merged
-        k/v projections, the extension's attention kernel (``extension.kv_attention``), the output projection with
-        the residual add in its epilogue."""
+        """residual + SR attention of the normalized tokens x_norm (B, h*w, C) on an h x w grid: q, for R > 1 the
+        SR conv as a patchify GEMM and the SR LayerNorm, the merged k/v projection, the extension's attention kernel
+        (``extension.kv_attention``), the output projection with the residual add in its epilogue."""
         q = cpu.linear(x_norm, params.q_weight, params.q_bias)
-        attended = extension.kv_attention(q, cpu.sr_kv(x_norm, height, width, params), params.num_heads)
+        kv_tokens = x_norm
+        if params.sr_ratio > 1:
+            reduced = cpu.linear(cpu.sr_patches(x_norm, height, width, params.sr_ratio), params.sr_weight,
+                                 params.sr_bias)
+            kv_tokens = extension.layer_norm(reduced, params.sr_ln_weight, params.sr_ln_bias, params.sr_eps)
+        kv = cpu.linear(kv_tokens, params.kv_weight, params.kv_bias)
+        attended = extension.kv_attention(q, kv, params.num_heads)
         return cpu.linear(attended, params.o_weight, params.o_bias, residual)
 
     def mixffn(self, x_norm, residual, height, width, params: MixFFNParams):

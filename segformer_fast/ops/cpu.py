@@ -7,7 +7,9 @@ What the CPU profile showed to matter (docs/DESIGN.md section 4, "The CPU path")
   default CPU GEMM, MKL, ran at half of oneDNN's rate on the AMD EPYC we measure on (benchmarks/NOTES.md);
 - the depthwise conv + bias + GELU as one oneDNN convolution with GELU as its post-op (:func:`dwconv_gelu`);
 - the attention core by rows (:func:`attention_by_row_chunks`, the eager fallback of the extension's
-  ``kv_attention``, which the backend calls).
+  ``kv_attention``, which the backend calls);
+- the SR conv's patches as GEMM rows (:func:`sr_patches`). LayerNorm is the extension's CPU kernel
+  (``extension.layer_norm``).
 
 Elsewhere (CUDA tensors, fp64) and while tracing or compiling, the same functions run the standard ops, so a graph
 traced through them holds no CPU-only op. Tokens are channels-last (B, H*W, C), row-major over the stage grid.
@@ -16,7 +18,7 @@ traced through them holds no CPU-only op. Tokens are channels-last (B, H*W, C), 
 import torch
 import torch.nn.functional as F
 
-from segformer_fast.prepared.weights import MixFFNParams, SRAttentionParams
+from segformer_fast.prepared.weights import MixFFNParams
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _ONEDNN_BF16 = _ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -61,16 +63,6 @@ def linear(x, weight, bias=None, residual=None):
     return y if residual is None else y + residual
 
 
-def layer_norm(tokens, weight, bias, eps):
-    """LayerNorm over the channels of tokens (B, N, C) (ATen's CPU kernel: fp32 statistics for bf16 too)."""
-    return F.layer_norm(tokens, (tokens.shape[-1],), weight, bias, eps)
-
-
-def patch_embed_layer_norm(features, weight, bias, eps):
-    """The patch-embed conv output (B, C, h, w), any layout -> LayerNorm-ed tokens (B, h*w, C)."""
-    return layer_norm(features.flatten(2).transpose(1, 2), weight, bias, eps)
-
-
 def sr_patches(x_norm, H, W, ratio):
     """The SR conv's R x R patches of (B, H*W, C) tokens as GEMM rows (B, floor(H/R)*floor(W/R), R*R*C) in
     (ky, kx, c) order, grids smaller than R zero-padded to R. Spelled with ``unfold``, which torch.export traces for
@@ -83,16 +75,6 @@ def sr_patches(x_norm, H, W, ratio):
     patches = grid.unfold(1, ratio, ratio).unfold(2, ratio, ratio)  # (B, rows, cols, C, ky, kx)
     rows, cols = patches.shape[1], patches.shape[2]
     return patches.permute(0, 1, 2, 4, 5, 3).reshape(batch, rows * cols, ratio * ratio * channels)
-
-
-def sr_kv(x_norm, H, W, params: SRAttentionParams):
-    """The merged k/v (B, Nkv, 2C) = [k | v] of (B, H*W, C) normalized tokens: for R > 1 the patchify GEMM + bias
-    and the SR LayerNorm first (reference: :func:`segformer_fast.ops.reference.sr_kv`)."""
-    kv_tokens = x_norm
-    if params.sr_ratio > 1:
-        reduced = linear(sr_patches(x_norm, H, W, params.sr_ratio), params.sr_weight, params.sr_bias)
-        kv_tokens = layer_norm(reduced, params.sr_ln_weight, params.sr_ln_bias, params.sr_eps)
-    return linear(kv_tokens, params.kv_weight, params.kv_bias)
 
 
 def attention_by_row_chunks(q, kv, heads):

@@ -5,6 +5,8 @@
 - :func:`upsample_argmax`: logits -> full-resolution labels, bilinear upsampling and argmax fused.
 - :func:`kv_attention`: softmax(q kᵀ) v per head over SR attention's merged k/v, the scores never written (a CPU
   kernel only: on CUDA the Triton flash SR-attention kernel does this).
+- :func:`layer_norm`: LayerNorm over the channels of token rows, fp32 statistics (a CPU kernel only: on CUDA the
+  Triton LayerNorm kernel does this).
 
 When the extension is built the functions call ``torch.ops.segformer_fast.*`` (CPU kernels always, CUDA kernels
 when built with CUDA). Otherwise, or for a device the build has no kernel for, they run an eager PyTorch fallback
@@ -38,7 +40,7 @@ def extension_available() -> bool:
 
 def _kernel_devices() -> dict:
     """{op name: device types with a compiled kernel}, computed once (plain lookups keep torch.compile tracing)."""
-    devices = {name: frozenset() for name in ("fused_decode", "upsample_argmax", "kv_attention")}
+    devices = {name: frozenset() for name in ("fused_decode", "upsample_argmax", "kv_attention", "layer_norm")}
     if _EXTENSION_ERROR is None:
         for op_name in devices:
             devices[op_name] = frozenset(
@@ -189,6 +191,43 @@ if extension_available():
         return torch.empty_like(q)
 
 
+def _is_channel_major(x) -> bool:
+    """Whether x (B, N, C) is a contiguous (B, C, N) tensor transposed (csrc/layer_norm_cpu.cpp, is_channel_major)."""
+    batch, tokens, channels = x.shape if x.dim() == 3 else (0, 0, 0)
+    return (tokens > 1 and channels > 1 and x.stride(1) == 1 and x.stride(2) == tokens
+            and (batch == 1 or x.stride(0) == tokens * channels))
+
+
+def _check_layer_norm(x, weight, bias) -> None:
+    """The checks of csrc/layer_norm_cpu.cpp, with the same messages (used by the fake impl)."""
+    if x.dim() < 1:
+        raise RuntimeError("layer_norm: x must have at least one dimension (..., C), got a 0-D tensor")
+    channels = x.shape[-1]
+    if channels < 1:
+        raise RuntimeError(f"layer_norm: x must have C >= 1 channels in its last dimension, got shape {list(x.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise RuntimeError(f"layer_norm: expected a float32, float16 or bfloat16 x, got {x.dtype}")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor.dim() != 1 or tensor.shape[0] != channels:
+            raise RuntimeError(f"layer_norm: {name} must have shape (C,) = ({channels},) for x of shape "
+                               f"{list(x.shape)}, got {list(tensor.shape)}")
+    if weight.dtype != x.dtype or bias.dtype != x.dtype:
+        raise RuntimeError(f"layer_norm: dtype mismatch: x is {x.dtype} but weight is {weight.dtype} and bias is "
+                           f"{bias.dtype}")
+    if not (x.is_contiguous() or _is_channel_major(x)):
+        raise RuntimeError(f"layer_norm: x must be contiguous, or (B, N, C) with strides (C*N, 1, N) (a (B, C, N) "
+                           f"tensor transposed), got shape {list(x.shape)} and strides {list(x.stride())}; call "
+                           ".contiguous()")
+
+
+if extension_available():
+
+    @torch.library.register_fake("segformer_fast::layer_norm")
+    def _layer_norm_fake(x, weight, bias, eps):
+        _check_layer_norm(x, weight, bias)
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def fused_decode_eager(p1, p2, p3, p4, bias, cls_weight, cls_bias) -> torch.Tensor:
     """Eager PyTorch version of :func:`fused_decode` (fp32 arithmetic, result in the inputs' dtype)."""
     _check_fused_decode((p1, p2, p3, p4), bias, cls_weight, cls_bias)
@@ -230,6 +269,24 @@ def kv_attention(q, kv, heads: int) -> torch.Tensor:
         _warn_fallback("kv_attention", q.device)
         return cpu.attention_by_row_chunks(q, kv, heads)
     return reference.kv_attention(q, kv, heads)
+
+
+def layer_norm(tokens, weight, bias, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim of tokens (..., C) with fp32 statistics, in the tokens' dtype, contiguous; weight,
+    bias (C,).
+
+    The extension's CPU kernel where it is built (rows normalized in AVX-512 registers; ATen's kernel is 1.4-4x
+    slower at SegFormer's 32..512 channels: benchmarks/NOTES.md). It reads contiguous tokens and channel-major ones
+    (B, N, C) with strides (C*N, 1, N), the NCHW patch-embed output flattened and transposed, without a copy; any
+    other layout is made contiguous first. Elsewhere, and while tracing,
+    :func:`segformer_fast.ops.reference.layer_norm` (``F.layer_norm``)."""
+    if tokens.device.type == "cpu" and not cpu.tracing() and tokens.dtype in _SUPPORTED_DTYPES:
+        if _has_kernel("layer_norm", tokens.device):
+            if not (tokens.is_contiguous() or _is_channel_major(tokens)):
+                tokens = tokens.contiguous()
+            return torch.ops.segformer_fast.layer_norm(tokens, weight, bias, float(eps))
+        _warn_fallback("layer_norm", tokens.device)
+    return reference.layer_norm(tokens, weight, bias, eps)
 
 
 def upsample_argmax(logits, height: int, width: int) -> torch.Tensor:
