@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <array>
 #include <type_traits>
+#include <utility>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -46,6 +47,7 @@ namespace avx2 {
 #include "decode_cpu_kernels.h"
 }  // namespace avx2
 #pragma GCC pop_options
+
 #endif
 
 namespace {
@@ -96,14 +98,16 @@ const c10::OperatorHandle* onednn_linear() {
   return handle.has_value() ? &*handle : nullptr;
 }
 
-// logits (pixels, K) = hidden (pixels, D) W_clsᵀ + b_cls in fp32, on oneDNN (one thread: called inside a parallel
-// task). Returns an undefined tensor where oneDNN is not there.
+// out (pixels, N) = x (pixels, D) Wᵀ (+ b where `bias` is defined), in x's dtype, on oneDNN (one thread: called
+// inside a parallel task): the classifier, and the stage-1 projection of fused_decode_tokens. Returns an undefined
+// tensor where oneDNN is not there.
 at::Tensor classify_onednn(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& cls_bias) {
   const c10::OperatorHandle* op = onednn_linear();
   if (op == nullptr) {
     return at::Tensor();
   }
-  torch::jit::Stack stack{hidden, weight, cls_bias, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+  const c10::IValue bias_value = cls_bias.defined() ? c10::IValue(cls_bias) : c10::IValue();
+  torch::jit::Stack stack{hidden, weight, bias_value, std::string("none"), c10::List<std::optional<at::Scalar>>(),
                           std::optional<std::string>(std::string())};
   op->callBoxed(&stack);
   return stack[0].toTensor();
@@ -119,19 +123,44 @@ bool onednn_bf16_supported() {
 #endif
 }
 
+// The stage-1 projection of fused_decode_tokens: tokens (B, h1, w1, C1) and the folded weight w1 (D, C1), or
+// both null for fused_decode (p1 given as a map).
+struct StageOneTokens {
+  const at::Tensor* tokens = nullptr;
+  const at::Tensor* weight = nullptr;
+};
+
+// p1 rows y_begin .. y_begin + rows of image b, (rows * w1, D) in the tokens' dtype: t1 w1ᵀ on oneDNN (ATen's mm
+// where oneDNN is missing), as the projection of the stage's tokens computes it when it is written out.
+at::Tensor project_stage_one_rows(const StageOneTokens& stage_one, int64_t b, int64_t y_begin, int64_t rows) {
+  const at::Tensor& tokens = *stage_one.tokens;
+  const at::Tensor block = tokens.select(0, b).narrow(0, y_begin, rows).reshape({-1, tokens.size(3)});
+  // oneDNN for fp32, and for bf16 where it runs bf16 natively; fp16 (no oneDNN fp16 GEMM on most CPUs) on ATen's
+  const auto dtype = tokens.scalar_type();
+  if (dtype == at::kFloat || (dtype == at::kBFloat16 && onednn_bf16_supported())) {
+    const at::Tensor projected = classify_onednn(block, *stage_one.weight, at::Tensor());
+    if (projected.defined()) {
+      return projected;
+    }
+  }
+  return at::mm(block, stage_one.weight->t());
+}
+
 template <typename scalar_t>
-void fused_decode_kernel(const std::array<const at::Tensor*, 4>& maps, const at::Tensor& bias,
-                         const at::Tensor& cls_weight, const at::Tensor& cls_bias, at::Tensor& out) {
+void fused_decode_kernel(const std::array<const at::Tensor*, 4>& maps, const StageOneTokens& stage_one,
+                         const at::Tensor& bias, const at::Tensor& cls_weight, const at::Tensor& cls_bias,
+                         at::Tensor& out) {
   const DecodeKernels<scalar_t> kernels = select_kernels<scalar_t>();
-  const at::Tensor& p1 = *maps[0];
-  const int64_t batch = p1.size(0), height = p1.size(1), width = p1.size(2), dim = p1.size(3);
+  const at::Tensor& grid = stage_one.tokens != nullptr ? *stage_one.tokens : *maps[0];
+  const int64_t batch = grid.size(0), height = grid.size(1), width = grid.size(2);
+  const int64_t dim = stage_one.weight != nullptr ? stage_one.weight->size(0) : maps[0]->size(3);
   const int64_t num_labels = cls_weight.size(0);
   // Stages 2..4: source rows/columns and weights for every output row/column of the stage-1 grid.
   std::array<LinearAxis, 3> row_axes, col_axes;
   std::array<const scalar_t*, 4> data{};
   int64_t max_in_width = 1;
   for (int s = 0; s < 4; ++s) {
-    data[s] = maps[s]->data_ptr<scalar_t>();
+    data[s] = maps[s] != nullptr ? maps[s]->data_ptr<scalar_t>() : nullptr;
     if (s > 0) {
       row_axes[s - 1] = linear_axis<float>(maps[s]->size(1), height);
       col_axes[s - 1] = linear_axis<float>(maps[s]->size(2), width);
@@ -163,10 +192,15 @@ void fused_decode_kernel(const std::array<const at::Tensor*, 4>& maps, const at:
       const int64_t b = task / chunks;
       const int64_t y_begin = (task % chunks) * rows_per_task;
       const int64_t rows = std::min(rows_per_task, height - y_begin);
+      // p1's rows of this block: from the map, or projected from the stage-1 tokens here, never written whole
+      const at::Tensor p1_block =
+          stage_one.tokens != nullptr ? project_stage_one_rows(stage_one, b, y_begin, rows) : at::Tensor();
+      const scalar_t* p1_rows =
+          p1_block.defined() ? p1_block.data_ptr<scalar_t>() : data[0] + (b * height + y_begin) * width * dim;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t y = y_begin + r;
         float* hidden_row = hidden.data() + r * width * dim;
-        kernels.init_hidden_row(data[0] + (b * height + y) * width * dim, bias_ptr, width, dim, hidden_row);
+        kernels.init_hidden_row(p1_rows + r * width * dim, bias_ptr, width, dim, hidden_row);
         for (int s = 1; s < 4; ++s) {
           const at::Tensor& p = *maps[s];
           const int64_t in_h = p.size(1), in_w = p.size(2);
@@ -201,25 +235,43 @@ void fused_decode_kernel(const std::array<const at::Tensor*, 4>& maps, const at:
   });
 }
 
+template <typename... Args>
+void dispatch_fused_decode(at::ScalarType dtype, Args&&... args) {
+  switch (dtype) {
+    case at::kFloat:
+      fused_decode_kernel<float>(std::forward<Args>(args)...);
+      break;
+    case at::kBFloat16:
+      fused_decode_kernel<c10::BFloat16>(std::forward<Args>(args)...);
+      break;
+    default:
+      fused_decode_kernel<c10::Half>(std::forward<Args>(args)...);
+      break;
+  }
+}
+
 at::Tensor fused_decode_cpu(const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& p3, const at::Tensor& p4,
                             const at::Tensor& bias, const at::Tensor& cls_weight, const at::Tensor& cls_bias) {
   const std::array<const at::Tensor*, 4> maps = {&p1, &p2, &p3, &p4};
   check_fused_decode_inputs(maps, bias, cls_weight, cls_bias);
   TORCH_CHECK(p1.device().is_cpu(), "fused_decode (CPU kernel): expected CPU tensors, got p1 on ", p1.device());
   auto out = at::empty({p1.size(0), cls_weight.size(0), p1.size(1), p1.size(2)}, p1.options());
-  if (out.numel() == 0) {
-    return out;
+  if (out.numel() > 0) {
+    dispatch_fused_decode(p1.scalar_type(), maps, StageOneTokens{}, bias, cls_weight, cls_bias, out);
   }
-  switch (p1.scalar_type()) {
-    case at::kFloat:
-      fused_decode_kernel<float>(maps, bias, cls_weight, cls_bias, out);
-      break;
-    case at::kBFloat16:
-      fused_decode_kernel<c10::BFloat16>(maps, bias, cls_weight, cls_bias, out);
-      break;
-    default:
-      fused_decode_kernel<c10::Half>(maps, bias, cls_weight, cls_bias, out);
-      break;
+  return out;
+}
+
+at::Tensor fused_decode_tokens_cpu(const at::Tensor& t1, const at::Tensor& w1, const at::Tensor& p2,
+                                   const at::Tensor& p3, const at::Tensor& p4, const at::Tensor& bias,
+                                   const at::Tensor& cls_weight, const at::Tensor& cls_bias) {
+  check_fused_decode_tokens_inputs(t1, w1, {&p2, &p3, &p4}, bias, cls_weight, cls_bias);
+  TORCH_CHECK(t1.device().is_cpu(), "fused_decode_tokens (CPU kernel): expected CPU tensors, got t1 on ",
+              t1.device());
+  auto out = at::empty({t1.size(0), cls_weight.size(0), t1.size(1), t1.size(2)}, t1.options());
+  if (out.numel() > 0) {
+    const std::array<const at::Tensor*, 4> maps = {nullptr, &p2, &p3, &p4};
+    dispatch_fused_decode(t1.scalar_type(), maps, StageOneTokens{&t1, &w1}, bias, cls_weight, cls_bias, out);
   }
   return out;
 }
@@ -296,6 +348,7 @@ at::Tensor upsample_argmax_cpu(const at::Tensor& logits, int64_t height, int64_t
 
 TORCH_LIBRARY_IMPL(segformer_fast, CPU, m) {
   m.impl("fused_decode", &fused_decode_cpu);
+  m.impl("fused_decode_tokens", &fused_decode_tokens_cpu);
   m.impl("upsample_argmax", &upsample_argmax_cpu);
 }
 

@@ -19,6 +19,11 @@ TORCH_LIBRARY(segformer_fast, m) {
   m.def(
       "fused_decode(Tensor p1, Tensor p2, Tensor p3, Tensor p4, Tensor bias, Tensor cls_weight, Tensor cls_bias) "
       "-> Tensor");
+  // fused_decode with p1 = t1 w1ᵀ computed per block of rows inside the op (the stage-1 map never written):
+  // t1: (B, h1, w1, C1) contiguous stage-1 tokens; w1: (D, C1). CPU only.
+  m.def(
+      "fused_decode_tokens(Tensor t1, Tensor w1, Tensor p2, Tensor p3, Tensor p4, Tensor bias, Tensor cls_weight, "
+      "Tensor cls_bias) -> Tensor");
   // logits: (B, K, h, w) contiguous -> int64 labels (B, height, width).
   m.def("upsample_argmax(Tensor logits, int height, int width) -> Tensor");
   // q: (B, N, C) contiguous, projected and scaled; kv: (B, Nkv, 2C) = [k | v]; heads split C head-major ->

@@ -199,7 +199,8 @@ def test_torch_backend_prepare_packs_gemm_weights_and_keeps_the_originals(dtype)
         if original is None:
             assert packed is None, name
             continue
-        assert packed.is_mkldnn == packable, name
+        # the stage-1 decoder projection stays plain: extension.fused_decode_tokens takes it as it is
+        assert packed.is_mkldnn == (packable and name != "decoder.weights[0]"), name
         assert torch.equal(packed.to_dense() if packed.is_mkldnn else packed, snapshot[name]), name
         assert not original.is_mkldnn and torch.equal(original, snapshot[name]), f"{name}: the original changed"
     # everything that is not a GEMM weight is shared, not copied

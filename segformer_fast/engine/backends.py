@@ -13,6 +13,9 @@ channels-last tokens (B, H*W, C), row-major over the stage grid.
 """
 
 import dataclasses
+from typing import NamedTuple
+
+import torch
 
 from segformer_fast.ops import cpu, extension, reference
 from segformer_fast.prepared.decoder_fold import FoldedDecodeHead
@@ -32,6 +35,16 @@ def _pack_gemm_weights(params):
     })
 
 
+class StageTokens(NamedTuple):
+    """A stage's output tokens (B, h*w, C_i) and its folded decoder weight (D, C_i), kept for ``TorchOps.decode``."""
+
+    tokens: torch.Tensor
+    weight: torch.Tensor
+    batch: int
+    height: int
+    width: int
+
+
 class TorchOps:
     """The prepared forward's steps on the CPU fast ops, with the extension's attention core and fused decode."""
 
@@ -39,8 +52,9 @@ class TorchOps:
 
     def prepare(self, stages: list, decoder: FoldedDecodeHead) -> tuple:
         """The (stages, decoder) this backend runs on, made once from the prepared weights: on CPU every GEMM
-        weight packed for oneDNN (``cpu.pack_linear_weight``; weights it cannot pack stay as they are). The
-        prepared weights themselves are left unchanged (export and the Triton path read them)."""
+        weight packed for oneDNN (``cpu.pack_linear_weight``; weights it cannot pack stay as they are), but the
+        stage-1 decoder projection, which ``extension.fused_decode_tokens`` takes plain. The prepared weights
+        themselves are left unchanged (export and the Triton path read them)."""
         packed_stages = [
             dataclasses.replace(stage, blocks=[
                 BlockParams(block.norm1, _pack_gemm_weights(block.attn), block.norm2, _pack_gemm_weights(block.mlp))
@@ -49,7 +63,7 @@ class TorchOps:
             for stage in stages
         ]
         packed_decoder = dataclasses.replace(
-            decoder, weights=tuple(cpu.pack_linear_weight(weight) for weight in decoder.weights))
+            decoder, weights=(decoder.weights[0], *(cpu.pack_linear_weight(weight) for weight in decoder.weights[1:])))
         return packed_stages, packed_decoder
 
     def patch_embed_norm(self, features, norm: NormParams):
@@ -82,13 +96,21 @@ class TorchOps:
         return cpu.mixffn(x_norm, height, width, params, residual=residual)
 
     def project(self, tokens, weight, batch, height, width):
-        """One stage's folded decoder projection: tokens (B, h*w, C_i) -> channels-last (B, h, w, D)."""
-        return cpu.project_stage(tokens, weight, batch, height, width)
+        """One stage's folded decoder projection, deferred to :meth:`decode`: the tokens (B, h*w, C_i) and weight kept
+        as :class:`StageTokens`. The tokens are narrower than their projection (C_i <= D), so keeping them costs
+        less memory than keeping the (B, h, w, D) map, and stage 1's map is never written at all."""
+        return StageTokens(tokens, weight, batch, height, width)
 
     def decode(self, projected, decoder: FoldedDecodeHead):
-        """The folded decode head's tail: the four projected stage maps (B, h_i, w_i, D) -> logits (B, K, h_1, w_1)
-        (bilinear upsampling to the stage-1 grid, sum, folded bias, ReLU, classifier: the extension's fused op)."""
-        return extension.fused_decode(*projected, decoder.bias, decoder.cls_weight, decoder.cls_bias)
+        """The folded decode head: the four stages' :class:`StageTokens` -> logits (B, K, h_1, w_1). Stages 2-4 are
+        projected to channels-last (B, h_i, w_i, D) maps by one GEMM each; the extension's fused op projects stage 1
+        per block of rows itself, then upsamples to the stage-1 grid, sums, adds the folded bias, applies ReLU and
+        the classifier (``extension.fused_decode_tokens``)."""
+        first, *later = projected
+        maps = [cpu.project_stage(*stage) for stage in later]
+        tokens = first.tokens.reshape(first.batch, first.height, first.width, first.tokens.shape[-1])
+        return extension.fused_decode_tokens(tokens.contiguous(), first.weight, *maps, decoder.bias,
+                                             decoder.cls_weight, decoder.cls_bias)
 
 
 class EagerOps:

@@ -28,7 +28,8 @@ def prepared_forward(ops, stages: list, decoder: FoldedDecodeHead, pixel_values)
         tokens = ops.layer_norm(tokens, stage.norm)
         # the folded head's projection of this stage, P_i = F_i W'_i^T, at the stage's own resolution, as
         # channels-last (B, h_i, w_i, D): computed now, while the tokens are in cache, so the stage output need not
-        # be kept until the encoder is done
+        # be kept until the encoder is done (the CPU ops keep the narrower tokens instead and project in decode,
+        # stage 1 inside the fused decode op, so its map is never written: engine.backends.TorchOps)
         projected.append(ops.project(tokens, fold_weight, batch, height, width))
         # channels-last (B, C, h, w) view of the stage output: the next patch-embed conv reads it without a copy
         image = tokens.view(batch, height, width, channels).permute(0, 3, 1, 2)

@@ -2,6 +2,8 @@
 
 - :func:`fused_decode`: four projected stage maps (channels-last) -> decoder logits, the bilinear upsampling, sum,
   folded bias, ReLU and classifier fused (see :mod:`segformer_fast.prepared.decoder_fold`).
+- :func:`fused_decode_tokens`: the same with the stage-1 map projected from the stage-1 tokens inside the op, per
+  block of rows, so that map is never written (a CPU kernel only).
 - :func:`upsample_argmax`: logits -> full-resolution labels, bilinear upsampling and argmax fused.
 - :func:`kv_attention`: softmax(q kᵀ) v per head over SR attention's merged k/v, the scores never written (a CPU
   kernel only: on CUDA the Triton flash SR-attention kernel does this).
@@ -40,7 +42,8 @@ def extension_available() -> bool:
 
 def _kernel_devices() -> dict:
     """{op name: device types with a compiled kernel}, computed once (plain lookups keep torch.compile tracing)."""
-    devices = {name: frozenset() for name in ("fused_decode", "upsample_argmax", "kv_attention", "layer_norm")}
+    devices = {name: frozenset() for name in ("fused_decode", "fused_decode_tokens", "upsample_argmax", "kv_attention",
+                                                 "layer_norm")}
     if _EXTENSION_ERROR is None:
         for op_name in devices:
             devices[op_name] = frozenset(
@@ -191,6 +194,22 @@ if extension_available():
         return torch.empty_like(q)
 
 
+def _check_fused_decode_tokens(t1, w1, maps, bias, cls_weight, cls_bias) -> None:
+    """The checks of csrc/checks.h (check_fused_decode_tokens_inputs) for t1 and w1; the rest as fused_decode's with
+    p1 standing for t1 w1ᵀ (used by the fake impl)."""
+    if t1.dim() != 4:
+        raise RuntimeError(f"fused_decode_tokens: t1 must be 4-D stage-1 tokens (B, h, w, C1), got a {t1.dim()}-D "
+                           f"tensor of shape {list(t1.shape)}")
+    if w1.dim() != 2 or w1.shape[1] != t1.shape[3]:
+        raise RuntimeError(f"fused_decode_tokens: w1 must have shape (D, C1) with C1={t1.shape[3]} as in t1, got "
+                           f"{list(w1.shape)}")
+    if w1.dtype != t1.dtype:
+        raise RuntimeError(f"fused_decode_tokens: dtype mismatch: w1 is {w1.dtype} but t1 is {t1.dtype}; cast all "
+                           "inputs to one dtype")
+    p1 = t1.new_empty((*t1.shape[:3], w1.shape[0]))
+    _check_fused_decode((p1, *maps), bias, cls_weight, cls_bias)
+
+
 def _is_channel_major(x) -> bool:
     """Whether x (B, N, C) is a contiguous (B, C, N) tensor transposed (csrc/layer_norm_cpu.cpp, is_channel_major)."""
     batch, tokens, channels = x.shape if x.dim() == 3 else (0, 0, 0)
@@ -222,6 +241,11 @@ def _check_layer_norm(x, weight, bias) -> None:
 
 if extension_available():
 
+    @torch.library.register_fake("segformer_fast::fused_decode_tokens")
+    def _fused_decode_tokens_fake(t1, w1, p2, p3, p4, bias, cls_weight, cls_bias):
+        _check_fused_decode_tokens(t1, w1, (p2, p3, p4), bias, cls_weight, cls_bias)
+        return t1.new_empty((t1.shape[0], cls_weight.shape[0], t1.shape[1], t1.shape[2]))
+
     @torch.library.register_fake("segformer_fast::layer_norm")
     def _layer_norm_fake(x, weight, bias, eps):
         _check_layer_norm(x, weight, bias)
@@ -252,6 +276,19 @@ def fused_decode(p1, p2, p3, p4, bias, cls_weight, cls_bias) -> torch.Tensor:
         return torch.ops.segformer_fast.fused_decode(p1, p2, p3, p4, bias, cls_weight, cls_bias)
     _warn_fallback("fused_decode", p1.device)
     return fused_decode_eager(p1, p2, p3, p4, bias, cls_weight, cls_bias)
+
+
+def fused_decode_tokens(t1, w1, p2, p3, p4, bias, cls_weight, cls_bias) -> torch.Tensor:
+    """:func:`fused_decode` with p1 = t1 w1ᵀ: t1 (B, h_1, w_1, C_1) the stage-1 tokens as a contiguous channels-last
+    map, w1 (D, C_1) the stage's folded projection (a plain tensor); the rest as in :func:`fused_decode`.
+
+    The extension's CPU kernel projects each block of output rows inside the op (one GEMM per block, in the
+    tokens' dtype, as the projection written out would be), so the (B, h_1, w_1, D) map, the largest tensor of the
+    decoder, is never written nor read back. Elsewhere, and while tracing: the projection, then
+    :func:`fused_decode`."""
+    if t1.device.type == "cpu" and not cpu.tracing() and _has_kernel("fused_decode_tokens", t1.device):
+        return torch.ops.segformer_fast.fused_decode_tokens(t1, w1, p2, p3, p4, bias, cls_weight, cls_bias)
+    return fused_decode(reference.linear(t1, w1), p2, p3, p4, bias, cls_weight, cls_bias)
 
 
 def kv_attention(q, kv, heads: int) -> torch.Tensor:
