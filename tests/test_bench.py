@@ -816,3 +816,13 @@ def test_openvino_precision_hint_and_bf16_row(tmp_path):
         assert bf16["status"] == "skipped" and "OpenVINO's CPU device has no native bf16" in bf16["reason"], bf16
     ort_bf16 = rows["ort-ours", "bf16"]
     assert (ort_bf16["status"], ort_bf16["reason"]) == ("skipped", bench_runtimes.ORT_CPU_NO_BF16)
+
+
+def test_paper_rows_compare_full_resolution_labels(tmp_path, registry):
+    """--paper: the runner's full-resolution labels against the reference's through the same wrapper."""
+    bench.register_runner("same", _reference_factory())
+    out = tmp_path / "paper.json"
+    assert bench.main(["--paper", "--runners", "same", "--variants", "b0", "--resolutions", "ade", "--repeats", "1",
+                       "--warmup", "1", "--out", str(out)]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["protocol"] == "paper" and row["label_agreement"] == 1.0
