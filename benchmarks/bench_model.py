@@ -18,7 +18,6 @@ the shared parts (resolutions, the paper's numbers, timing, the table) live in b
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -33,7 +32,7 @@ import torch
 
 from segformer_fast.core import malloc_tuning
 from segformer_fast.core.fileio import check_output_file
-from segformer_fast.core.runtime import DTYPES, cpu_has_fast_bf16, is_out_of_memory, resolve_device
+from segformer_fast.core.runtime import DTYPES, cpu_has_fast_bf16, resolve_device
 from segformer_fast.model.config import VARIANTS
 
 from bench_common import (
@@ -46,6 +45,7 @@ from bench_common import (
     RESOLUTIONS,
     SCHEMA,
     PeakMemory,
+    ReferenceLabels,
     Resolution,
     RunnerUnavailable,
     add_ratios,
@@ -57,15 +57,12 @@ from bench_common import (
     environment,
     flatten,
     format_table,
-    free_memory,
-    labels_on_host,
     list_argument,
     loadavg,
     machine_is_busy,
     make_inputs,
     measure,
     merge_rows,
-    one_line,
     paper_setting,
     parse_resolution,
     positive_float,
@@ -75,7 +72,8 @@ from bench_common import (
     resolutions_type,
     row_base,
     row_key,
-    row_precision,
+    run_setting_interleaved,
+    run_setting_row_by_row,
     say,
     setting_key,
     write_json,
@@ -125,6 +123,9 @@ register_runner("compile-max", bench_runners.compile_runner("max-autotune"), def
 for _source in ("ours", "transformers"):
     register_runner(f"ort-{_source}", bench_runtimes.ort_factory(_source), default_on=("cpu",))
     register_runner(f"openvino-{_source}", bench_runtimes.openvino_factory(_source), default_on=("cpu",))
+# int8 inside the fp32 row, calibrated on the row's first batch: ONNX Runtime static QDQ and OpenVINO + NNCF PTQ
+register_runner("ort-ours-int8", bench_runtimes.ort_int8_factory("ours"), default_on=("cpu",))
+register_runner("openvino-ours-int8", bench_runtimes.openvino_int8_factory("ours"), default_on=("cpu",))
 # TensorRT fp16 on our ONNX export: what production GPU users deploy (skipped where tensorrt is not importable)
 register_runner("trt-ours", bench_runtimes.tensorrt_factory("ours"), default_on=("cuda",))
 
@@ -154,7 +155,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="untimed calls before timing, the first included (default: 2 CPU, 10 CUDA)")
     parser.add_argument("--max-seconds-per-row", type=positive_float,
                         help=f"stop timing a row after this many seconds once {MIN_REPEATS} calls are done "
-                             "(default 20)")
+                             "(default 20); interleaved, a setting's rounds stop after this many seconds times its "
+                             "number of runners")
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                        help="time a setting's runners in rounds, one call of each per round, the first rotating "
+                             "(default on CPU); --no-interleave times each row on its own (default on CUDA)")
     parser.add_argument("--device", type=device_argument,
                         help="auto, cpu, cuda or cuda:N (default: auto, cuda when available)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
@@ -185,6 +190,7 @@ class BenchConfig:
     max_seconds_per_row: float
     seed: int = 0
     paper: bool = False  # the paper's protocol (see --paper): fp32 without TF32, batch 1, labels on the host
+    interleave: bool = False  # timed calls in rounds over the setting's runners (bench_common.protocol)
     notes: list = field(default_factory=list)
 
     def batches_for(self, resolution: Resolution) -> list:
@@ -233,6 +239,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_seconds_per_row=args.max_seconds_per_row or defaults["max_seconds_per_row"],
         notes=notes,
         paper=bool(getattr(args, "paper", False)),
+        # CPU: a busy minute spreads over every runner; CUDA: events per call, large models alive one at a time
+        interleave=args.interleave if getattr(args, "interleave", None) is not None else device.type == "cpu",
     )
 
 
@@ -241,85 +249,38 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def _row_base(variant, resolution: Resolution, batch, dtype_name, runner, config: BenchConfig) -> dict:
     return row_base(variant, resolution, batch, dtype_name, runner, device=config.device, warmup=config.warmup,
-                    paper=config.paper)
+                    paper=config.paper, interleaved=config.interleave)
 
 
 def run_benchmark(config: BenchConfig, *, on_row: Callable[[dict], None] | None = None, log=None) -> list:
-    """Run the grid variant x resolution x dtype x runner x batch; one model is alive at a time. Returns the rows
-    (in run order); ``on_row(row)`` is called after each row (the CLI saves the JSON there)."""
+    """Run the grid variant x resolution x dtype x runner x batch, interleaved or row by row (``config.interleave``;
+    bench_common.protocol). Returns the rows (in run order); ``on_row(row)`` is called after each row (the CLI saves
+    the JSON there)."""
     log = log or say
     if config.device.type == "cuda" and config.device.index is not None:
         torch.cuda.set_device(config.device)  # CUDA events record on the current device's stream
     rows = []
     total = sum(len(config.batches_for(r)) for v in config.variants for r in config.resolutions
                 if not config.paper or paper_setting(v, r)) * len(config.dtypes) * len(config.runners)
+    reference = ReferenceLabels(config.device, config.seed)
+
+    def emit(row):
+        rows.append(row)
+        log(f"[{len(rows)}/{total}] {progress_line(row)}")
+        if on_row:
+            on_row(row)
+
     for variant in config.variants:
         for resolution in config.resolutions:
             if config.paper and not paper_setting(variant, resolution):
                 continue
+            batches = config.batches_for(resolution)
+            # the fp32 reference's labels first, so its model is never alive beside a runner's
+            reference.compute(variant, resolution, batches, paper=config.paper)
             for dtype_name in config.dtypes:
-                dtype = DTYPES[dtype_name]
-                batches = config.batches_for(resolution)
-                for runner in config.runners:
-                    fn, build_failure, build_s = None, None, None
-                    try:
-                        t0 = time.perf_counter()
-                        fn = RUNNERS[runner](variant, resolution.num_labels, config.device, dtype)
-                        build_s = time.perf_counter() - t0
-                    except RunnerUnavailable as err:
-                        build_failure = ("skipped", str(err))
-                    except Exception as err:  # noqa: BLE001 - one broken row never stops the run
-                        build_failure = ("OOM" if is_out_of_memory(err) else "error", one_line(err))
-                    for batch in batches:
-                        row = _row_base(variant, resolution, batch, dtype_name, runner, config)
-                        row["build_s"] = build_s
-                        if build_failure:
-                            row["status"], row["reason"] = build_failure
-                        else:
-                            row["notes"] = getattr(fn, "notes", None)
-                            _run_row(fn, row, resolution, batch, dtype, config)
-                            if row["status"] == "skipped":
-                                build_failure = (row["status"], row["reason"])  # e.g. compile failed: skip the rest
-                        rows.append(row)
-                        log(f"[{len(rows)}/{total}] {progress_line(row)}")
-                        if on_row:
-                            on_row(row)
-                        free_memory(config.device)
-                    del fn
-                    free_memory(config.device)
+                run_setting = run_setting_interleaved if config.interleave else run_setting_row_by_row
+                run_setting(RUNNERS, variant, resolution, dtype_name, batches, config, reference, emit)
     return rows
-
-
-def _run_row(fn, row: dict, resolution: Resolution, batch: int, dtype, config: BenchConfig) -> None:
-    device = config.device
-    memory = PeakMemory(device)
-    pixel_values = None
-    try:
-        memory.start()
-        pixel_values = make_inputs(batch, resolution, device, dtype, config.seed)
-        expected = (batch, resolution.num_labels, math.ceil(resolution.height / 4), math.ceil(resolution.width / 4))
-        timed = fn
-        if config.paper:
-            timed = labels_on_host(fn, engine_labels=row["runner"] == "engine")
-            expected = (batch, resolution.height, resolution.width)
-        row["precision"], row["tf32"] = row_precision(fn, row["dtype"], device)
-        with torch.inference_mode():
-            result = measure(timed, pixel_values, device=device, warmup=config.warmup, repeats=config.repeats,
-                             max_seconds=config.max_seconds_per_row, expected_shape=expected)
-            facts = getattr(fn, "row_facts", None)
-            if facts is not None:
-                row.update(facts(pixel_values))
-        row.update(result)
-        row["peak_mem_gb"] = memory.gigabytes()
-        row["images_per_s"] = batch / (result["latency_ms"] / 1e3)
-        if row["gmacs_per_image"]:
-            row["achieved_tflops"] = 2 * row["gmacs_per_image"] * row["images_per_s"] / 1e3
-    except RunnerUnavailable as err:
-        row["status"], row["reason"] = "skipped", str(err)
-    except Exception as err:  # noqa: BLE001 - OOM and other failures are recorded, the run goes on
-        row["status"], row["reason"] = ("OOM" if is_out_of_memory(err) else "error"), one_line(err)
-    finally:
-        del pixel_values
 
 
 # --------------------------------------------------------------------------------------------------- results file
@@ -341,6 +302,7 @@ def results_document(config: BenchConfig, rows: list, argv_text: str | None = No
             "warmup": config.warmup,
             "max_seconds_per_row": config.max_seconds_per_row,
             "min_repeats": MIN_REPEATS,
+            "interleaved": config.interleave,
             "timing": "cuda events, synchronized per call" if config.device.type == "cuda" else "time.perf_counter",
             "peak_mem": PeakMemory(config.device).kind,
             "cuda_matmul_tf32": torch.backends.cuda.matmul.allow_tf32 if config.device.type == "cuda" else None,
@@ -376,7 +338,8 @@ def main_from_args(args: argparse.Namespace) -> int:
         f"{', '.join(f'{r.label} ({r.num_labels} labels)' for r in config.resolutions)} · batch "
         f"{' '.join(map(str, config.batches)) if config.batches else '1 and 16 (8 above 512x1024)'} · dtype "
         f"{' '.join(config.dtypes)} · runners {' '.join(config.runners)} · up to {config.repeats} repeats after "
-        f"{config.warmup} warm-up calls, {config.max_seconds_per_row:g} s per row at most")
+        f"{config.warmup} warm-up calls, {config.max_seconds_per_row:g} s per row at most"
+        + (" (x the runners, interleaved)" if config.interleave else " (row by row)"))
     load = loadavg()
     if config.device.type == "cpu" and machine_is_busy(load):
         config.notes.append(f"the machine is busy (1-min load average {load[0]:.1f} on {os.cpu_count()} CPUs): "
@@ -392,16 +355,13 @@ def main_from_args(args: argparse.Namespace) -> int:
         out_path, kept, message = choose_output(Path(requested), document, args.overwrite)
         say(message)
 
-    def save(rows_so_far):
-        if out_path is not None:
-            document["rows"] = add_ratios(merge_rows(kept, rows_so_far, row_key))
-            write_json(out_path, document)
-
     new_rows: list = []
 
-    def on_row(row):
+    def on_row(row):  # the file is rewritten after every row
         new_rows.append(row)
-        save(new_rows)
+        if out_path is not None:
+            document["rows"] = add_ratios(merge_rows(kept, new_rows, row_key))
+            write_json(out_path, document)
 
     try:
         run_benchmark(config, on_row=on_row)
@@ -420,10 +380,8 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Benchmark SegFormer runners (images/s, latency, peak memory) against transformers and the paper.",
-    )
+    parser = argparse.ArgumentParser(prog=prog, description="Benchmark SegFormer runners (images/s, latency, peak "
+                                     "memory) against transformers and the paper.")
     return add_arguments(parser)
 
 

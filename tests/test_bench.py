@@ -13,6 +13,7 @@ from pathlib import Path
 
 import bench_model as bench
 import bench_runners
+import bench_runtimes
 import bf16_agreement
 import make_table
 import profile_cpu
@@ -107,8 +108,8 @@ def test_custom_runner_called_with_right_arguments(tmp_path, registry):
     builds = [c for c in calls if c[0] == "build"]
     assert builds == [("build", "b0", 19, torch.device("cpu"), torch.float32)]  # built once per setting, not per batch
     shapes = [c[1] for c in calls if c[0] == "call"]
-    # first call + (warmup - 1 = 0) + 2 timed calls, per batch size
-    assert shapes == [(1, 3, 64, 96)] * 3 + [(2, 3, 64, 96)] * 3
+    # first call + (warmup - 1 = 0) + 2 timed calls + 1 untimed call for the label agreement, per batch size
+    assert shapes == [(1, 3, 64, 96)] * 4 + [(2, 3, 64, 96)] * 4
     assert all(c[2] == torch.float32 and c[3] == "cpu" for c in calls if c[0] == "call")
     rows = json.loads(out.read_text())["rows"]
     assert [(r["runner"], r["batch"], r["num_labels"], r["status"], r["notes"]) for r in rows] == [
@@ -209,7 +210,8 @@ def test_paper_numbers_and_counted_macs():
     assert bench._row_base("b5", bench.parse_resolution("ade640"), 1, "fp32", "x", config)["paper_gflops"] == 183.3
 
 
-def _row(runner, ips, *, variant="b0", height=512, width=512, batch=1, dtype="fp32", status="ok", reason=None):
+def _row(runner, ips, *, variant="b0", height=512, width=512, batch=1, dtype="fp32", status="ok", reason=None,
+         agreement=None):
     latency = None if ips is None else batch / ips * 1e3
     paper = bench.PAPER_V100.get((variant, height, width, 150), (None, None))
     return {"variant": variant, "height": height, "width": width, "num_labels": 150, "batch": batch, "dtype": dtype,
@@ -217,7 +219,8 @@ def _row(runner, ips, *, variant="b0", height=512, width=512, batch=1, dtype="fp
             "latency_p90_ms": None if ips is None else latency * 1.1, "first_call_s": 0.5 if ips else None,
             "peak_mem_gb": 1.25 if ips else None, "peak_mem_kind": "cuda_max_allocated",
             "achieved_tflops": None if ips is None else 2 * 8.4 * ips / 1e3, "paper_gflops": paper[0],
-            "paper_v100_fps": paper[1], "output_finite": True}
+            "paper_v100_fps": paper[1], "output_finite": True,
+            **({} if agreement is None else {"label_agreement": agreement})}
 
 
 def _results(rows):
@@ -233,8 +236,8 @@ def _markdown_table(text):
 
 
 ROWS = [
-    _row("reference", 200.0),
-    _row("transformers", 100.0),
+    _row("reference", 200.0, agreement=1.0),
+    _row("transformers", 100.0, agreement=0.9),
     _row("compile", None, status="OOM"),
     _row("reference", 30.0, variant="b2", batch=16, dtype="fp16"),
 ]
@@ -245,13 +248,19 @@ def test_format_table_values():
     lines = table.splitlines()
     assert lines[0].split()[:5] == ["variant", "resolution", "batch", "dtype", "runner"]
     assert "peak alloc GB" in lines[0] and "× transformers" in lines[0] and "paper V100 FPS" in lines[0]
+    assert "labels = fp32 ref %" in lines[0]
     assert lines[2].split() == ["B0", "512x512", "1", "fp32", "reference", "200", "5.00", "5.50", "1.25", "2.00",
-                                "0.50", "3.36", "8.4", "50.5"]
-    assert lines[3].split()[4:6] == ["transformers", "100"] and lines[3].split()[9] == "1.00"
-    assert lines[4].split() == ["B0", "512x512", "1", "fp32", "compile", "OOM"] + ["—"] * 6 + ["8.4", "50.5"]
-    assert lines[5].split() == ["B2", "512x512", "16", "fp16", "reference", "30.0", "533", "587", "1.25", "—",
+                                "100.0", "0.50", "3.36", "8.4", "50.5"]
+    assert lines[3].split()[4:6] == ["transformers", "100"] and lines[3].split()[9:12] == ["1.00", "90.0", "‡"]
+    assert lines[4].split() == ["B0", "512x512", "1", "fp32", "compile", "OOM"] + ["—"] * 7 + ["8.4", "50.5"]
+    # a row without the field (an older results file) shows "—"
+    assert lines[5].split() == ["B2", "512x512", "16", "fp16", "reference", "30.0", "533", "587", "1.25", "—", "—",
                                 "0.50", "0.504", "62.4", "—"]
-    assert lines[6] == "* B0 512x512 batch 1 fp32 compile: OOM"
+    assert lines[6] == ("* B0 512x512 batch 1 fp32 transformers: labels agree with the fp32 reference on 90.0 % of "
+                        "pixels only: a speed of a graph that no longer computes the same model (random weights give "
+                        "flat logits, so int8 agreement is low; see benchmarks/README.md)")
+    assert lines[7] == "* B0 512x512 batch 1 fp32 compile: OOM"
+    assert "‡ after a labels %: below the 95% floor" in table
 
 
 def test_make_table_script(tmp_path, capsys):
@@ -265,10 +274,13 @@ def test_make_table_script(tmp_path, capsys):
     assert text.startswith("_NVIDIA H200 · python 3.11.7, torch 2.11.0, triton 3.6.0 · 2026-01-02 · 16 torch threads")
     header, rows = _markdown_table(text)
     assert header == ["variant", "resolution", "batch", "dtype", "runner", "images/s", "latency ms", "p90 ms",
-                      "peak alloc GB", "× transformers", "1st call s", "TFLOP/s", "paper GFLOPs", "paper V100 FPS"]
-    assert [(r["variant"], r["runner"], r["images/s"], r["× transformers"]) for r in rows] == [
-        ("B0", "reference", "200", "2.00"), ("B0", "transformers", "100", "1.00"), ("B0", "compile", "OOM", "—"),
-        ("B2", "reference", "30.0", "—")]
+                      "peak alloc GB", "× transformers", "labels = fp32 ref %", "1st call s", "TFLOP/s",
+                      "paper GFLOPs", "paper V100 FPS"]
+    assert [(r["variant"], r["runner"], r["images/s"], r["× transformers"], r["labels = fp32 ref %"])
+            for r in rows] == [("B0", "reference", "200", "2.00", "100.0"), ("B0", "transformers", "100", "1.00",
+                                                                          "90.0 ‡"),
+                               ("B0", "compile", "OOM", "—", "—"), ("B2", "reference", "30.0", "—", "—")]
+    assert "- B0 512x512 batch 1 fp32 transformers: labels agree with the fp32 reference on 90.0 % of pixels" in text
     assert rows[0]["paper GFLOPs"] == "8.4" and rows[0]["paper V100 FPS"] == "50.5"
     assert rows[3]["batch"] == "16" and rows[3]["dtype"] == "fp16" and rows[3]["paper V100 FPS"] == "—"
     assert "- B0 512x512 batch 1 fp32 compile: OOM" in text
@@ -618,3 +630,199 @@ def test_results_name_the_cpu_and_its_isa():
 def test_no_benchmark_file_is_much_over_400_lines():
     sizes = {path.name: len(path.read_text().splitlines()) for path in (ROOT / "benchmarks").rglob("*.py")}
     assert sizes["bench_model.py"] <= 450 and max(sizes.values()) <= 460, sizes
+
+
+# ------------------------------------------------------- label agreement, interleaving, int8, OpenVINO's precision hint
+
+
+def _reference_factory(transform=None):
+    """A runner computing the fp32 reference's logits (B, K, h, w) itself, optionally transformed."""
+
+    def factory(variant, num_labels, device, dtype):
+        model = bench_runners.reference_runner(variant, num_labels, device, torch.float32)
+
+        def run(pixel_values):
+            logits = model(pixel_values.float())
+            return logits if transform is None else transform(logits)
+
+        return run
+
+    return factory
+
+
+def test_label_agreement_with_the_fp32_reference(tmp_path, registry, capsys):
+    # rolling the class dimension by one turns every label l into l + 1 (mod K): no pixel agrees
+    bench.register_runner("same", _reference_factory())
+    bench.register_runner("permuted", _reference_factory(lambda logits: logits.roll(1, dims=1)))
+    out = tmp_path / "agreement.json"
+    assert bench.main(["--quick", "--runners", "same", "permuted", "--batch", "2", "--out", str(out)]) == 0
+    same, permuted = json.loads(out.read_text())["rows"]
+    assert same["label_agreement"] == 1.0
+    assert permuted["label_agreement"] < bench_common.AGREEMENT_FLOOR and permuted["label_agreement"] == 0.0
+    printed = capsys.readouterr().out
+    assert "0.0 ‡" in printed and "100.0 ‡" not in printed
+    assert ("* B0 64x64 batch 2 fp32 permuted: labels agree with the fp32 reference on 0.0 % of pixels only: a speed "
+            "of a graph that no longer computes the same model") in printed
+    rendered = bench.render_markdown(json.loads(out.read_text()))
+    assert "| permuted |" in rendered and "| 0.0 ‡ |" in rendered and "| 100.0 |" in rendered
+
+
+def test_label_agreement_of_failed_rows_and_old_files(tmp_path, registry):
+    bench.register_runner("unavailable", _fake_factory([], fail="unavailable"))
+    bench.register_runner("oom", _fake_factory([], fail="oom"))
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--runners", "unavailable", "oom", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["status"] for r in rows] == ["skipped", "OOM"]
+    assert all("label_agreement" not in r for r in rows)
+    assert bench_common.agreement_cell(None) == "—" and bench_common.agreement_cell(0.99999) == "99.9"
+
+
+def _recording_factory(log, name, *, fake_ms=1.0, fail_on_call=None):
+    """A runner that appends (name, call number) to ``log`` on every call; its ``fake_ms`` is what the patched
+    clock reports for its timed calls. It raises on call number ``fail_on_call``."""
+
+    def factory(variant, num_labels, device, dtype):
+        def run(pixel_values):
+            run.calls += 1
+            log.append(name)
+            if run.calls == fail_on_call:
+                raise RuntimeError(f"{name} broke on call {run.calls}")
+            batch, _, height, width = pixel_values.shape
+            return torch.zeros(batch, num_labels, math.ceil(height / 4), math.ceil(width / 4))
+
+        run.calls = 0
+        run.fake_ms = fake_ms
+        return run
+
+    return factory
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """time_call_ms calls the function and reports the runner's fake_ms: each row's timings are checked without
+    timing anything."""
+    import bench_common.protocol as protocol
+
+    def time_call_ms(fn, device):
+        fn()
+        return fn.func.fake_ms  # fn is functools.partial(runner, pixel_values)
+
+    monkeypatch.setattr(protocol, "time_call_ms", time_call_ms)
+
+
+def test_interleaved_rounds_alternate_runners_with_a_rotating_start(tmp_path, registry, fake_clock):
+    log = []
+    for name, ms in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+        bench.register_runner(name, _recording_factory(log, name, fake_ms=ms))
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--runners", "a,b,c", "--repeats", "3", "--warmup", "2", "--out", str(out)]) == 0
+    first_and_warmup = ["a", "a", "b", "b", "c", "c"]
+    rounds = ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    agreement_calls = ["a", "b", "c"]
+    assert log == first_and_warmup + rounds + agreement_calls
+    results = json.loads(out.read_text())
+    assert results["settings"]["interleaved"] is True
+    rows = results["rows"]
+    assert [(r["runner"], r["status"], r["repeats"], r["latency_ms"], r["interleaved"]) for r in rows] == [
+        ("a", "ok", 3, 1.0, True), ("b", "ok", 3, 2.0, True), ("c", "ok", 3, 3.0, True)]
+
+
+def test_a_runner_failing_in_a_round_leaves_the_rounds(tmp_path, registry, fake_clock):
+    log = []
+    bench.register_runner("a", _recording_factory(log, "a"))
+    bench.register_runner("b", _recording_factory(log, "b", fail_on_call=3))  # first, then round 0, then round 1
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--runners", "a,b", "--repeats", "4", "--out", str(out)]) == 1
+    assert log == ["a", "b"] + ["a", "b"] + ["b", "a"] + ["a"] * 2 + ["a"]
+    a, b = json.loads(out.read_text())["rows"]
+    assert (a["status"], a["repeats"]) == ("ok", 4)
+    assert (b["status"], b["reason"]) == ("error", "RuntimeError: b broke on call 3")
+
+
+def test_interleaved_budget_scales_with_the_runners(tmp_path, registry):
+    """Rounds stop once MIN_REPEATS are done and max_seconds_per_row x runners have passed."""
+    log = []
+    for name in ("a", "b"):
+        bench.register_runner(name, _recording_factory(log, name))
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--runners", "a,b", "--repeats", "50", "--max-seconds-per-row", "1e-9",
+                       "--out", str(out)]) == 0
+    assert [r["repeats"] for r in json.loads(out.read_text())["rows"]] == [bench_common.MIN_REPEATS] * 2
+
+
+def test_no_interleave_times_row_by_row(tmp_path, registry, capsys):
+    log = []
+    for name in ("a", "b"):
+        bench.register_runner(name, _recording_factory(log, name))
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--runners", "a,b", "--repeats", "3", "--warmup", "2", "--no-interleave",
+                       "--out", str(out)]) == 0
+    # per runner: first call, one warm-up call, 3 timed calls, the agreement call
+    assert log == ["a"] * 6 + ["b"] * 6
+    results = json.loads(out.read_text())
+    assert results["settings"]["interleaved"] is False
+    assert [(r["runner"], r["repeats"], r["interleaved"]) for r in results["rows"]] == [("a", 3, False),
+                                                                                       ("b", 3, False)]
+    assert "(row by row)" in capsys.readouterr().out
+    parser = bench.build_parser()
+    assert bench.config_from_args(parser.parse_args(["--device", "cpu"])).interleave is True
+    assert bench.config_from_args(parser.parse_args(["--device", "cpu", "--no-interleave"])).interleave is False
+
+
+def test_row_precision_honours_the_runners_own_precision():
+    def int8(x):
+        return x
+
+    int8.precision = "int8 (NNCF PTQ)"
+    assert bench_common.row_precision(int8, "fp32", torch.device("cpu")) == ("int8 (NNCF PTQ)", None)
+    assert bench_common.row_precision(int8, "fp32", torch.device("cuda")) == ("int8 (NNCF PTQ)", None)
+    assert bench_common.row_precision(lambda x: x, "fp32", torch.device("cpu")) == ("fp32", None)
+
+
+@pytest.mark.parametrize("runner, modules, precision", [
+    ("ort-ours-int8", ("onnxruntime", "onnx"), "int8 (static QDQ, ORT)"),
+    ("openvino-ours-int8", ("openvino", "nncf", "onnx"), "int8 (NNCF PTQ)"),
+])
+def test_int8_runners_run_in_the_fp32_row(tmp_path, runner, modules, precision):
+    for module in modules:
+        pytest.importorskip(module, reason=f"{runner} needs {module} (the test extra installs it)")
+    out = tmp_path / "int8.json"
+    assert bench.main(["--quick", "--runners", runner, "--dtype", "fp32", "bf16", "--out", str(out)]) == 0
+    fp32, bf16 = json.loads(out.read_text())["rows"]
+    assert fp32["status"] == "ok", fp32
+    assert fp32["precision"] == precision and fp32["output_finite"] is True
+    assert 0.0 <= fp32["label_agreement"] <= 1.0
+    assert fp32["first_call_s"] > 0 and "on the row's first batch" in fp32["notes"]
+    if runner == "openvino-ours-int8":
+        assert "model_type=TRANSFORMER" in fp32["notes"] or "default model type" in fp32["notes"]
+    assert (bf16["status"], bf16["reason"]) == ("skipped", "int8 runners run in the fp32 row only (fp32 in, fp32 "
+                                                           "out, int8 inside)")
+
+
+def test_openvino_precision_hint_and_bf16_row(tmp_path):
+    openvino = pytest.importorskip("openvino", reason="the openvino runner needs openvino")
+    pytest.importorskip("onnx", reason="our export writes ONNX with the onnx package")
+    out = tmp_path / "ov.json"
+    assert bench.main(["--quick", "--runners", "openvino-ours", "ort-ours", "--dtype", "fp32", "bf16",
+                       "--out", str(out)]) == 0
+    rows = {(r["runner"], r["dtype"]): r for r in json.loads(out.read_text())["rows"]}
+    assert rows["openvino-ours", "fp32"]["notes"].endswith("INFERENCE_PRECISION_HINT=f32")
+    bf16 = rows["openvino-ours", "bf16"]
+    if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert bf16["status"] == "ok" and bf16["notes"].endswith("(fp32), INFERENCE_PRECISION_HINT=bf16"), bf16
+        assert 0.0 <= bf16["label_agreement"] <= 1.0
+    else:
+        assert bf16["status"] == "skipped" and "OpenVINO's CPU device has no native bf16" in bf16["reason"], bf16
+    ort_bf16 = rows["ort-ours", "bf16"]
+    assert (ort_bf16["status"], ort_bf16["reason"]) == ("skipped", bench_runtimes.ORT_CPU_NO_BF16)
+
+
+def test_paper_rows_compare_full_resolution_labels(tmp_path, registry):
+    """--paper: the runner's full-resolution labels against the reference's through the same wrapper."""
+    bench.register_runner("same", _reference_factory())
+    out = tmp_path / "paper.json"
+    assert bench.main(["--paper", "--runners", "same", "--variants", "b0", "--resolutions", "ade", "--repeats", "1",
+                       "--warmup", "1", "--out", str(out)]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["protocol"] == "paper" and row["label_agreement"] == 1.0

@@ -33,7 +33,6 @@ import torch
 from segformer_fast.core.fileio import atomic_write_text
 from segformer_fast.core.runtime import resolve_device
 
-#: Where the scripts write their results by default (next to the scripts, in the repository).
 #: Where results go unless ``--out`` says otherwise: outside the repository (``$SEGFORMER_FAST_RESULTS``, else
 #: ~/.cache/segformer-fast/results), so a plain run (``make bench``) leaves the work tree clean. The files in
 #: benchmarks/results/ are committed on purpose: write one there with ``--out benchmarks/results/<name>.json``.
@@ -54,6 +53,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of ``fn()``: between two CUDA events (synchronized) on CUDA, wall clock on CPU."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_calls_ms(fn: Callable[[], object], device: torch.device, repeats: int, *, max_seconds: float = math.inf,
                   min_repeats: int = 1) -> list:
     """Milliseconds of each of up to ``repeats`` calls of ``fn()``; stops early once ``min_repeats`` calls are
@@ -61,17 +74,7 @@ def time_calls_ms(fn: Callable[[], object], device: torch.device, repeats: int, 
     times_ms = []
     budget_start = time.perf_counter()
     for i in range(repeats):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times_ms.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times_ms.append((time.perf_counter() - t0) * 1e3)
+        times_ms.append(time_call_ms(fn, device))
         if i + 1 >= min_repeats and time.perf_counter() - budget_start > max_seconds:
             break
     return times_ms
@@ -447,8 +450,8 @@ def markdown_table(header: list, cells: list, left_columns: set) -> str:
 
 
 __all__ = [
-    "RESULTS_DIR", "COMMITTED_RESULTS_DIR", "RunnerUnavailable", "synchronize", "time_calls_ms", "median_ms",
-    "do_bench_ms", "do_bench_cudagraph_ms", "percentile", "free_memory", "PeakMemory", "say", "one_line",
+    "RESULTS_DIR", "COMMITTED_RESULTS_DIR", "RunnerUnavailable", "synchronize", "time_call_ms", "time_calls_ms",
+    "median_ms", "do_bench_ms", "do_bench_cudagraph_ms", "percentile", "free_memory", "PeakMemory", "say", "one_line",
     "device_name", "device_slug", "collect_versions", "loadavg", "machine_is_busy", "ISA_FLAGS", "cpu_isa",
     "environment", "split_list", "list_argument", "flatten", "positive_int", "positive_float", "device_argument",
     "default_results_path", "read_json", "write_json", "choose_output", "merge_rows", "format_number",
