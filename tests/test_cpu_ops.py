@@ -208,7 +208,11 @@ def test_torch_backend_prepare_packs_gemm_weights_and_keeps_the_originals(dtype)
     block, packed_block = engine.stages[0].blocks[0], packed_stages[0].blocks[0]
     assert packed_block.norm1 is block.norm1 and packed_block.attn.q_bias is block.attn.q_bias
     assert packed_block.mlp.dw_weight is block.mlp.dw_weight
+    # stage 1's patch-embed weight as it is (NCHW image in), the later stages' channels-last like their inputs
     assert packed_stages[0].patch_weight is engine.stages[0].patch_weight
+    for stage, packed_stage in zip(engine.stages[1:], packed_stages[1:]):
+        assert packed_stage.patch_weight.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(packed_stage.patch_weight, stage.patch_weight) and stage.patch_weight.is_contiguous()
 
     eager_stages, eager_decoder = EagerOps().prepare(engine.stages, engine.decoder)
     assert eager_stages is engine.stages and eager_decoder is engine.decoder

@@ -35,6 +35,11 @@ def _pack_gemm_weights(params):
     })
 
 
+def _patch_weight_for(stage_index: int, weight):
+    """Stage 1's patch-embed conv weight as it is (its input is the NCHW image), the later stages' channels-last."""
+    return weight if stage_index == 0 else weight.contiguous(memory_format=torch.channels_last)
+
+
 class StageTokens(NamedTuple):
     """A stage's output tokens (B, h*w, C_i) and its folded decoder weight (D, C_i), kept for ``TorchOps.decode``."""
 
@@ -53,14 +58,16 @@ class TorchOps:
     def prepare(self, stages: list, decoder: FoldedDecodeHead) -> tuple:
         """The (stages, decoder) this backend runs on, made once from the prepared weights: on CPU every GEMM
         weight packed for oneDNN (``cpu.pack_linear_weight``; weights it cannot pack stay as they are), but the
-        stage-1 decoder projection, which ``extension.fused_decode_tokens`` takes plain. The prepared weights
-        themselves are left unchanged (export and the Triton path read them)."""
+        stage-1 decoder projection, which ``extension.fused_decode_tokens`` takes plain; the patch-embed conv
+        weights of stages 2-4 channels-last, the layout of their inputs (the previous stage's tokens), which
+        oneDNN would otherwise convert them to on every call. The prepared weights themselves are left unchanged
+        (export and the Triton path read them)."""
         packed_stages = [
-            dataclasses.replace(stage, blocks=[
+            dataclasses.replace(stage, patch_weight=_patch_weight_for(index, stage.patch_weight), blocks=[
                 BlockParams(block.norm1, _pack_gemm_weights(block.attn), block.norm2, _pack_gemm_weights(block.mlp))
                 for block in stage.blocks
             ])
-            for stage in stages
+            for index, stage in enumerate(stages)
         ]
         packed_decoder = dataclasses.replace(
             decoder, weights=(decoder.weights[0], *(cpu.pack_linear_weight(weight) for weight in decoder.weights[1:])))
