@@ -14,14 +14,15 @@ Categories: each profiler event's self CPU time goes to the category of the near
 enclosing one, that names a category (``CATEGORY_OF_OP``; a convolution is "depthwise conv" when its weight has
 one input channel per group, else "patch-embed conv"; the engine's depthwise conv carries Mix-FFN's GELU as a
 oneDNN post-op, so on CPU "depthwise conv" includes that GELU); events under no such op are "other". So the copies that
-``.contiguous()`` makes inside an op count as "copy", and the decoder's inner classifier GEMM counts as "gemm",
-leaving "decoder" the fused op's own upsample-sum-ReLU work. Times are averaged per forward.
+``.contiguous()`` makes inside an op count as "copy", and the decoder's inner GEMMs (the classifier, and the stage-1
+projection of ``fused_decode_tokens``) count as "gemm", leaving "decoder" the fused op's own upsample-sum-ReLU
+work. Times are averaged per forward.
 
 Floors, per forward, from the recorded input shapes and dtypes: GEMM FLOPs 2·M·N·K (counted at the GEMM ops
 themselves: ``mkldnn::_linear_pointwise``, ``aten::addmm``, ``aten::mm``, ``aten::bmm``), convolution FLOPs
 2·output elements·k·k·C_in/groups, attention FLOPs of SDPA 4·B·heads·N·Nkv·d, and bytes read + written for the
-memory-bound ops (LayerNorm, GELU, softmax, copies: 2·elements·itemsize; the decoder: its four projected maps and
-its logits). Achieved GFLOP/s and GB/s divide a floor by the category's time.
+memory-bound ops (LayerNorm, GELU, softmax, copies: 2·elements·itemsize; the decoder: its four projected maps, or
+the stage-1 tokens and three maps, and its logits). Achieved GFLOP/s and GB/s divide a floor by the category's time.
 
 Ceilings, once per run: GFLOP/s of a size³ GEMM (2048 by default) on oneDNN (``cpu.linear`` with a packed
 weight: ``mkldnn::_linear_pointwise``) and on ATen's default path (``F.linear``), in each profiled dtype (median of
@@ -96,7 +97,7 @@ CATEGORY_OF_OP = {
     "aten::gelu": "gelu",
     "aten::layer_norm": "layer_norm", "aten::native_layer_norm": "layer_norm",
     "segformer_fast::layer_norm": "layer_norm",
-    "segformer_fast::fused_decode": "decoder",
+    "segformer_fast::fused_decode": "decoder", "segformer_fast::fused_decode_tokens": "decoder",
     "segformer_fast::kv_attention": "attention kernel",
     "aten::copy_": "copy", "aten::clone": "copy",
 }
@@ -204,6 +205,14 @@ def floors(event) -> tuple:
         if itemsize is None or None in maps:
             return None, None
         return None, sum(maps) + batch * num_labels * height * width * itemsize
+    if name == "segformer_fast::fused_decode_tokens":
+        # (t1, w1, p2, p3, p4, bias, cls_weight, cls_bias): the stage-1 tokens, the three maps, the logits
+        inputs = [_bytes(event, i) for i in (0, 2, 3, 4)]
+        (batch, height, width, _), num_labels = shapes[0], shapes[6][0]
+        itemsize = ITEMSIZE.get(event.input_dtypes[0])
+        if itemsize is None or None in inputs:
+            return None, None
+        return None, sum(inputs) + batch * num_labels * height * width * itemsize
     return None, None
 
 

@@ -306,13 +306,14 @@ def test_scripts_run_from_anywhere_without_path_patches(tmp_path):
 
 def test_saved_cpu_results_render_the_readme_table(capsys):
     """The README's CPU table is make_table.py's rendering (``--only-run``) of the saved results file, line for line."""
-    source = ROOT / "benchmarks" / "results" / "cpu-amd-epyc-2026-11-30.json"
+    source = ROOT / "benchmarks" / "results" / "cpu-amd-epyc-2026-12-02.json"
     assert make_table.main(["--only-run", str(source)]) == 0
     rendered = capsys.readouterr().out.splitlines()
     readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     rows = [line for line in rendered if line.startswith("| B")]
-    assert len(rows) == 40  # B0 and B2, batch 1 and 4: 7 runners in fp32, 3 that run bf16
-    assert sum(line.startswith("- not run: ") for line in rendered) == 4  # ONNX Runtime / OpenVINO in bf16
+    assert len(rows) == 56  # B0 and B2, batch 1 and 4: 9 runners in fp32, 5 that run bf16
+    assert sum(line.startswith("- not run: ") for line in rendered) == 4  # ONNX Runtime and the int8 runners in bf16
+    assert sum("‡" in line for line in rows) == 8  # the int8 rows, below the agreement floor
     start = readme.index(rendered[0])
     assert readme[start:start + len(rendered)] == rendered
 
