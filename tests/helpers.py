@@ -1,11 +1,16 @@
-"""Shared test utilities: random transformers models with non-default norms, and comparisons."""
+"""Shared test utilities: random transformers models with non-default norms, comparisons, and the check that a
+CPU kernel's baseline loops match its vectorized ones."""
 
 import collections
 import contextlib
+import json
+import os
+import subprocess
+import sys
 
 import torch
 
-from segformer_fast.core.numerics import max_abs_error
+from segformer_fast.core.numerics import max_abs_error, tolerance
 
 
 def randomize_norms_(module: torch.nn.Module, seed: int) -> None:
@@ -67,3 +72,25 @@ def counting_calls(owner, *names):
     finally:
         for name, original in originals.items():
             setattr(owner, name, original)
+
+
+def assert_baseline_loops_match_vectorized(script: str, tmp_path) -> None:
+    """SEGFORMER_FAST_CPU_BASELINE=1 (read once per process) runs a CPU kernel's loops built for the baseline ISA.
+    ``script`` computes the same inputs in a fresh process each way; it prints a JSON {dtype name: [max error,
+    eager's max error, max |reference|]} as its last line and saves its outputs as ``<argv[1]>-<dtype name>.pt``.
+    Both ways must pass the tolerance rule, and on a CPU with AVX-512 their fp32 outputs must differ in the last bits
+    (other summation orders), which shows the switch took effect."""
+    results = {}
+    for baseline in ("0", "1"):
+        env = {**os.environ, "SEGFORMER_FAST_CPU_BASELINE": baseline}
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / baseline)], env=env, capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results[baseline] = json.loads(done.stdout.strip().splitlines()[-1])
+    for baseline, errors in results.items():
+        for dtype_name, (error, eager_error, max_ref) in errors.items():
+            allowed = tolerance(torch.tensor([max_ref]), getattr(torch, dtype_name.split(".")[1]), eager_error)
+            assert error <= allowed, (baseline, dtype_name, error, allowed)
+    vectorized, baseline = (torch.load(tmp_path / f"{name}-torch.float32.pt") for name in ("0", "1"))
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert not torch.equal(vectorized, baseline)

@@ -2,18 +2,15 @@
 fp64 by the tolerance rule, its input checks, opcheck, its baseline (non-AVX-512) loops, and the engine's use of it
 (extension.layer_norm, its fallback)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from segformer_fast.core.numerics import assert_within_tolerance, tolerance
+from segformer_fast.core.numerics import assert_within_tolerance
 from segformer_fast.ops import extension as ops
 from segformer_fast.ops import reference
+
+from helpers import assert_baseline_loops_match_vectorized
 
 needs_kernel = pytest.mark.skipif(not ops._has_kernel("layer_norm", torch.device("cpu")),
                                   reason="segformer_fast._C is not built (no CPU layer_norm kernel)")
@@ -156,17 +153,4 @@ def test_layer_norm_baseline_loops_match_the_vectorized_ones(tmp_path):
         "    torch.save(got, f'{sys.argv[1]}-{str(dtype)}.pt')\n"
         "print(json.dumps(errors))\n"
     )
-    results = {}
-    for baseline in ("0", "1"):
-        env = {**os.environ, "SEGFORMER_FAST_CPU_BASELINE": baseline}
-        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / baseline)], env=env, capture_output=True,
-                              text=True, timeout=300, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-2000:]
-        results[baseline] = json.loads(done.stdout.strip().splitlines()[-1])
-    for baseline, errors in results.items():
-        for dtype_name, (error, eager_error, max_ref) in errors.items():
-            allowed = tolerance(torch.tensor([max_ref]), getattr(torch, dtype_name.split(".")[1]), eager_error)
-            assert error <= allowed, (baseline, dtype_name, error, allowed)
-    vectorized, baseline = (torch.load(tmp_path / f"{name}-torch.float32.pt") for name in ("0", "1"))
-    if torch.backends.cpu.get_cpu_capability() == "AVX512":
-        assert not torch.equal(vectorized, baseline)
+    assert_baseline_loops_match_vectorized(script, tmp_path)
