@@ -24,10 +24,10 @@
 #include <algorithm>
 #include <array>
 #include <type_traits>
-#include <utility>
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bilinear.h"
@@ -47,7 +47,6 @@ namespace avx2 {
 #include "decode_cpu_kernels.h"
 }  // namespace avx2
 #pragma GCC pop_options
-
 #endif
 
 namespace {
