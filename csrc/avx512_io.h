@@ -1,4 +1,5 @@
-// AVX-512 loads and stores of 16 fp32 values from / to fp32 or bf16 memory, shared by the CPU kernels. Include it
+// AVX-512 loads and stores of 16 fp32 values from / to fp32 or bf16 memory (layer_norm_cpu_kernels.h; for any CPU
+// kernel that reads or writes bf16 through fp32 registers). Include it
 // inside a namespace compiled under `#pragma GCC target("avx512f,avx512bw,avx512vl,...")`, after <immintrin.h> and
 // c10's BFloat16; it includes nothing itself.
 

@@ -68,10 +68,9 @@ inline void check_fused_decode_inputs(
     const at::Tensor& cls_weight,
     const at::Tensor& cls_bias) {
   const std::vector<NamedTensor> named = {{maps[0], "p1"}, {maps[1], "p2"}, {maps[2], "p3"}, {maps[3], "p4"}};
-  for (const auto& [map, name] : named) {
-    TORCH_CHECK(map->dim() == 4, "fused_decode: ", name, " must be a 4-D channels-last (B, h, w, D) map, got a ",
-                map->dim(), "-D tensor of shape ", map->sizes());
-  }
+  // p1 gives B and D, so its rank is checked before they are read (check_decode_inputs checks every map's)
+  TORCH_CHECK(maps[0]->dim() == 4, "fused_decode: p1 must be a 4-D channels-last (B, h, w, D) map, got a ",
+              maps[0]->dim(), "-D tensor of shape ", maps[0]->sizes());
   std::vector<NamedTensor> inputs = named;
   inputs.insert(inputs.end(), {{&bias, "bias"}, {&cls_weight, "cls_weight"}, {&cls_bias, "cls_bias"}});
   check_decode_inputs("fused_decode", named, maps[0]->size(0), "p1", maps[0]->size(3), "p1", bias, cls_weight,

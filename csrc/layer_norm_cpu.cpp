@@ -94,9 +94,11 @@ void layer_norm_kernel(const at::Tensor& x, const at::Tensor& weight, const at::
   const int64_t padded = (channels + 15) / 16 * 16;
   std::vector<float> affine(2 * padded, 0.0f);
   const at::Tensor weight_c = weight.contiguous(), bias_c = bias.contiguous();
+  const scalar_t* weight_ptr = weight_c.data_ptr<scalar_t>();
+  const scalar_t* bias_ptr = bias_c.data_ptr<scalar_t>();
   for (int64_t c = 0; c < channels; ++c) {
-    affine[c] = static_cast<float>(weight_c.data_ptr<scalar_t>()[c]);
-    affine[padded + c] = static_cast<float>(bias_c.data_ptr<scalar_t>()[c]);
+    affine[c] = static_cast<float>(weight_ptr[c]);
+    affine[padded + c] = static_cast<float>(bias_ptr[c]);
   }
   const float* weight_f = affine.data();
   const float* bias_f = weight_f + padded;

@@ -312,7 +312,7 @@ def layer_norm(tokens, weight, bias, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim of tokens (..., C) with fp32 statistics, in the tokens' dtype, contiguous; weight,
     bias (C,).
 
-    The extension's CPU kernel where it is built (rows normalized in AVX-512 registers; ATen's kernel is 1.4-4x
+    The extension's CPU kernel where it is built (rows normalized in AVX-512 registers; ATen's kernel is 1.3-3.9x
     slower at SegFormer's 32..512 channels: benchmarks/NOTES.md). It reads contiguous tokens and channel-major ones
     (B, N, C) with strides (C*N, 1, N), the NCHW patch-embed output flattened and transposed, without a copy; any
     other layout is made contiguous first. Elsewhere, and while tracing,
