@@ -10,21 +10,40 @@ Environment variables:
 """
 
 import glob
+import importlib.util
 import os
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, ROOT)  # setuptools' PEP 517 backend does not put the project folder on sys.path
 
-from build_support import cxx_standard, filter_cuda_arch_list, openmp_flags  # noqa: E402
+
+def _load_build_support():
+    """build_support.py, loaded from its file: setuptools' PEP 517 backend does not put the project folder on
+    sys.path, and putting it there would make the project's folders shadow installed packages of the same name
+    (kernels/ against Hugging Face's ``kernels``, whose setuptools entry points every build loads)."""
+    path = os.path.join(ROOT, "build_support.py")
+    spec = importlib.util.spec_from_file_location("segformer_fast_build_support", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_support = _load_build_support()
 
 
 def _extension_modules():
     if os.environ.get("SEGFORMER_FAST_SKIP_EXT", "0") == "1":
         return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError:
+        sys.exit(
+            "segformer-fast builds its C++ extension against the torch already installed, and none is importable by "
+            "this build (an isolated build, by default in pip, sees none): install torch first, then this project "
+            "with `pip install --no-build-isolation .` (README, \"Installing into your own environment\")"
+        )
     from torch.utils import cpp_extension
 
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -37,11 +56,11 @@ def _extension_modules():
         and cpp_extension.CUDA_HOME is not None
         and bool(cuda_sources)
     )
-    std_flag = f"-std={cxx_standard(torch.__version__)}"
-    openmp = openmp_flags(sys.platform)
+    std_flag = f"-std={build_support.cxx_standard(torch.__version__)}"
+    openmp = build_support.openmp_flags(sys.platform)
     cxx_flags = ["-O3", std_flag, *openmp]
     if want_cuda:
-        arch_list, dropped = filter_cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        arch_list, dropped = build_support.filter_cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
         if dropped:
             print(f"segformer-fast: not building for CUDA arch {', '.join(dropped)} (sm_80+ needed)", file=sys.stderr)
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # read by torch's BuildExtension for the -gencode flags

@@ -22,20 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from segformer_fast.core.runtime import DTYPES
-from segformer_fast.kernels import (
+from segformer_fast.kernels.layernorm import (
     layer_norm,
     layer_norm_ref,
-    mixffn,
-    mixffn_ref,
     patch_embed_layer_norm,
     patch_embed_layer_norm_ref,
-    prepare_mixffn_params,
-    prepare_sr_attention_params,
-    sr_attention,
-    sr_attention_ref,
 )
-from segformer_fast.kernels.mixffn import mixffn_flops
-from segformer_fast.kernels.sr_attention import reduced_size, sr_attention_flops
+from segformer_fast.kernels.mixffn import mixffn, mixffn_flops, mixffn_ref
+from segformer_fast.kernels.sr_attention import reduced_size, sr_attention, sr_attention_flops, sr_attention_ref
+from segformer_fast.prepared.weights import prepare_mixffn_params, prepare_sr_attention_params
 
 from bench_common import (
     console_table,

@@ -17,7 +17,7 @@ OpenVINO gets ``INFERENCE_PRECISION_HINT`` explicitly: "f32" in fp32 rows, "bf16
 skipped where its CPU device has no native bf16). ONNX Runtime has no bf16 row (no bf16 kernels for this graph in
 its CPU provider). ONNX Runtime uses the CUDA / TensorRT execution providers when the device is CUDA and they are
 present, else the CPU provider; OpenVINO runs on its CPU device (and on CUDA devices only through ONNX Runtime).
-onnxruntime, openvino and nncf are optional (``pip install 'segformer-fast[runtimes]'``): a runner whose package is
+onnxruntime, openvino and nncf are optional (the ``runtimes`` extra): a runner whose package is
 missing is skipped with the reason.
 """
 

@@ -154,9 +154,9 @@ EOF
 
 installed() {  # the package importable with its kernels (and, when $1 is "ext", the extension's CUDA kernels)
     if [ "${1:-}" = "ext" ]; then
-        "$PYTHON" -c "from segformer_fast import kernels; from segformer_fast.ops import extension as ops; assert 'cuda' in ops._kernel_devices()" 2>/dev/null
+        "$PYTHON" -c "import segformer_fast.kernels.sr_attention; from segformer_fast.ops import extension as ops; assert 'cuda' in ops._kernel_devices()" 2>/dev/null
     else
-        "$PYTHON" -c "from segformer_fast import kernels" 2>/dev/null
+        "$PYTHON" -c "import segformer_fast.kernels.sr_attention" 2>/dev/null
     fi
 }
 

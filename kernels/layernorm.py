@@ -16,10 +16,9 @@ the patch-embed variant keeps at least 16 tokens per block, its contiguous axis,
 import triton
 import triton.language as tl
 
+from segformer_fast.kernels.common import Launch, check_compute_dtype, check_device, check_out, pick_launch, ref_dtype
 from segformer_fast.ops import reference
 from segformer_fast.prepared.weights import check_tensor
-
-from .common import Launch, check_compute_dtype, check_device, check_out, pick_launch, ref_dtype
 
 MAX_CHANNELS = 8192
 

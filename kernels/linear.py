@@ -8,10 +8,18 @@ import torch
 import triton
 import triton.language as tl
 
+from segformer_fast.kernels.common import (
+    Launch,
+    check_compute_dtype,
+    check_device,
+    check_out,
+    mma,
+    pick_launch,
+    ref_dtype,
+    upcast_dot,
+)
 from segformer_fast.ops import reference
 from segformer_fast.prepared.weights import check_tensor
-
-from .common import Launch, check_compute_dtype, check_device, check_out, mma, pick_launch, ref_dtype, upcast_dot
 
 #: (BLOCK_M, BLOCK_N) tiles, largest first; ``linear_launch`` takes the first that gives a wave of blocks.
 TILES = ((64, 128), (64, 64), (32, 64), (32, 32), (16, 32), (16, 16))

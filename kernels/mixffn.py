@@ -26,11 +26,19 @@ import torch
 import triton
 import triton.language as tl
 
+from segformer_fast.kernels.common import (
+    Launch,
+    check_compute_dtype,
+    check_device,
+    check_out,
+    mma,
+    pick_launch,
+    ref_dtype,
+    upcast_dot,
+)
+from segformer_fast.kernels.linear import linear
 from segformer_fast.ops import reference
 from segformer_fast.prepared.weights import MixFFNParams, check_tensor
-
-from .common import Launch, check_compute_dtype, check_device, check_out, mma, pick_launch, ref_dtype, upcast_dot
-from .linear import linear
 
 
 @triton.jit

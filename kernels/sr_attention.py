@@ -40,10 +40,7 @@ import triton
 import triton.language as tl
 
 from segformer_fast.core.runtime import MAX_FUSED_OUT_CHANNELS  # the memory model reads it there too
-from segformer_fast.ops import reference
-from segformer_fast.prepared.weights import check_tensor
-
-from .common import (
+from segformer_fast.kernels.common import (
     Launch,
     check_out,
     mma,
@@ -51,8 +48,10 @@ from .common import (
     ref_dtype,
     upcast_dot,
 )
-from .linear import linear
-from .sr_kv import _check_x, reduced_size, sr_kv, sr_kv_launches, sr_kv_ref
+from segformer_fast.kernels.linear import linear
+from segformer_fast.kernels.sr_kv import _check_x, reduced_size, sr_kv, sr_kv_launches, sr_kv_ref
+from segformer_fast.ops import reference
+from segformer_fast.prepared.weights import check_tensor
 
 
 @triton.jit

@@ -17,10 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from segformer_fast.ops import reference
-from segformer_fast.prepared.weights import SRAttentionParams, check_tensor
-
-from .common import (
+from segformer_fast.kernels.common import (
     Launch,
     check_compute_dtype,
     check_device,
@@ -31,7 +28,9 @@ from .common import (
     upcast_dot,
     wave_blocks,
 )
-from .linear import linear
+from segformer_fast.kernels.linear import linear
+from segformer_fast.ops import reference
+from segformer_fast.prepared.weights import SRAttentionParams, check_tensor
 
 #: Widest C the fused KV kernel handles (its normalized reduced tile is BLOCK_M x next_pow2(C)).
 MAX_SR_CHANNELS = 512

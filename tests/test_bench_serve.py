@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_serve_quick_run(tmp_path):
-    pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install "segformer-fast[serve]")')
+    pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install "ray[serve]")')
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--quick", "--no-save"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

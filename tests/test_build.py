@@ -1,6 +1,7 @@
 """Build settings (build_support.py, used by setup.py) and the packaging metadata of pyproject.toml."""
 
 import importlib.metadata
+import importlib.util
 import os
 import re
 import shutil
@@ -12,10 +13,25 @@ from pathlib import Path
 import pytest
 import torch
 
+import segformer_fast
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import segformer_fast  # noqa: E402
-from build_support import DEFAULT_CUDA_ARCH_LIST, cxx_standard, filter_cuda_arch_list, openmp_flags  # noqa: E402
+
+
+def _load_build_support():
+    """build_support.py from its file, as setup.py loads it (the repository root never goes on sys.path: its
+    kernels/ folder would shadow Hugging Face's ``kernels``)."""
+    spec = importlib.util.spec_from_file_location("segformer_fast_build_support", ROOT / "build_support.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_build_support = _load_build_support()
+DEFAULT_CUDA_ARCH_LIST = _build_support.DEFAULT_CUDA_ARCH_LIST
+cxx_standard = _build_support.cxx_standard
+filter_cuda_arch_list = _build_support.filter_cuda_arch_list
+openmp_flags = _build_support.openmp_flags
 
 
 # -------------------------------------------------------------------------------------------- CUDA architectures

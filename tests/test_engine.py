@@ -52,17 +52,18 @@ def test_optimize_transformers_model_is_drop_in(variant):
 
 def test_triton_kernels_in_interpreter_match_reference(monkeypatch):
     pytest.importorskip("triton")
-    from segformer_fast import kernels
+    from segformer_fast.kernels import mixffn, sr_attention
 
     calls = {"sr_attention": 0, "mixffn": 0}
-    for name in calls:
-        original = getattr(kernels, name)
+    for module in (sr_attention, mixffn):
+        name = module.__name__.rsplit(".", 1)[-1]
+        original = getattr(module, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(kernels, name, spy)
+        monkeypatch.setattr(module, name, spy)
     model = Segformer.from_config("b0", num_labels=5, seed=2)
     device = "cuda" if CUDA else "cpu"
     model = model.to(device)
@@ -80,7 +81,7 @@ def test_triton_engine_small_grids_fall_back_per_block():
     """Below 29 px the stage-1 grid is smaller than the SR ratio: those blocks' attention runs the torch path
     (padded SR conv) while the others still run the Triton kernels; the result equals the reference."""
     pytest.importorskip("triton")
-    from segformer_fast import kernels
+    from segformer_fast.kernels import sr_attention
 
     model = Segformer.from_config("b0", num_labels=5, seed=2)
     device = "cuda" if CUDA else "cpu"
@@ -89,7 +90,7 @@ def test_triton_engine_small_grids_fall_back_per_block():
     pixels = torch.randn(2, 3, 20, 44, generator=torch.Generator().manual_seed(8)).to(device)
     with torch.no_grad():
         expected = model.double()(pixels.double())
-    with counting_calls(kernels, "sr_attention") as calls:
+    with counting_calls(sr_attention, "sr_attention") as calls:
         got = engine(pixels)
     assert_within_tolerance(got, expected, torch.float32, what="Triton engine at 20x44")
     assert calls["sr_attention"] > 0

@@ -109,7 +109,12 @@ def test_large_activations_overflow_a_naive_fp16_layer_norm(loud_model):
 
 
 def test_triton_layer_norm_fp16_survives_large_activations(loud_model):
-    from segformer_fast.kernels import layer_norm, layer_norm_ref, patch_embed_layer_norm, patch_embed_layer_norm_ref
+    from segformer_fast.kernels.layernorm import (
+        layer_norm,
+        layer_norm_ref,
+        patch_embed_layer_norm,
+        patch_embed_layer_norm_ref,
+    )
 
     model, _, features = loud_model
     norm = model.stages[0].patch_embed.norm
@@ -188,10 +193,10 @@ def test_torch_engine_propagates_nan_like_reference(small_model, value):
 
 
 def test_triton_engine_propagates_nan_like_reference(small_model):
-    from segformer_fast import kernels
+    from segformer_fast.kernels import sr_attention
 
     engine = optimize(small_model, kernels="triton", verify=False)
-    with counting_calls(kernels, "sr_attention") as calls:
+    with counting_calls(sr_attention, "sr_attention") as calls:
         logits = call_returns(engine, poisoned_pixels(float("nan")))
     assert calls["sr_attention"] > 0
     assert logits.isnan().all(), f"{int((~logits.isnan()).sum())} of {logits.numel()} logits are finite"

@@ -243,7 +243,7 @@ def graph():
 
 
 def test_package_modules_are_found(graph):
-    for module in ("segformer_fast", "segformer_fast.engine.engine", "segformer_fast.kernels",
+    for module in ("segformer_fast", "segformer_fast.engine.engine", "segformer_fast.kernels.common",
                    "segformer_fast.kernels.sr_attention", "segformer_fast.core.runtime",
                    "segformer_fast.ops.reference", "segformer_fast.cli", "segformer_fast.cli.segment",
                    "segformer_fast.jobs.segment", "segformer_fast.jobs.ray_executor"):

@@ -28,7 +28,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray = pytest.importorskip("ray", reason="ray is not installed (pip install segformer-fast[scaleout])")
+    ray = pytest.importorskip("ray", reason='ray is not installed (pip install "ray[data]")')
     pytest.importorskip("ray.data")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -230,7 +230,7 @@ def test_missing_ray_names_the_extra(checkpoint, mixed_folder, tmp_path, monkeyp
     with pytest.raises(ImportError, match=r"pip install segformer-fast\[scaleout\]"):
         segment_with_ray(mixed_folder, tmp_path / "out", settings)
     code = main(["segment", str(mixed_folder), "--model", str(checkpoint), "--out", str(tmp_path / "out"), "--ray"])
-    assert code == 2 and "segformer-fast[scaleout]" in capsys.readouterr().err
+    assert code == 2 and 'pip install "ray[data]"' in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -174,7 +174,7 @@ def engine(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install "segformer-fast[serve]")')
+    pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install "ray[serve]")')
     local = LocalServer(checkpoint, SERVER_ARGS)
     local.start()
     yield local

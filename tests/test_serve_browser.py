@@ -1,8 +1,8 @@
 """The page ``segformer-fast serve`` shows at ``/``, in a real headless Chromium (Debian's, driven by Selenium through
 the system chromedriver; nothing is downloaded), against a real local server; and the server's shutdown on SIGTERM.
 
-``make test`` installs chromium and chromium-driver where apt-get can; where no browser could be installed the
-browser test is skipped, saying so (the SIGTERM test runs all the same).
+``make browser`` installs chromium and chromium-driver where apt-get can (CI runs it; ``make test`` installs no
+system packages); without them the browser test is skipped, saying so (the SIGTERM test runs all the same).
 """
 
 import json
@@ -31,7 +31,7 @@ def find_browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install "segformer-fast[serve]")')
+    pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install "ray[serve]")')
     folder = tmp_path_factory.mktemp("serve-page") / "b0"
     Segformer.from_config("b0", num_labels=19, seed=4).save_pretrained(folder)  # Cityscapes' names and colors
     local = LocalServer(folder, ["--max-batch-size", "2", "--batch-wait-ms", "5"])
@@ -46,8 +46,8 @@ def server(tmp_path_factory):
 def browser():
     found = find_browser()
     if found is None:
-        pytest.skip("no Chromium with chromedriver on this machine (make test installs Debian's chromium and "
-                    "chromium-driver where apt-get can)")
+        pytest.skip("no Chromium with chromedriver on this machine: `make browser` installs Debian's chromium and "
+                    "chromium-driver (apt-get, as root)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
     from selenium.webdriver.chrome.service import Service
 

@@ -1,13 +1,13 @@
 """``TritonOps``: the engine's forward steps on the fused Triton kernels (``segformer_fast.kernels``).
 
 Imported only when the engine runs the Triton kernels (triton is an optional dependency). The kernels are called
-through the ``kernels`` module, so a test can spy on them by patching its attributes.
+through their modules (``layernorm.layer_norm``, ...), so a test can spy on them by patching a module's attribute.
 """
 
 import torch
 
-from segformer_fast import kernels
 from segformer_fast.engine.backends import TorchOps
+from segformer_fast.kernels import layernorm, mixffn, sr_attention
 from segformer_fast.prepared.decoder_fold import FoldedDecodeHead
 from segformer_fast.prepared.weights import MixFFNParams, NormParams, SRAttentionParams
 
@@ -30,16 +30,16 @@ class TritonOps(TorchOps):
             # stages 2-4 read the previous stage's tokens as a channels-last image, and the conv keeps that
             # layout: its output already is (B, h*w, C) tokens, so normalize that view (no transpose, no copy)
             tokens = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-            return kernels.layer_norm(tokens, norm.weight, norm.bias, norm.eps)
-        return kernels.patch_embed_layer_norm(features.contiguous(), norm.weight, norm.bias, norm.eps)
+            return layernorm.layer_norm(tokens, norm.weight, norm.bias, norm.eps)
+        return layernorm.patch_embed_layer_norm(features.contiguous(), norm.weight, norm.bias, norm.eps)
 
     def layer_norm(self, tokens, norm: NormParams):
-        return kernels.layer_norm(tokens, norm.weight, norm.bias, norm.eps)
+        return layernorm.layer_norm(tokens, norm.weight, norm.bias, norm.eps)
 
     def attention(self, x_norm, residual, height, width, params: SRAttentionParams):
         if height < params.sr_ratio or width < params.sr_ratio:
             return super().attention(x_norm, residual, height, width, params)
-        return kernels.sr_attention(x_norm, residual, height, width, params)
+        return sr_attention.sr_attention(x_norm, residual, height, width, params)
 
     def mixffn(self, x_norm, residual, height, width, params: MixFFNParams):
-        return kernels.mixffn(x_norm, height, width, params, residual=residual)
+        return mixffn.mixffn(x_norm, height, width, params, residual=residual)

@@ -32,7 +32,7 @@ def _import_onnx():
     try:
         import onnx
     except ImportError as err:
-        raise ImportError(f"export_onnx needs the onnx package ({err}): pip install 'segformer-fast[export]'") from None
+        raise ImportError(f"export_onnx needs the onnx package ({err}): pip install onnx onnxruntime") from None
     try:
         import onnxruntime
     except ImportError:

@@ -9,8 +9,8 @@ half-written. The driver streams the records back and records them as every exec
 
 Before any work the session refuses what would hang: an address where nothing answers (one line, within seconds),
 and workers asking for more GPUs or CPUs than any node of the cluster has. An error inside the workers ends the job
-with its first line, not Ray's tracebacks. ray is an optional extra (``pip install segformer-fast[scaleout]``),
-imported when a job starts.
+with its first line, not Ray's tracebacks. ray is optional (``pip install "ray[data]"``, the
+``scaleout`` extra), imported when a job starts.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .metrics import MetricAccumulator
 from .segment import Interrupted, SegmentSummary, SegmentWorker, plan_segment, progress_bar, record_results
 from .settings import SegmentSettings, set_threads, worker_name
 
-INSTALL_HINT = "pip install segformer-fast[scaleout]"
+INSTALL_HINT = 'pip install "ray[data]"'
 #: Seconds to wait for a TCP connection to a cluster address before calling it unreachable.
 CONNECT_TIMEOUT_S = 10
 
@@ -42,8 +42,8 @@ def import_ray():
         import ray
         import ray.data  # noqa: F401  (Ray Data is a separate part of the ray package)
     except ImportError as error:
-        raise ImportError(f"scaling out with Ray needs ray with Ray Data: {INSTALL_HINT} "
-                          f"(or pip install 'ray[data]'); import failed: {error}") from None
+        raise ImportError(f"scaling out with Ray needs ray with Ray Data: {INSTALL_HINT}; import failed: {error}") \
+            from None
     return ray
 
 

@@ -1,7 +1,8 @@
 """``segformer-fast serve``: its options, and running the service until Ctrl-C or SIGTERM.
 
 The Ray side lives in ``serve.app`` and ``serve.launch`` and is imported when the command runs: ray is an optional
-extra (``pip install "segformer-fast[serve]"``), never needed to import the package or to parse the command line.
+extra (``pip install "ray[serve]"``, the ``serve`` extra), never needed to import the package or to parse the
+command line.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from segformer_fast.model.segformer import Segformer
 
 from .api import ServeSettings
 
-INSTALL_HINT = 'pip install "segformer-fast[serve]"'
+INSTALL_HINT = 'pip install "ray[serve]"'
 #: The longest a shutdown may take before the command gives up waiting and exits anyway.
 SHUTDOWN_LIMIT_S = 90
 

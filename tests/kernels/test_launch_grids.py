@@ -14,21 +14,13 @@ import os
 import pytest
 import torch
 
-from segformer_fast.kernels import (
-    common,
-    layer_norm,
-    mixffn,
-    patch_embed_layer_norm,
-    prepare_mixffn_params,
-    prepare_sr_attention_params,
-    reduced_size,
-    sr_attention,
-)
-from segformer_fast.kernels.layernorm import layer_norm_launch
+from segformer_fast.kernels import common
+from segformer_fast.kernels.layernorm import layer_norm, layer_norm_launch, patch_embed_layer_norm
 from segformer_fast.kernels.linear import linear_launch
-from segformer_fast.kernels.mixffn import column_groups, mixffn_fc2_launch
-from segformer_fast.kernels.sr_attention import flash_sr_attention_launch, sr_kv_launches
+from segformer_fast.kernels.mixffn import column_groups, mixffn, mixffn_fc2_launch
+from segformer_fast.kernels.sr_attention import flash_sr_attention_launch, reduced_size, sr_attention, sr_kv_launches
 from segformer_fast.model.config import NUM_HEADS, PATCH_SIZES, SR_RATIOS, STRIDES, VARIANTS
+from segformer_fast.prepared.weights import prepare_mixffn_params, prepare_sr_attention_params
 
 SHAPES = [(512, 512), (1024, 2048)]
 BATCHES = [1, 16]

@@ -5,7 +5,12 @@ import torch
 
 from segformer_fast.core.numerics import assert_within_tolerance, poison_
 from segformer_fast.kernels import common as kernel_common
-from segformer_fast.kernels import layer_norm, layer_norm_ref, patch_embed_layer_norm, patch_embed_layer_norm_ref
+from segformer_fast.kernels.layernorm import (
+    layer_norm,
+    layer_norm_ref,
+    patch_embed_layer_norm,
+    patch_embed_layer_norm_ref,
+)
 
 WIDTHS = [32, 64, 128, 160, 256, 320, 512]
 
