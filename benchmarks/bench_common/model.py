@@ -15,7 +15,7 @@ import torch
 from segformer_fast.model.config import VARIANTS, SegformerConfig
 from segformer_fast.model.segformer import Segformer
 
-from .harness import split_list
+from .arguments import split_list
 
 SCHEMA = "segformer-fast/bench-model/v1"
 

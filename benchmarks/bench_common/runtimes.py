@@ -30,7 +30,7 @@ import torch
 from segformer_fast.export.onnx import export_onnx, run_onnx
 from segformer_fast.model.segformer import Segformer
 
-from bench_common import RunnerUnavailable, cpu_isa, one_line
+from .harness import RunnerUnavailable, cpu_isa, one_line
 
 _FOLDER = tempfile.TemporaryDirectory(prefix="segformer-fast-runtimes-")
 #: Why ONNX Runtime has no bf16 row on a CPU: checked with onnxruntime 1.32, whose CPU provider answers

@@ -1,4 +1,4 @@
-"""Color palettes and class names of the SegFormer datasets, and label-map visualization.
+"""Color palettes and class names of the SegFormer datasets, and label maps drawn over images (``overlay``).
 
 The ADE20K (150 classes) and Cityscapes (19 trainId classes) names and palettes are the ones published with mmseg's
 ``ADE20KDataset`` and ``CityscapesDataset`` (the colors SegFormer's own visualizations use). Any other number of
@@ -125,12 +125,6 @@ def _label_array(labels: np.ndarray | torch.Tensor, num_colors: int) -> np.ndarr
                 f"got values in [{low}, {high}]"
             )
     return labels.astype(np.intp, copy=False)
-
-
-def colorize(labels: np.ndarray | torch.Tensor, palette: Sequence[Sequence[int]] | np.ndarray) -> Image.Image:
-    """Label map (H, W) of integers in [0, K) -> RGB image where each pixel has its label's palette color."""
-    colors = _palette_array(palette)
-    return Image.fromarray(colors[_label_array(labels, len(colors))], "RGB")
 
 
 def overlay(

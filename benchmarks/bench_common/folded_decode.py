@@ -1,4 +1,5 @@
-"""The folded decode head (``prepared.decoder_fold``) run on stage features: the fast path and its reference.
+"""The folded decode head (``prepared.decoder_fold``) run on stage features, for ``bench_decoder.py`` and the fold's
+tests: the fast path and its reference.
 
 features: four (B, C_i, h_i, w_i) stage maps (channels-last memory or not) -> logits (B, K, h_1, w_1). Each stage is
 projected at its own resolution (P_i = F_i W'_iᵀ, channels-last (B, h_i, w_i, D)), then upsampled, summed, biased,

@@ -4,7 +4,7 @@ transformers eager and ``torch.compile`` of the reference in a given mode.
 A runner's callable may carry, besides ``notes`` (copied into every row, read after the row ran):
 
 - ``tf32``: False where the runner itself runs fp32 as IEEE fp32 whatever torch's flags say (the engine);
-- ``precision``: what runs where it is not the row's dtype (the int8 runners of bench_runtimes.py: "int8 (NNCF
+- ``precision``: what runs where it is not the row's dtype (the int8 runners of ``runtimes``: "int8 (NNCF
   PTQ)" in an fp32 row); it becomes the row's ``precision``;
 - ``row_facts(pixel_values) -> dict``: facts read after a row's timed calls and stored in the row (the engine:
   whether the shape's CUDA graph was really captured).
@@ -16,7 +16,7 @@ from segformer_fast.core.runtime import is_out_of_memory
 from segformer_fast.engine.engine import optimize
 from segformer_fast.model.segformer import Segformer
 
-from bench_common import RunnerUnavailable, one_line
+from .harness import RunnerUnavailable, one_line
 
 
 def _reference_model(variant, num_labels, device, dtype):

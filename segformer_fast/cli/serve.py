@@ -15,8 +15,7 @@ import threading
 
 from segformer_fast.core.runtime import DTYPES, resolve_device
 from segformer_fast.model.segformer import Segformer
-
-from .api import ServeSettings
+from segformer_fast.serve.api import ServeSettings
 
 INSTALL_HINT = 'pip install "ray[serve]"'
 #: The longest a shutdown may take before the command gives up waiting and exits anyway.
@@ -110,7 +109,7 @@ def run(args) -> int:
         Segformer.from_pretrained(settings.model)
         resolve_device(settings.device)  # --device cuda where there is none: refused now, not an unplaceable replica
     try:
-        from . import launch
+        from segformer_fast.serve import launch
     except ImportError as error:
         print(f"segformer-fast: serve needs Ray Serve: {INSTALL_HINT}; import failed: {error}", file=sys.stderr)
         return 2

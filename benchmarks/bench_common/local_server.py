@@ -1,6 +1,6 @@
-"""A ``segformer-fast serve`` process on this machine, for scripts, benchmarks and tests: start it on a free
-loopback port with its own Ray session folder, wait until it is ready, call it, and stop it, checking that every
-process it started has ended. Only the standard library: a caller needs neither Ray nor an HTTP client package.
+"""A ``segformer-fast serve`` process on this machine, for ``bench_serve.py`` and the service's tests: start it on a
+free loopback port with its own Ray session folder, wait until it is ready, call it, and stop it, checking that
+every process it started has ended. Only the standard library: a caller needs neither Ray nor an HTTP client package.
 
 Processes are followed by PID: the server's descendants (found from ``/proc``) and every process whose command line
 names the server's own Ray session folder (Ray's daemons and workers do), each recorded with its start time so a
