@@ -69,6 +69,7 @@ from bench_common import (
     parse_resolution,
     positive_int,
     say,
+    setting_fields,
     split_list,
     time_calls_ms,
     write_json,
@@ -127,12 +128,7 @@ def profile_row(engine, variant: str, resolution: Resolution, batch: int, dtype_
             engine.logits(pixel_values)
     categories = summarize(profiler.events(), repeats)
     return {
-        "variant": variant,
-        "height": resolution.height,
-        "width": resolution.width,
-        "num_labels": resolution.num_labels,
-        "batch": batch,
-        "dtype": dtype_name,
+        **setting_fields(variant, resolution, batch, dtype_name),
         "repeats": repeats,
         "latency_ms": latency_ms,
         # the profiled ops' self time per forward: above latency_ms by the profiler's cost per op (large for the
