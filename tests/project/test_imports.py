@@ -371,3 +371,12 @@ def test_the_package_top_level_imports_no_job_service_or_cli(graph):
                  for module, targets in graph.items() if room_of(module) is None}
     offenders = {module: targets for module, targets in offenders.items() if targets}
     assert not offenders, f"the package's top level imports {offenders}"
+
+
+def test_the_package_imports_absolutely():
+    """Every import of the package and the kernels names its module in full (``from segformer_fast.jobs.outputs
+    import ...``), so a module reads the same wherever it moves and the rooms it imports show at a glance."""
+    relative = [f"{path.relative_to(ROOT)}:{node.lineno}" for path in module_files(PACKAGE_DIRS).values()
+                for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                if isinstance(node, ast.ImportFrom) and node.level]
+    assert not relative, f"relative imports: {relative}"
