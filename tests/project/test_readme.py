@@ -131,7 +131,7 @@ def test_command_line_examples_run(readme_folder, capsys):
     Segformer.from_config("b0", num_labels=150, seed=7).save_pretrained("ckpt")  # the examples' ckpt/
     ran = []
     for command in commands:
-        if command[1] == "bench":  # a benchmark run takes minutes; tests/test_bench.py covers the command
+        if command[1] == "bench":  # a benchmark run takes minutes; tests/benchmarks/ cover the command
             continue
         code = main(command[1:] + (["--quiet"] if command[1] in ("segment", "eval") else []))
         captured = capsys.readouterr()
