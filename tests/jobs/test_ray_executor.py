@@ -112,7 +112,7 @@ def test_ray_eval_function_matches_counts(ray_session, checkpoint, ade_dataset):
 def test_missing_ray_names_the_extra(checkpoint, mixed_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where ray is not installed
     settings = SegmentSettings(model=str(checkpoint))
-    with pytest.raises(ImportError, match=r"pip install segformer-fast\[scaleout\]"):
+    with pytest.raises(ImportError, match=r'pip install "ray\[data\]"'):
         segment_with_ray(mixed_folder, tmp_path / "out", settings)
     code = main(["segment", str(mixed_folder), "--model", str(checkpoint), "--out", str(tmp_path / "out"), "--ray"])
     assert code == 2 and 'pip install "ray[data]"' in capsys.readouterr().err
