@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from segformer_fast.model.config import VARIANTS, SegformerConfig
-from segformer_fast.model.segformer import DecodeHead, _random_init_
+from segformer_fast.model.segformer import DecodeHead, random_init_
 from segformer_fast.ops import extension as ops
-from segformer_fast.ops.decode import project_features
 from segformer_fast.prepared.decoder_fold import fold_decode_head
 
 from bench_common import (
@@ -41,6 +40,7 @@ from bench_common import (
     say,
     write_json,
 )
+from bench_common.folded_decode import project_features
 
 RESOLUTIONS = {"512x512": (512, 512), "1024x2048": (1024, 2048)}
 NUM_LABELS = 150
@@ -52,7 +52,7 @@ def build_heads(variant: str, device, dtype):
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for module in head.modules():
-            _random_init_(module, generator)
+            random_init_(module, generator)
     head = head.eval()
     folded = fold_decode_head(head, dtype=dtype, device=device)
     hf_head = None

@@ -7,8 +7,9 @@
 A *runner* is one way of executing the model (the engine, the eager reference, transformers eager,
 ``torch.compile`` in its modes, ONNX Runtime / OpenVINO / TensorRT on an ONNX export): a factory
 ``factory(variant, num_labels, device, dtype) -> fn(pixel_values) -> logits`` in the registry ``RUNNERS``
-(:func:`register_runner`; the PyTorch ones are in bench_runners.py, the runtimes in bench_runtimes.py). A factory or
-its callable raises :class:`RunnerUnavailable` to have its rows recorded as skipped.
+(:func:`register_runner`; the PyTorch ones are in bench_common/runners.py, the runtimes in
+bench_common/runtimes.py). A factory or its callable raises :class:`RunnerUnavailable` to have its rows recorded
+as skipped.
 
 The protocol, the columns and the results file are described in benchmarks/README.md and docs/DESIGN.md section 7;
 the shared parts (resolutions, the paper's numbers, timing, the table) live in bench_common. Results go to
@@ -26,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import bench_runners
-import bench_runtimes
 import torch
 
 from segformer_fast.core import malloc_tuning
@@ -74,6 +73,8 @@ from bench_common import (
     row_key,
     run_setting_interleaved,
     run_setting_row_by_row,
+    runners,
+    runtimes,
     say,
     setting_key,
     write_json,
@@ -108,26 +109,26 @@ def register_runner(name: str, factory: RunnerFactory, *, default_on=("cpu", "cu
     RUNNER_DEFAULT_ON[name] = tuple(default_on)
 
 
-register_runner("engine", bench_runners.engine_runner)
-register_runner("reference", bench_runners.reference_runner)
-register_runner("transformers", bench_runners.transformers_runner)
+register_runner("engine", runners.engine_runner)
+register_runner("reference", runners.reference_runner)
+register_runner("transformers", runners.transformers_runner)
 #: Opt-in on CPU: compiling takes about 40 s per input shape on a 2-core machine (1.5 of the default run's 5 minutes
 #: for two batch sizes on a quiet machine, more than 5 minutes in all on a busy one).
-register_runner("compile", bench_runners.compile_runner(None), default_on=("cuda",))
+register_runner("compile", runners.compile_runner(None), default_on=("cuda",))
 # reduce-overhead: CUDA graphs (cudagraph trees) around the compiled graph, the fair comparison with the engine's
 # graphs at batch 1
-register_runner("compile-ro", bench_runners.compile_runner("reduce-overhead"), default_on=("cuda",))
+register_runner("compile-ro", runners.compile_runner("reduce-overhead"), default_on=("cuda",))
 # max-autotune: minutes of autotuning per shape on a GPU, so opt-in everywhere
-register_runner("compile-max", bench_runners.compile_runner("max-autotune"), default_on=())
+register_runner("compile-max", runners.compile_runner("max-autotune"), default_on=())
 # ONNX Runtime and OpenVINO on our ONNX export and on transformers' own (CPU default: the runtimes CPU users pick)
 for _source in ("ours", "transformers"):
-    register_runner(f"ort-{_source}", bench_runtimes.ort_factory(_source), default_on=("cpu",))
-    register_runner(f"openvino-{_source}", bench_runtimes.openvino_factory(_source), default_on=("cpu",))
+    register_runner(f"ort-{_source}", runtimes.ort_factory(_source), default_on=("cpu",))
+    register_runner(f"openvino-{_source}", runtimes.openvino_factory(_source), default_on=("cpu",))
 # int8 inside the fp32 row, calibrated on the row's first batch: ONNX Runtime static QDQ and OpenVINO + NNCF PTQ
-register_runner("ort-ours-int8", bench_runtimes.ort_int8_factory("ours"), default_on=("cpu",))
-register_runner("openvino-ours-int8", bench_runtimes.openvino_int8_factory("ours"), default_on=("cpu",))
+register_runner("ort-ours-int8", runtimes.ort_int8_factory("ours"), default_on=("cpu",))
+register_runner("openvino-ours-int8", runtimes.openvino_int8_factory("ours"), default_on=("cpu",))
 # TensorRT fp16 on our ONNX export: what production GPU users deploy (skipped where tensorrt is not importable)
-register_runner("trt-ours", bench_runtimes.tensorrt_factory("ours"), default_on=("cuda",))
+register_runner("trt-ours", runtimes.tensorrt_factory("ours"), default_on=("cuda",))
 
 
 # --------------------------------------------------------------------------------------------------- settings

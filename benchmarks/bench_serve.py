@@ -8,7 +8,7 @@ some malformed requests.
 Direct calls: ``engine.segment(image, size=...)`` one image at a time in this process (with all the machine's
 threads), before any server starts; also one batch of 16 same-size images, whose images/s against batch 1 is the
 batching gain a GPU can expect (a prediction: a CPU gains little from batching). Service: for each batching setting
-(``--max-batch-size`` 16 and 1) a local server is started (``serve.local.LocalServer``: 127.0.0.1 on a free port,
+(``--max-batch-size`` 16 and 1) a local server is started (``local_server.LocalServer``: 127.0.0.1 on a free port,
 its own Ray), warmed up, and loaded by C client threads (each request a new connection, labels PNG out); a setting
 ends after ``--requests`` requests or ``--seconds`` seconds, whichever comes first. Every loop is bounded in count
 and time; only loopback is used. The malformed run sends ``--malformed-total`` requests at concurrency 16 of which
@@ -38,7 +38,6 @@ import torch
 from PIL import Image
 
 from segformer_fast import Segformer, optimize
-from segformer_fast.serve.local import LocalServer
 
 from bench_common import (
     choose_output,
@@ -55,6 +54,7 @@ from bench_common import (
     positive_int,
     write_json,
 )
+from bench_common.local_server import LocalServer
 
 SCHEMA = "segformer-fast-serve-bench/1"
 #: what the issue asks of the service on a 2-core CPU

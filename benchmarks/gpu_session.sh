@@ -11,7 +11,7 @@
 # Stages. Estimates are for one H200 and are not measured yet (the first GPU run replaces them):
 #   first        one call, at most 8 minutes of wall time on a cold machine, in this order, each step capped by
 #                `timeout` at its estimate, the later caps shortened when an earlier step overran (the caps add up to
-#                at most FIRST_BUDGET_S = 480 s, asserted by tests/test_gpu_session.py on the dry run):
+#                at most FIRST_BUDGET_S = 480 s, asserted by tests/benchmarks/test_gpu_session.py on the dry run):
 #                check (one Python process), build (sm_90 only; where torch's CUDA and nvcc disagree or the
 #                extension fails to build, the Triton path alone with SEGFORMER_FAST_NO_CUDA=1 and one line
 #                saying so), the trimmed CUDA tests (benchmarks/first_tests.txt: Triton kernels at the engine's
@@ -272,8 +272,9 @@ for stage in $STAGES; do
             "$PYTHON" -c "from segformer_fast.ops import extension as ops; print('   extension kernels:', ops._kernel_devices())" ;;
         test)
             ensure_installed
-            run_stage test 0 bash -c "cd tests && '$PYTHON' -m pytest -ra -q -p no:cacheprovider kernels test_engine.py \
-                test_graph_cache.py test_ops.py test_fp16_safety.py test_inference.py test_decoder_fold.py"
+            run_stage test 0 bash -c "cd tests && '$PYTHON' -m pytest -ra -q -p no:cacheprovider kernels engine/test_engine.py \
+                engine/test_graph_cache.py ops/test_decode_ops.py engine/test_fp16_safety.py inference/test_slide.py \
+                inference/test_segment.py inference/test_memory.py prepared/test_decoder_fold.py"
             grep -h -E "passed|failed" "$OUT/test.log" | tail -n 1 ;;
         bench-ade)
             ensure_installed

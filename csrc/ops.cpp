@@ -1,6 +1,6 @@
 // The segformer_fast operator library: schemas here, kernels in decode_cpu.cpp, kv_attention_cpu.cpp and layer_norm_cpu.cpp (CPU) and
 // cuda_launch.cpp (CUDA).
-// Fake (meta) implementations for torch.compile / torch.export live in segformer_fast/ops.py.
+// Fake (meta) implementations for torch.compile / torch.export live in segformer_fast/ops/extension.py.
 
 #include <Python.h>
 #include <torch/library.h>

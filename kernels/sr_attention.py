@@ -49,7 +49,7 @@ from segformer_fast.kernels.common import (
     upcast_dot,
 )
 from segformer_fast.kernels.linear import linear
-from segformer_fast.kernels.sr_kv import _check_x, reduced_size, sr_kv, sr_kv_launches, sr_kv_ref
+from segformer_fast.kernels.sr_kv import check_sr_input, reduced_size, sr_kv, sr_kv_launches, sr_kv_ref
 from segformer_fast.ops import reference
 from segformer_fast.prepared.weights import check_tensor
 
@@ -162,7 +162,7 @@ def flash_sr_attention(x_norm, kv, params, residual=None, out=None):
     x_norm: (B, N, C); kv: (B, Nkv, 2C) from ``sr_kv`` (Nkv >= 1); residual: (B, N, C) or None; out: optional
     (B, N, C). Returns residual + softmax(q kᵀ · d^-0.5) v Woᵀ + bo, (B, N, C) in x_norm's dtype.
     """
-    B, N, C = _check_x(x_norm, params)
+    B, N, C = check_sr_input(x_norm, params)
     check_tensor("kv", kv, shape=(B, None, 2 * C), dtype=x_norm.dtype, device=x_norm.device)
     NKV = kv.shape[1]
     if NKV < 1:

@@ -161,7 +161,9 @@ def _sr_norm_kv_kernel(
              mask=r_mask[:, None] & n_mask[None, :])
 
 
-def _check_x(x_norm, params):
+def check_sr_input(x_norm, params):
+    """(B, N, C) of ``x_norm``, after checking it and ``params`` (an ``SRAttentionParams`` of C channels) for both
+    SR-attention launchers (``sr_kv``, ``flash_sr_attention``)."""
     check_tensor("x_norm", x_norm, shape=(None, None, None))
     check_compute_dtype("x_norm", x_norm)
     check_device("x_norm", x_norm)
@@ -187,7 +189,7 @@ def sr_kv(x_norm, H, W, params, out=None):
     x_norm: (B, N = H*W, C) normalized block input; params: ``SRAttentionParams`` in x_norm's dtype.
     Returns kv: (B, Nkv, 2C) with kv[..., :C] = k and kv[..., C:] = v; Nkv = Hkv*Wkv (``reduced_size``).
     """
-    B, N, C = _check_x(x_norm, params)
+    B, N, C = check_sr_input(x_norm, params)
     if H < 1 or W < 1 or H * W != N:
         raise ValueError(f"H, W: expected H * W == N={N} with H, W >= 1, got H={H}, W={W}")
     R = params.sr_ratio

@@ -1,5 +1,7 @@
-"""Shared test utilities: random transformers models with non-default norms, comparisons, and the check that a
-CPU kernel's baseline loops match its vectorized ones."""
+"""Shared test utilities: the tolerance rule as an assertion (``assert_within_tolerance``), outputs poisoned before a
+kernel writes them (``poison_``), random transformers models with non-default norms, comparisons, and the check
+that a CPU kernel's baseline loops match its vectorized ones. Every test folder reaches this module (tests/ is on
+``sys.path`` through pyproject.toml's ``pythonpath``)."""
 
 import collections
 import contextlib
@@ -7,10 +9,43 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 from segformer_fast.core.numerics import max_abs_error, tolerance
+
+#: The repository's root folder.
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def assert_within_tolerance(
+    actual: torch.Tensor,
+    reference: torch.Tensor,
+    dtype: torch.dtype,
+    eager: torch.Tensor | None = None,
+    what: str = "output",
+) -> None:
+    """Assert the tolerance rule: err(actual) <= 2 * err(eager) + floor(dtype) * max |reference|.
+
+    ``reference`` is the high-precision result (fp64 or fp32); ``eager`` is eager PyTorch run in ``dtype`` (optional:
+    without it only the floor applies).
+    """
+    eager_error = max_abs_error(eager, reference) if eager is not None else 0.0
+    error = max_abs_error(actual, reference)
+    allowed = tolerance(reference, dtype, eager_error)
+    if not error <= allowed:
+        raise AssertionError(
+            f"{what}: max abs error {error:.3e} exceeds tolerance {allowed:.3e} "
+            f"(dtype {dtype}, eager error {eager_error:.3e}, max |ref| {float(reference.abs().max()):.3e})"
+        )
+
+
+def poison_(tensor: torch.Tensor) -> torch.Tensor:
+    """Fill a floating tensor with NaN (integer tensors with their minimum) so unwritten elements fail a check."""
+    if tensor.is_floating_point():
+        return tensor.fill_(float("nan"))
+    return tensor.fill_(torch.iinfo(tensor.dtype).min)
 
 
 def randomize_norms_(module: torch.nn.Module, seed: int) -> None:

@@ -1,4 +1,5 @@
-"""What every benchmark script shares: timing, peak memory, the environment, results files, argument types and tables.
+"""What every benchmark script shares: timing, peak memory, the environment and results files (argument types are
+``arguments``', text tables ``text_tables``').
 
 The scripts in this folder run as ``python benchmarks/<name>.py``: Python puts the script's folder on sys.path, so
 they ``import bench_common``; the package itself (``segformer_fast``) comes from the installation. Nothing here is
@@ -12,7 +13,6 @@ use ``triton.testing.do_bench`` (median), which flushes the L2 cache between cal
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import json
@@ -31,7 +31,6 @@ from typing import Callable
 import torch
 
 from segformer_fast.core.fileio import atomic_write_text
-from segformer_fast.core.runtime import resolve_device
 
 #: Where results go unless ``--out`` says otherwise: outside the repository (``$SEGFORMER_FAST_RESULTS``, else
 #: ~/.cache/segformer-fast/results), so a plain run (``make bench``) leaves the work tree clean. The files in
@@ -291,73 +290,6 @@ def environment(device: torch.device) -> dict:
     }
 
 
-# --------------------------------------------------------------------------------------------------- arguments
-
-
-def split_list(values) -> list:
-    """Items of a string or list of strings, split at commas: ["b0,b2", "b5"] -> ["b0", "b2", "b5"]."""
-    out = []
-    for value in values if isinstance(values, (list, tuple)) else [values]:
-        out.extend(part.strip() for part in str(value).split(",") if part.strip())
-    return out
-
-
-def list_argument(kind: str, valid: Callable[[], list], normalize=str.lower):
-    """An argparse type for a comma-separated list of names from ``valid()``; the error names the valid ones."""
-
-    def parse(text: str) -> list:
-        items = [normalize(item) for item in split_list(text)]
-        if not items:
-            raise argparse.ArgumentTypeError(f"empty {kind} list; valid: {', '.join(valid())}")
-        for item in items:
-            if item not in valid():
-                raise argparse.ArgumentTypeError(f"unknown {kind} {item!r}; valid: {', '.join(valid())}")
-        return items
-
-    parse.__name__ = kind
-    return parse
-
-
-def flatten(groups) -> list | None:
-    """The items of ``nargs="+"`` list arguments in order, without repeats (None stays None)."""
-    if groups is None:
-        return None
-    out = []
-    for group in groups:
-        for item in group if isinstance(group, list) else [group]:
-            if item not in out:
-                out.append(item)
-    return out
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def device_argument(text: str) -> torch.device:
-    """An argparse type: "auto", "cpu", "cuda" or "cuda:N" as a checked device (segformer_fast.core.runtime's rules)."""
-    try:
-        return resolve_device(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 # --------------------------------------------------------------------------------------------------- results files
 
 
@@ -413,47 +345,9 @@ def merge_rows(kept: list, new: list, key: Callable[[dict], tuple]) -> list:
     return [row for row in kept if key(row) not in replaced] + list(new)
 
 
-# --------------------------------------------------------------------------------------------------- tables
-
-
-def format_number(value, digits: int | None = None) -> str:
-    """"—" for None; ``digits`` decimals when given, else 3 significant-ish digits (1234, 12.3, 1.23)."""
-    if value is None:
-        return "—"
-    if digits is not None:
-        return f"{value:.{digits}f}"
-    magnitude = abs(value)
-    if magnitude >= 100:
-        return f"{value:.0f}"
-    if magnitude >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
-
-
-def console_table(header: list, cells: list, left_columns: set) -> str:
-    """A column-aligned plain-text table: columns in ``left_columns`` (indices) left-aligned, the rest right."""
-    widths = [max(len(h), *(len(row[i]) for row in cells)) if cells else len(h) for i, h in enumerate(header)]
-
-    def line(values):
-        return "  ".join(v.ljust(w) if i in left_columns else v.rjust(w)
-                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(row) for row in cells])
-
-
-def markdown_table(header: list, cells: list, left_columns: set) -> str:
-    """A markdown table: columns in ``left_columns`` (indices) left-aligned, the rest right-aligned."""
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if i in left_columns else "--:" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines)
-
-
 __all__ = [
     "RESULTS_DIR", "COMMITTED_RESULTS_DIR", "RunnerUnavailable", "synchronize", "time_call_ms", "time_calls_ms",
     "median_ms", "do_bench_ms", "do_bench_cudagraph_ms", "percentile", "free_memory", "PeakMemory", "say", "one_line",
     "device_name", "device_slug", "collect_versions", "loadavg", "machine_is_busy", "ISA_FLAGS", "cpu_isa",
-    "environment", "split_list", "list_argument", "flatten", "positive_int", "positive_float", "device_argument",
-    "default_results_path", "read_json", "write_json", "choose_output", "merge_rows", "format_number",
-    "console_table", "markdown_table",
+    "environment", "default_results_path", "read_json", "write_json", "choose_output", "merge_rows",
 ]

@@ -15,7 +15,7 @@ import torch
 from segformer_fast.model.config import VARIANTS, SegformerConfig
 from segformer_fast.model.segformer import Segformer
 
-from .harness import split_list
+from .arguments import split_list
 
 SCHEMA = "segformer-fast/bench-model/v1"
 
@@ -201,6 +201,12 @@ def row_precision(fn, dtype_name: str, device: torch.device) -> tuple:
     return f"fp32 with TF32 {on}", tf32
 
 
+def setting_fields(variant: str, resolution: Resolution, batch: int, dtype_name: str) -> dict:
+    """The fields that name a setting in every results row: variant, size, classes, batch, dtype."""
+    return {"variant": variant, "height": resolution.height, "width": resolution.width,
+            "num_labels": resolution.num_labels, "batch": batch, "dtype": dtype_name}
+
+
 def row_base(variant, resolution: Resolution, batch, dtype_name, runner, *, device, warmup, paper=False,
              interleaved=False) -> dict:
     """A result row before its measurement: the setting, the paper's numbers there, empty measurements. Ok rows get
@@ -208,12 +214,7 @@ def row_base(variant, resolution: Resolution, batch, dtype_name, runner, *, devi
     paper_gflops, paper_fps = PAPER_V100.get((variant, resolution.height, resolution.width, resolution.num_labels),
                                              (None, None))
     return {
-        "variant": variant,
-        "height": resolution.height,
-        "width": resolution.width,
-        "num_labels": resolution.num_labels,
-        "batch": batch,
-        "dtype": dtype_name,
+        **setting_fields(variant, resolution, batch, dtype_name),
         "runner": runner,
         "status": "ok",
         "reason": None,
@@ -244,6 +245,6 @@ def row_base(variant, resolution: Resolution, batch, dtype_name, runner, *, devi
 __all__ = [
     "DEFAULTS", "PAPER_PROTOCOL", "QUICK", "QUICK_EXCLUDE",
     "SCHEMA", "RESOLUTIONS", "DEFAULT_NUM_LABELS", "PAPER_V100", "MIN_REPEATS", "AGREEMENT_FLOOR", "Resolution",
-    "parse_resolution", "resolutions_type", "make_inputs", "counted_gmacs", "setting_key", "row_key", "add_ratios",
-    "paper_setting", "labels_on_host", "row_precision", "row_base",
+    "parse_resolution", "resolutions_type", "make_inputs", "counted_gmacs", "setting_fields", "setting_key", "row_key",
+    "add_ratios", "paper_setting", "labels_on_host", "row_precision", "row_base",
 ]

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 
-from .harness import console_table, format_number, markdown_table
 from .model import AGREEMENT_FLOOR, add_ratios
+from .text_tables import console_table, format_number, markdown_table
 
 MEMORY_HEADERS = {"cuda_max_allocated": "peak alloc GB", "cpu_rss_hwm_increase": "peak RSS Δ GB"}
 COLUMNS = ["variant", "resolution", "batch", "dtype", "runner", "images/s", "latency ms", "p90 ms", None,

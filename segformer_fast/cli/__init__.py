@@ -1,10 +1,13 @@
 """The ``segformer-fast`` command: ``segment`` images, ``info`` about a checkpoint, ``eval`` mIoU on a dataset,
-``init`` a random-weight checkpoint, ``export`` a model to ONNX / torch.export, ``serve`` it over HTTP (the verb's
-module is ``segformer_fast.serve.command``); ``segment`` and ``eval`` also run on
-Ray (``--ray``) or under torchrun. One module per verb (``VERBS``), each with ``register(commands)`` and ``run(args)``;
-the work is done by ``segformer_fast.jobs`` and the modules below it. Every argument and output path is checked
-before a model is loaded; bad input ends with a one-line error and exit code 2, Ctrl-C with one line and exit code
-130. (The benchmarks are scripts in the repository's benchmarks/ folder: ``make bench``.)"""
+``init`` a random-weight checkpoint, ``export`` a model to ONNX / torch.export, ``serve`` it over HTTP (the service
+itself is ``segformer_fast.serve``); ``segment`` and ``eval`` also run on Ray (``--ray``) or under torchrun. One
+module per verb (``VERBS``), each with ``register(commands)`` and ``run(args)``; the work is done by
+``segformer_fast.jobs`` and ``segformer_fast.serve`` and the rooms below them. Every argument and output path is
+checked before a model is loaded; bad input ends with a one-line error and exit code 2, Ctrl-C with one line and exit
+code 130. (The benchmarks are scripts in the repository's benchmarks/ folder: ``make bench``.)
+
+Imports from the project: serve, jobs, export, inference, model, core, segformer_fast.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +17,9 @@ import re
 import sys
 
 from segformer_fast import __version__
-
-from ..jobs.settings import Interrupted, torchrun_world
-from ..serve import command as serve
-from . import evaluate, export, info, init, segment
+from segformer_fast.cli import evaluate, export, info, init, segment, serve
+from segformer_fast.jobs.progress import Interrupted
+from segformer_fast.jobs.workers import torchrun_world
 
 DESCRIPTION = (
     "SegFormer inference: segment images, evaluate mIoU on ADE20K / Cityscapes, describe or create checkpoints, "

@@ -9,8 +9,7 @@ import torch
 
 from segformer_fast.core.runtime import cpu_has_fast_bf16
 from segformer_fast.inference.processing import output_size
-
-from ..jobs.settings import torchrun_world
+from segformer_fast.jobs.workers import check_pool, torchrun_world
 
 DTYPE_HELP = ("compute dtype (default fp32). fp16 is for GPUs (on a CPU it runs, usually slower than fp32); bf16 is "
               "fast on GPUs and on CPUs with AVX512-BF16 or AMX, elsewhere slower than fp32")
@@ -78,15 +77,12 @@ def check_scaleout_arguments(args) -> None:
         if given:
             where = "; under torchrun the processes are torchrun's --nproc-per-node" if torchrun_world() else ""
             raise ValueError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --ray only{where}")
-    check_positive(args.workers, "--workers")
-    check_positive(args.batch_size, "--batch-size")
-    if args.gpus_per_worker is not None and not args.gpus_per_worker >= 0:
-        raise ValueError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
-    if args.cpus_per_worker is not None and not args.cpus_per_worker > 0:
-        raise ValueError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
+    check_pool(**{key: value for key, value in ray_pool(args).items() if key != "address"})
 
 
 def ray_pool(args) -> dict:
-    """The Ray pool keywords of ``segment_with_ray`` / ``evaluate_with_ray`` from the options."""
-    return {"workers": args.workers or 1, "gpus_per_worker": args.gpus_per_worker,
-            "cpus_per_worker": args.cpus_per_worker or 1, "batch_size": args.batch_size, "address": args.ray}
+    """The Ray pool keywords of ``segment_with_ray`` / ``evaluate_with_ray`` from the options (an option not given:
+    its default)."""
+    return {"workers": 1 if args.workers is None else args.workers, "gpus_per_worker": args.gpus_per_worker,
+            "cpus_per_worker": 1 if args.cpus_per_worker is None else args.cpus_per_worker,
+            "batch_size": args.batch_size, "address": args.ray}

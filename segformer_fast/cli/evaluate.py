@@ -7,18 +7,7 @@ import math
 import time
 from pathlib import Path
 
-from segformer_fast.core.fileio import check_can_create, check_output_file
-from segformer_fast.core.runtime import DTYPES, parse_dtype, resolve_device
-from segformer_fast.inference.windows import resolve_window
-from segformer_fast.model.segformer import Segformer
-
-from ..jobs.datasets import FORMATS, default_resize, default_window, open_dataset
-from ..jobs.evaluate import evaluate, format_summary, write_report
-from ..jobs.predictors import ENGINES, check_model_classes, make_predictor
-from ..jobs.ray_executor import evaluate_with_ray
-from ..jobs.settings import SegmentSettings, plural, torchrun_world
-from ..jobs.torchrun_executor import evaluate_torchrun
-from .common import (
+from segformer_fast.cli.common import (
     DEVICE_HELP,
     DTYPE_HELP,
     MODEL_HELP,
@@ -30,6 +19,18 @@ from .common import (
     ray_pool,
     wants_scaleout,
 )
+from segformer_fast.core.fileio import check_can_create, check_output_file
+from segformer_fast.core.runtime import DTYPES, parse_dtype, resolve_device
+from segformer_fast.inference.windows import resolve_window
+from segformer_fast.jobs.datasets import FORMATS, default_resize, default_window, open_dataset
+from segformer_fast.jobs.evaluate import format_summary, write_report
+from segformer_fast.jobs.local import evaluate_in_process
+from segformer_fast.jobs.predictors import ENGINES
+from segformer_fast.jobs.progress import plural
+from segformer_fast.jobs.ray_executor import evaluate_with_ray
+from segformer_fast.jobs.settings import SegmentSettings
+from segformer_fast.jobs.torchrun_executor import evaluate_torchrun
+from segformer_fast.jobs.workers import torchrun_world
 
 NAME = "eval"
 #: ``eval``'s inference modes: a score comes from one known mode, so the fallback mode "auto" is not offered.
@@ -128,33 +129,13 @@ def checked_settings(args) -> tuple:
     return settings, report_settings
 
 
-def evaluate_in_process(args, settings: SegmentSettings, dataset) -> tuple:
-    """(report, description) of one process, with --compare's second model when asked."""
-    device = resolve_device(args.device)
-    dtype = parse_dtype(args.dtype)
-    note_half_precision_on_cpu(device, dtype)
-    model = Segformer.from_pretrained(args.model).to(device=device).eval()
-    window = {"crop": settings.crop, "stride": settings.stride} if settings.mode == "slide" else {}
-    # The engine is built first: the reference predictor casts the model to dtype in place.
-    predict = make_predictor(model, args.engine, args.mode, resize=settings.resize(), device=device, dtype=dtype,
-                             **window)
-    reference = None
-    if args.compare:
-        reference = make_predictor(model, args.compare, args.mode, resize=settings.resize(), device=device,
-                                   dtype=dtype, **window)
-    result = evaluate(predict, dataset, model.config.num_labels, progress=not args.quiet, reference=reference)
-    if "comparison" in result:
-        result["comparison"]["against"] = args.compare
-    return result, f"on {device}"
-
-
 def run(args) -> int:
-    """Check, open the dataset, check the class count (config only), evaluate, print, write the report."""
+    """Check, open the dataset, evaluate on the chosen executor (each checks the class count first, from the
+    checkpoint's config only), print, write the report."""
     settings, report_settings = checked_settings(args)
     if not wants_scaleout(args):
         resolve_device(args.device)
     dataset = open_dataset(args.format, args.data, args.limit)
-    check_model_classes(settings.model, dataset)
     start = time.perf_counter()
     if torchrun_world() is not None:
         result, where = evaluate_torchrun(dataset, settings, device=args.device, progress=not args.quiet)
@@ -164,7 +145,11 @@ def run(args) -> int:
         result = evaluate_with_ray(dataset, settings, progress=not args.quiet, **pool)
         where = f"on Ray, {plural(pool['workers'], 'worker')}"
     else:
-        result, where = evaluate_in_process(args, settings, dataset)
+        device = resolve_device(args.device)
+        note_half_precision_on_cpu(device, parse_dtype(args.dtype))
+        result = evaluate_in_process(dataset, settings, device=device, compare=args.compare,
+                                     progress=not args.quiet)
+        where = f"on {device}"
     if result is None:  # a torchrun rank other than 0
         return 0
     seconds = time.perf_counter() - start

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from segformer_fast.cli.common import MODEL_HELP
 from segformer_fast.core.fileio import check_can_create, check_output_file
 from segformer_fast.core.runtime import DTYPES
 from segformer_fast.export.onnx import export_onnx
 from segformer_fast.export.program import export_program
 from segformer_fast.model.segformer import Segformer
-
-from .common import MODEL_HELP
 
 NAME = "export"
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from segformer_fast.cli.common import MODEL_HELP
 from segformer_fast.model.segformer import Segformer
-
-from .common import MODEL_HELP
 
 NAME = "info"
 

@@ -5,18 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from segformer_fast.core.fileio import check_can_create, check_output_folder
-from segformer_fast.core.runtime import DTYPES, parse_dtype, resolve_device
-from segformer_fast.inference.windows import resolve_window
-
-from ..jobs.local import segment_in_process
-from ..jobs.outputs import OUTPUT_KINDS, parse_outputs
-from ..jobs.predictors import ENGINES, checkpoint_num_labels
-from ..jobs.ray_executor import segment_with_ray
-from ..jobs.segment import plan_segment
-from ..jobs.settings import SegmentSettings, torchrun_world
-from ..jobs.torchrun_executor import segment_torchrun
-from .common import (
+from segformer_fast.cli.common import (
     DEVICE_HELP,
     DTYPE_HELP,
     MODEL_HELP,
@@ -26,6 +15,16 @@ from .common import (
     note_half_precision_on_cpu,
     ray_pool,
 )
+from segformer_fast.core.fileio import check_can_create, check_output_folder
+from segformer_fast.core.runtime import DTYPES, parse_dtype, resolve_device
+from segformer_fast.inference.windows import resolve_window
+from segformer_fast.jobs.local import segment_in_process
+from segformer_fast.jobs.outputs import OUTPUT_KINDS, parse_outputs
+from segformer_fast.jobs.predictors import ENGINES
+from segformer_fast.jobs.ray_executor import segment_with_ray
+from segformer_fast.jobs.settings import SegmentSettings
+from segformer_fast.jobs.torchrun_executor import segment_torchrun
+from segformer_fast.jobs.workers import torchrun_world
 
 NAME = "segment"
 
@@ -122,15 +121,14 @@ def run(args) -> int:
         summary = segment_torchrun(args.inputs, args.out, settings, device=args.device, batch_size=args.batch_size,
                                    on_plan=print_plan, **options)
     elif args.ray is not None:
-        checkpoint_num_labels(settings.model)  # a missing or unreadable checkpoint: one line, before Ray starts
         summary = segment_with_ray(args.inputs, args.out, settings, on_plan=print_plan, **ray_pool(args), **options)
     else:
-        plan = plan_segment(args.inputs, args.out, settings, retry_failed=args.retry_failed,
-                            skip_existing=args.skip_existing)
-        print_plan(plan)
-        if plan.todo:
-            note_half_precision_on_cpu(device, parse_dtype(args.dtype))
-        summary = segment_in_process(plan, settings, device=device, progress=not args.quiet)
+        def on_plan(plan) -> None:
+            print_plan(plan)
+            if plan.todo:
+                note_half_precision_on_cpu(device, parse_dtype(args.dtype))
+
+        summary = segment_in_process(args.inputs, args.out, settings, device=device, on_plan=on_plan, **options)
     if summary.report:
         print(summary.format())
         lines = summary.failure_lines()

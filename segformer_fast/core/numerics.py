@@ -1,4 +1,4 @@
-"""Numerical comparison helpers shared by the tests, the benchmarks and ``optimize(verify=True)``.
+"""The tolerance rule and the TF32 scope of fp32, for ``optimize(verify=True)`` (the tests and benchmarks use them too).
 
 The tolerance rule (docs/DESIGN.md section 5, as flash-attention uses it): the error of a fused path in a dtype may be
 at most twice the error of eager PyTorch in the same dtype, plus a floor relative to the largest reference value.
@@ -88,32 +88,3 @@ def tolerance(reference: torch.Tensor, dtype: torch.dtype, eager_error: float = 
     """Allowed max abs error for a result in ``dtype``: 2 x eager_error + floor(dtype) x max |reference|."""
     scale = float(reference.detach().abs().max()) if reference.numel() else 0.0
     return 2.0 * eager_error + TOLERANCE_FLOORS[dtype] * max(scale, 1e-30)
-
-
-def assert_within_tolerance(
-    actual: torch.Tensor,
-    reference: torch.Tensor,
-    dtype: torch.dtype,
-    eager: torch.Tensor | None = None,
-    what: str = "output",
-) -> None:
-    """Assert the tolerance rule: err(actual) <= 2 * err(eager) + floor(dtype) * max |reference|.
-
-    ``reference`` is the high-precision result (fp64 or fp32); ``eager`` is eager PyTorch run in ``dtype`` (optional:
-    without it only the floor applies).
-    """
-    eager_error = max_abs_error(eager, reference) if eager is not None else 0.0
-    error = max_abs_error(actual, reference)
-    allowed = tolerance(reference, dtype, eager_error)
-    if not error <= allowed:
-        raise AssertionError(
-            f"{what}: max abs error {error:.3e} exceeds tolerance {allowed:.3e} "
-            f"(dtype {dtype}, eager error {eager_error:.3e}, max |ref| {float(reference.abs().max()):.3e})"
-        )
-
-
-def poison_(tensor: torch.Tensor) -> torch.Tensor:
-    """Fill a floating tensor with NaN (integer tensors with their minimum) so unwritten elements fail a check."""
-    if tensor.is_floating_point():
-        return tensor.fill_(float("nan"))
-    return tensor.fill_(torch.iinfo(tensor.dtype).min)

@@ -11,9 +11,9 @@ backend chosen once at construction:
   load), then the folded decoder: per-stage projections at their own resolution and the fused
   upsample-sum-ReLU-classifier op of the extension. On CUDA the whole forward is replayed from a CUDA graph per
   (batch, H, W, dtype) (``graph_cache.CUDAGraphCache``).
-- ``kernels="torch"`` (default on CPU, ``backends.TorchOps``): the same prepared graph on the CPU fast ops
-  (``ops.cpu``: oneDNN GEMMs on packed weights, the fused depthwise conv + GELU) and the extension's attention core
-  and fused decoder (``ops.extension``).
+- ``kernels="torch"`` (default on CPU, and a CUDA engine's fallback where triton is missing; ``backends.TorchOps``):
+  the same prepared graph on the CPU fast ops (``ops.cpu``: oneDNN GEMMs on packed weights, the fused depthwise
+  conv + GELU) and the extension's attention core, LayerNorm and fused decoder (``ops.extension``).
 - ``kernels="eager"`` (``backends.EagerOps``): the reference ops throughout (``ops.reference``), the decoder
   included (a debugging aid).
 
@@ -188,7 +188,7 @@ class SegformerEngine:
         batch.
 
         mode: "whole" (one forward per batch; the fused ``upsample_argmax`` takes each image's logits to its own
-        size), "slide" (mmseg's sliding windows, :func:`segformer_fast.inference.windows.slide_logits`, with ``crop``
+        size), "slide" (mmseg's sliding windows, :func:`segformer_fast.inference.slide.slide_logits`, with ``crop``
         (default 1024 x 1024) and ``stride`` (default 2/3 of the crop); the full-resolution logits are resized to
         each image's size and argmaxed) or "auto" (whole; where that runs out of memory, a ``RuntimeWarning``
         naming the crop and stride and then slide). Returns one (H, W) tensor for a single image, else a list.

@@ -100,7 +100,7 @@ def output_size(
     return new_h, new_w
 
 
-def _as_rgb_image(image: ImageInput, index: int) -> Image.Image:
+def as_rgb_image(image: ImageInput, index: int) -> Image.Image:
     """One input as an 8-bit RGB PIL image; ``index`` names it in error messages."""
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
@@ -178,7 +178,7 @@ def preprocess(
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     table = _normalization_table(mean, std)
 
-    pil_images = [_as_rgb_image(image, i) for i, image in enumerate(batch)]
+    pil_images = [as_rgb_image(image, i) for i, image in enumerate(batch)]
     original_sizes = [(im.height, im.width) for im in pil_images]
     targets = [output_size(h, w, size, short_side, max_long_side, size_divisor) for h, w in original_sizes]
     if len(set(targets)) > 1:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from segformer_fast.core.runtime import is_out_of_memory
-from segformer_fast.inference.processing import _as_rgb_image, output_size, postprocess, preprocess
+from segformer_fast.inference.processing import as_rgb_image, output_size, postprocess, preprocess
 from segformer_fast.inference.slide import slide_labels
 from segformer_fast.inference.windows import resolve_window
 
@@ -30,7 +30,7 @@ def _as_rgb_images(images) -> tuple[list, bool]:
     for index, image in enumerate(batch):
         if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 4:
             image = image[:, :, :3]  # RGBA: alpha dropped without compositing, as load_image does for files
-        out.append(_as_rgb_image(image, index))
+        out.append(as_rgb_image(image, index))
     return out, single
 
 

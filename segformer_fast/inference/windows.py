@@ -1,4 +1,5 @@
-"""Sliding windows (mmseg's ``mode='slide'``): the window geometry and :func:`slide_logits`.
+"""Sliding windows (mmseg's ``mode='slide'``): the window geometry, the checks of slide mode's arguments, and one
+forward over a group of windows (``inference.slide`` computes logits and labels from them).
 
 A grid of ``crop``-sized windows ``stride`` apart covers the image; windows are clamped to the image (the last
 row/column of windows ends on the image border), a window larger than the image is the whole image. Each window's
@@ -8,7 +9,7 @@ divided by how many windows cover each pixel. The SegFormer configs use crop 102
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -106,49 +107,3 @@ def forward_windows(forward, pixel_values, group, num_labels, crop, pad_to_crop)
     _check_logits(logits, pixel_values.shape[0] * len(group), num_labels,
                   f"a {crops[0].shape[2]}x{crops[0].shape[3]} window")
     return logits
-
-
-def slide_logits(
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    pixel_values: torch.Tensor,
-    num_labels: int,
-    crop=DEFAULT_CROP,
-    stride=None,
-    *,
-    pad_to_crop: bool = False,
-    windows_per_call: int = 1,
-) -> torch.Tensor:
-    """mmseg's slide mode: float32 logits (B, K, H, W) at the input's full resolution.
-
-    forward: pixel_values (b, 3, h, w) -> logits (b, K, h', w') (at 1/4; any size works, it is resized to the
-    window). crop, stride: (h, w) or an int; stride defaults to 2/3 of the crop. Windows come from
-    :func:`window_grid`; each window's logits are upsampled (bilinear, align_corners=False) to the window's size in
-    float32, summed into a zero buffer and divided by the per-pixel window count. When one window covers the image
-    the result is exactly mmseg's whole mode: ``forward(pixel_values)`` upsampled to the input size in float32.
-
-    pad_to_crop: as the official SegFormer code, zero-pad a window smaller than ``crop`` (only when the image is
-    smaller than the crop) at the bottom/right to the crop size, and keep the window's part of the padded window's
-    upsampled logits. windows_per_call: run up to this many windows (of the same size) as one batch per forward
-    call (faster on GPUs, more memory; the default 1 is what mmseg does).
-    """
-    check_slide_arguments(pixel_values, num_labels, windows_per_call)
-    crop, stride = resolve_window(crop, stride)
-    batch, _, height, width = pixel_values.shape
-    windows = window_grid(height, width, crop, stride)
-    preds = torch.zeros(batch, int(num_labels), height, width, dtype=torch.float32, device=pixel_values.device)
-    count = torch.zeros(1, 1, height, width, dtype=torch.float32, device=pixel_values.device)
-
-    def run(group):
-        y1, y2, x1, x2 = group[0]
-        padded = pad_to_crop and (y2 - y1 < crop[0] or x2 - x1 < crop[1])
-        logits = forward_windows(forward, pixel_values, group, num_labels, crop, pad_to_crop)
-        size = crop if padded else (y2 - y1, x2 - x1)
-        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
-        for index, (y1, y2, x1, x2) in enumerate(group):
-            part = logits[index * batch:(index + 1) * batch, :, : y2 - y1, : x2 - x1]
-            preds[:, :, y1:y2, x1:x2] += part
-            count[:, :, y1:y2, x1:x2] += 1
-
-    for start in range(0, len(windows), windows_per_call):
-        run(windows[start:start + windows_per_call])
-    return preds.div_(count)

@@ -27,9 +27,8 @@ import numpy as np
 from PIL import Image
 
 from segformer_fast.core.fileio import load_image
-
-from .metrics import cityscapes_label_table, reduce_zero_label
-from .palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES
+from segformer_fast.jobs.metrics import cityscapes_label_table, reduce_zero_label
+from segformer_fast.render.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES
 
 FORMATS = ("ade20k", "cityscapes")
 

@@ -1,8 +1,9 @@
 """The eval job: score a predictor on a dataset with mmseg's metrics, optionally beside a second one, and the
-report (a JSON-ready dict, its file, its text summary). Every executor runs the same steps: **plan** (the dataset,
-``predictors.check_model_classes``), **work** (an :class:`EvalWorker` and :func:`score_sample` per image),
-**record** (``MetricAccumulator.merge`` of the workers' ``counts()``), **summarize** (:func:`build_report`,
-:func:`format_summary`). :func:`evaluate` is the in-process executor.
+report (a JSON-ready dict, its file, its text summary). Every executor runs the same steps: **plan**
+(:func:`plan_evaluate`: images to score, and a checkpoint whose class count is the dataset's), **work** (an
+:class:`EvalWorker` and :func:`score_sample` per image), **record** (``MetricAccumulator.merge`` of the workers'
+``counts()``), **summarize** (:func:`build_report`, :func:`format_summary`). :func:`evaluate` scores in this
+process, with a second predictor when comparing (``jobs.local.evaluate_in_process`` runs it on a worker).
 
 Prediction is one injectable callable, ``predict(image: PIL.Image) -> (H, W) integer labels`` at the image's own
 resolution (``segformer_fast.jobs.predictors.make_predictor`` builds one from a model); datasets come from
@@ -25,15 +26,27 @@ from tqdm import tqdm
 
 from segformer_fast.core.fileio import atomic_write_text
 from segformer_fast.core.runtime import parse_dtype
+from segformer_fast.jobs.datasets import Sample, SegmentationDataset
+from segformer_fast.jobs.metrics import IGNORE_INDEX, MetricAccumulator, as_numpy
+from segformer_fast.jobs.predictors import make_predictor
+from segformer_fast.jobs.progress import Interrupted
+from segformer_fast.model.checkpoints import checkpoint_num_labels
 from segformer_fast.model.segformer import Segformer
-
-from .datasets import Sample, SegmentationDataset
-from .metrics import IGNORE_INDEX, MetricAccumulator, as_numpy
-from .predictors import make_predictor
-from .settings import Interrupted
 
 #: An image -> its (H, W) label map, at the image's own resolution.
 Predictor = Callable[[Image.Image], np.ndarray]
+
+
+def plan_evaluate(dataset: SegmentationDataset, settings) -> None:
+    """The eval job's plan, made by every executor before its work: ValueError for a dataset without images, or a
+    checkpoint (``settings.model``) whose class count, read from its config only
+    (``model.checkpoints.checkpoint_num_labels``), differs from the dataset's."""
+    if len(dataset) == 0:
+        raise ValueError(f"no images to evaluate in {dataset.root}")
+    num_classes = checkpoint_num_labels(settings.model)
+    if num_classes != dataset.num_classes:
+        raise ValueError(f"{settings.model} predicts {num_classes} classes but {dataset.format} has "
+                         f"{dataset.num_classes}; use a checkpoint trained on this dataset")
 
 
 def evaluate(
@@ -123,16 +136,19 @@ def score_sample(predict: Predictor, dataset: SegmentationDataset, sample: Sampl
 
 class EvalWorker:
     """The work of an eval job in one process: the checkpoint's predictor built once for ``settings`` (a
-    ``SegmentSettings``) on ``device``; ``dataset`` gives the label loading (reduce_zero_label, Cityscapes
-    trainIds)."""
+    ``SegmentSettings``) on ``device``, and with ``compare`` ("reference" or "transformers") a second predictor of
+    the same model, settings and device (``reference``; else None); ``dataset`` gives the label loading
+    (reduce_zero_label, Cityscapes trainIds)."""
 
-    def __init__(self, settings, dataset: SegmentationDataset, device):
+    def __init__(self, settings, dataset: SegmentationDataset, device, compare: str | None = None):
         model = Segformer.from_pretrained(settings.model).to(device=device).eval()
         self.dataset = dataset
         self.num_classes = model.config.num_labels
         options = {"crop": settings.crop, "stride": settings.stride} if settings.mode == "slide" else {}
-        self.predict = make_predictor(model, settings.engine, settings.mode, resize=settings.resize(), device=device,
-                                      dtype=parse_dtype(settings.dtype), **options)
+        options.update(resize=settings.resize(), device=device, dtype=parse_dtype(settings.dtype))
+        # The engine is built first: the reference predictor casts the model to dtype in place.
+        self.predict = make_predictor(model, settings.engine, settings.mode, **options)
+        self.reference = make_predictor(model, compare, settings.mode, **options) if compare else None
 
     def score(self, samples, progress=None) -> MetricAccumulator:
         """The counts of ``samples``; ``progress()`` after each image."""

@@ -1,11 +1,11 @@
-"""Where ``segment`` writes its results and how: output names that mirror the input folders, label PNGs, overlays.
+"""Where ``segment`` writes its results: output names that mirror the input folders, and the files of each image.
 
 Each input image ``<root>/<relative>/<name>.<ext>`` found under one of the input ``roots`` gives
 ``<out_dir>/<relative>/<name>_labels.png`` (class ids) and ``<name>_overlay.png`` (the labels' colors over the
 image; ``<name>_overlay.jpg`` for the cheaper "overlay-jpg"); an input given as a file (not under a root folder)
 gives ``<out_dir>/<name>_labels.png``. Which of them are written is the job's ``outputs`` (``OUTPUT_KINDS``).
-Every file is written to a temporary name and renamed, so an interrupted run never leaves a partial file under the
-final name.
+Every file is written to a temporary name and renamed (``render.images``), so an interrupted run never leaves a
+partial file under the final name.
 
 Two inputs that would get the same outputs (``a.jpg`` and ``a.png`` in one folder, ``x.png`` in two input folders)
 are refused before any work by :func:`output_stems`, naming them: the names stay predictable (they never depend on
@@ -21,17 +21,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segformer_fast.core.fileio import atomic_path
-
-from .palettes import overlay
+from segformer_fast.render.images import save_label_png, save_overlay_png
 
 #: What ``segment`` can write per image: the label PNG, the overlay as PNG (lossless), or as JPEG (several times
 #: cheaper to encode at 12 MP, lossy).
 OUTPUT_KINDS = ("labels", "overlay", "overlay-jpg")
 DEFAULT_OUTPUTS = ("labels", "overlay")
 _SUFFIXES = {"labels": "_labels.png", "overlay": "_overlay.png", "overlay-jpg": "_overlay.jpg"}
-#: zlib level of the PNGs: 1 encodes a 12 MP overlay about 3x faster than PIL's default 6, files ~10 % larger.
-PNG_COMPRESS_LEVEL = 1
 
 
 def parse_outputs(text) -> tuple:
@@ -81,48 +77,6 @@ def output_paths(out_dir: Path, image_path: Path, roots: list, outputs=DEFAULT_O
     """{kind: path} of the ``outputs`` of an input image under ``out_dir`` (see :func:`output_stem`)."""
     stem = Path(out_dir) / output_stem(Path(image_path), roots)
     return {kind: stem.with_name(stem.name + _SUFFIXES[kind]) for kind in outputs}
-
-
-def label_paths(out_dir: Path, image_path: Path, roots: list) -> tuple[Path, Path]:
-    """(labels PNG, overlay PNG) paths for an input image under ``out_dir`` (see :func:`output_stem`)."""
-    paths = output_paths(out_dir, image_path, roots)
-    return paths["labels"], paths["overlay"]
-
-
-def outputs_exist(out_dir: Path, image_path: Path, roots: list, outputs=DEFAULT_OUTPUTS) -> bool:
-    """True when every one of the ``outputs`` of an input image is already in ``out_dir``."""
-    return all(path.is_file() for path in output_paths(out_dir, image_path, roots, outputs).values())
-
-
-def label_image(labels: np.ndarray, palette: np.ndarray) -> Image.Image:
-    """A label map as the image ``save_label_png`` writes: palette mode (pixel values are class ids, shown in the
-    palette's colors) for up to 256 classes, 16-bit grayscale class ids above that."""
-    if len(palette) <= 256:
-        image = Image.fromarray(labels.astype(np.uint8), "P")
-        image.putpalette(palette.astype(np.uint8).reshape(-1).tolist())
-        return image
-    return Image.fromarray(labels.astype(np.uint16))
-
-
-def save_label_png(labels: np.ndarray, palette: np.ndarray, path: Path) -> None:
-    """Write a label map atomically: a palette PNG (pixel values are class ids, shown in the palette's colors) for
-    up to 256 classes, a 16-bit grayscale PNG of class ids above that (:func:`label_image`)."""
-    image = label_image(labels, palette)
-    with atomic_path(path) as temporary:
-        image.save(temporary, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-
-
-def save_overlay_png(image: Image.Image, labels: np.ndarray, palette: np.ndarray, path: Path,
-                     alpha: float = 0.5) -> None:
-    """Write the labels' palette colors blended over ``image`` (weight ``alpha`` for the colors) atomically, as PNG,
-    or as JPEG (quality 90) when ``path`` ends in .jpg."""
-    path = Path(path)
-    blended = overlay(image, labels, palette, alpha=alpha)
-    with atomic_path(path) as temporary:
-        if path.suffix.lower() == ".jpg":
-            blended.save(temporary, format="JPEG", quality=90)
-        else:
-            blended.save(temporary, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 def write_outputs(image: Image.Image, labels: np.ndarray, palette: np.ndarray, paths: dict, alpha: float) -> None:

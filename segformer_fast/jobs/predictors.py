@@ -5,16 +5,12 @@
   ``engine`` "fast" (``segformer_fast.optimize``), "reference" (the eager model) or "transformers" (transformers'
   model with the same weights).
 - :func:`make_predictor`: an image -> (H, W) label map callable (resize, inference mode, device, dtype fixed), the
-  ``Predictor`` that ``segformer_fast.jobs.evaluate.evaluate`` scores and the CLI's ``segment`` writes out.
+  ``Predictor`` that the eval job scores (``segment`` runs ``build_forward`` through its ``SegmentWorker``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import struct
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,8 +19,6 @@ from PIL import Image
 from segformer_fast.core.runtime import parse_dtype
 from segformer_fast.engine.engine import optimize
 from segformer_fast.inference.segment import MODES, segment_images
-from segformer_fast.model.checkpoints import is_hub_id, read_checkpoint, resolve_hub_id
-from segformer_fast.model.config import SegformerConfig
 
 ENGINES = ("fast", "reference", "transformers")
 
@@ -89,50 +83,3 @@ def make_predictor(
         return labels.cpu().numpy()
 
     return predict
-
-
-#: Names of the classifier weight, whose first dimension is the class count, in each checkpoint key family.
-_CLASSIFIER_KEYS = ("decode_head.classifier.weight", "decode_head.linear_pred.weight")
-
-
-def _safetensors_num_labels(path: Path) -> int | None:
-    """The class count from a .safetensors file's header (shapes only, no tensor read), or None."""
-    try:
-        with open(path, "rb") as file:
-            (length,) = struct.unpack("<Q", file.read(8))
-            header = json.loads(file.read(min(length, 1 << 26)))
-    except (OSError, ValueError, struct.error):
-        return None
-    for key, entry in header.items():
-        if isinstance(entry, dict) and key.endswith(_CLASSIFIER_KEYS):
-            return int(entry["shape"][0])
-    return None
-
-
-def checkpoint_num_labels(source) -> int:
-    """How many classes the checkpoint at ``source`` predicts, read from its config.json (a folder or a hub id's
-    snapshot) or a .safetensors header, without reading its weights; other files are read whole."""
-    path = Path(os.fspath(source)).expanduser()
-    if not path.exists() and is_hub_id(source):
-        path = resolve_hub_id(str(source))
-    config_path = path / "config.json"
-    if path.is_dir() and config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-            return SegformerConfig.from_transformers_dict(config, str(config_path)).num_labels
-        except (ValueError, TypeError, AttributeError):
-            pass  # read_checkpoint names the problem below
-    if path.is_file() and path.suffix == ".safetensors":
-        found = _safetensors_num_labels(path)
-        if found is not None:
-            return found
-    return read_checkpoint(path if path.exists() else source)[0].num_labels
-
-
-def check_model_classes(source, dataset) -> None:
-    """ValueError when the checkpoint's class count differs from the dataset's (the config only, see
-    :func:`checkpoint_num_labels`): the one check every way of running ``eval`` makes before its work."""
-    num_classes = checkpoint_num_labels(source)
-    if num_classes != dataset.num_classes:
-        raise ValueError(f"{source} predicts {num_classes} classes but {dataset.format} has {dataset.num_classes}; "
-                         "use a checkpoint trained on this dataset")

@@ -25,11 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import Sample
-from .evaluate import EvalWorker, build_report, score_sample
-from .metrics import MetricAccumulator
-from .segment import Interrupted, SegmentSummary, SegmentWorker, plan_segment, progress_bar, record_results
-from .settings import SegmentSettings, set_threads, worker_name
+from segformer_fast.jobs.datasets import Sample
+from segformer_fast.jobs.evaluate import EvalWorker, build_report, plan_evaluate, score_sample
+from segformer_fast.jobs.metrics import MetricAccumulator
+from segformer_fast.jobs.progress import Interrupted, progress_bar
+from segformer_fast.jobs.segment import SegmentSummary, SegmentWorker, plan_segment, record_results
+from segformer_fast.jobs.settings import SegmentSettings
+from segformer_fast.jobs.workers import check_pool, set_threads, worker_name
+from segformer_fast.model.checkpoints import checkpoint_num_labels
 
 INSTALL_HINT = 'pip install "ray[data]"'
 #: Seconds to wait for a TCP connection to a cluster address before calling it unreachable.
@@ -144,17 +147,6 @@ class _RaySession:
             self.ray.shutdown()
 
 
-def _check_pool(workers: int, batch_size: int, gpus_per_worker, cpus_per_worker: float) -> None:
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if gpus_per_worker is not None and not (isinstance(gpus_per_worker, (int, float)) and gpus_per_worker >= 0):
-        raise ValueError(f"gpus_per_worker must be a number >= 0, got {gpus_per_worker!r}")
-    if not (isinstance(cpus_per_worker, (int, float)) and cpus_per_worker > 0):
-        raise ValueError(f"cpus_per_worker must be a number > 0, got {cpus_per_worker!r}")
-
-
 def _resources(ray, gpus_per_worker, cpus_per_worker: float) -> float:
     """GPUs per actor (as given, else 1 where the cluster has GPUs and 0 where it has none), after refusing a
     request that no node can meet (Ray would wait for such a node forever)."""
@@ -230,9 +222,11 @@ def segment_with_ray(
     running cluster ("auto", "host:6379", "ray://host:10001"), or None for a local one (Ray's ``RAY_ADDRESS``
     applies). ImportError naming the extra when ray is not installed.
     """
-    _check_pool(workers, batch_size, gpus_per_worker, cpus_per_worker)
+    check_pool(workers=workers, batch_size=batch_size, gpus_per_worker=gpus_per_worker,
+               cpus_per_worker=cpus_per_worker)
     import_ray()
     settings = settings.resolved()
+    checkpoint_num_labels(settings.model)  # a missing or unreadable checkpoint: one line, before Ray starts
     plan = plan_segment(inputs, out_dir, settings, retry_failed=retry_failed, skip_existing=skip_existing)
     if on_plan is not None:
         on_plan(plan)
@@ -269,9 +263,9 @@ def evaluate_with_ray(
 ) -> dict:
     """``evaluate.evaluate`` on a Ray actor pool: each batch's counts are computed in a worker and merged here.
     Returns the same report (``build_report``) as a single process, with exactly the same numbers."""
-    _check_pool(workers, batch_size, gpus_per_worker, cpus_per_worker)
-    if len(dataset) == 0:
-        raise ValueError(f"no images to evaluate in {dataset.root}")
+    check_pool(workers=workers, batch_size=batch_size, gpus_per_worker=gpus_per_worker,
+               cpus_per_worker=cpus_per_worker)
+    plan_evaluate(dataset, settings)
     import_ray()
     settings = settings.resolved()
     total = MetricAccumulator(dataset.num_classes)

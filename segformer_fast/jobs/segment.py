@@ -31,13 +31,13 @@ from tqdm import tqdm
 from segformer_fast.core.fileio import check_output_folder, find_images, load_image, remove_stale_temporaries
 from segformer_fast.core.runtime import parse_dtype
 from segformer_fast.inference.segment import segment_images
+from segformer_fast.jobs.manifest import MANIFEST_NAME, ManifestWriter, read_manifest
+from segformer_fast.jobs.outputs import describe_error, output_paths, output_stems, write_outputs
+from segformer_fast.jobs.predictors import build_forward
+from segformer_fast.jobs.progress import Interrupted, plural, progress_bar
+from segformer_fast.jobs.settings import SegmentSettings
 from segformer_fast.model.segformer import Segformer
-
-from .manifest import MANIFEST_NAME, ManifestWriter, read_manifest
-from .outputs import describe_error, output_paths, output_stems, write_outputs
-from .palettes import palette_for
-from .predictors import build_forward
-from .settings import Interrupted, SegmentSettings, plural
+from segformer_fast.render.palettes import palette_for
 
 #: Most names shown in one summary line.
 SHOWN_NAMES = 5
@@ -203,10 +203,6 @@ class SegmentWorker:
 
 
 # ------------------------------------------------------------------------------------------------------ record
-def progress_bar(total: int, enabled: bool, desc: str):
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr)
-
-
 def record_results(plan: SegmentPlan, records, *, progress: bool, workers: int, start: float) -> "SegmentSummary":
     """Append each record to the manifest as it arrives (with the plan's settings), print its failure and notes,
     advance the progress bar, and summarize. Ctrl-C ends in :class:`Interrupted` with how far the job got."""

@@ -1,16 +1,13 @@
-"""What a job's workers need to know, whichever executor runs them: :class:`SegmentSettings`, the worker's name and
-threads, and whether this process is a torchrun rank."""
+""":class:`SegmentSettings`: what a job's workers need to know to build their engine and segment, whichever executor
+runs them (the eval job reads the same settings)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 from pathlib import Path
 
-import torch
-
-from .outputs import DEFAULT_OUTPUTS, parse_outputs
+from segformer_fast.jobs.outputs import DEFAULT_OUTPUTS, parse_outputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,38 +57,3 @@ class SegmentSettings:
         return {"model": str(self.model), "engine": self.engine, "dtype": self.dtype, "resize": self.resize(),
                 "mode": self.mode, "crop": self.crop and list(self.crop), "stride": self.stride and list(self.stride),
                 "alpha": self.alpha}
-
-
-def plural(count: int, noun: str) -> str:
-    """``"1 image"``, ``"2 images"``."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-class Interrupted(Exception):
-    """Ctrl-C during a job: how far it got. The manifest holds every finished image, so a re-run resumes."""
-
-    def __init__(self, done: int, total: int, resumable: bool = True):
-        self.done, self.total = done, total
-        again = "; run the same command again to resume" if resumable else ""
-        super().__init__(f"interrupted after {done} of {plural(total, 'image')}{again}")
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def set_threads(cpus: float) -> None:
-    """torch threads for a worker holding ``cpus`` CPUs (at least one)."""
-    torch.set_num_threads(max(1, int(cpus)))
-
-
-def torchrun_world() -> tuple | None:
-    """(rank, local_rank, world_size) when this process was started by torchrun (its environment), else None."""
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-        return None
-    try:
-        return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
-    except ValueError:
-        raise ValueError("RANK, LOCAL_RANK and WORLD_SIZE must be integers (as torchrun sets them), got "
-                         f"{os.environ.get('RANK')!r}, {os.environ.get('LOCAL_RANK')!r}, "
-                         f"{os.environ.get('WORLD_SIZE')!r}") from None

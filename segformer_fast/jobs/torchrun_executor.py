@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 
 from segformer_fast.core.runtime import resolve_device
-
-from .evaluate import EvalWorker, build_report
-from .metrics import MetricAccumulator
-from .segment import SegmentSummary, SegmentWorker, plan_segment, progress_bar, record_results
-from .settings import Interrupted, SegmentSettings, torchrun_world, worker_name
+from segformer_fast.jobs.evaluate import EvalWorker, build_report, plan_evaluate
+from segformer_fast.jobs.metrics import MetricAccumulator
+from segformer_fast.jobs.progress import Interrupted, progress_bar
+from segformer_fast.jobs.segment import SegmentSummary, SegmentWorker, plan_segment, record_results
+from segformer_fast.jobs.settings import SegmentSettings
+from segformer_fast.jobs.workers import check_pool, torchrun_world, worker_name
 
 
 def _rank_device(device: str, local_rank: int) -> torch.device:
@@ -78,8 +79,7 @@ def segment_torchrun(inputs, out_dir, settings: SegmentSettings, *, device: str 
                      on_plan=None) -> SegmentSummary:
     """This rank's part of a torchrun segmentation (see the module docstring); the summary covers all ranks and
     has ``report`` set on rank 0 only, where ``on_plan(plan)`` is called before the work."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_pool(batch_size=batch_size)
     rank, local_rank, world_size = torchrun_world()
     rank_device = _rank_device(device, local_rank)
     with _ProcessGroup(rank_device):
@@ -124,6 +124,7 @@ def segment_torchrun(inputs, out_dir, settings: SegmentSettings, *, device: str 
 def evaluate_torchrun(dataset, settings: SegmentSettings, *, device: str = "auto", progress: bool = True) -> tuple:
     """This rank's part of a torchrun evaluation: (report, description) on rank 0, (None, description) elsewhere.
     Rank r scores samples r, r + N, ...; rank 0 merges every rank's counts."""
+    plan_evaluate(dataset, settings)
     rank, local_rank, world_size = torchrun_world()
     rank_device = _rank_device(device, local_rank)
     where = f"torchrun, {world_size} processes ({'NCCL' if rank_device.type == 'cuda' else 'gloo'})"

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import struct
 from pathlib import Path
 
 import torch
@@ -265,3 +266,41 @@ def transformers_checkpoint(hf_model) -> tuple:
     config = SegformerConfig.from_transformers_dict(hf_model.config.to_dict(), source)
     state = {key: tensor.detach() for key, tensor in hf_model.state_dict().items()}
     return config, state, detect_family(state.keys(), source), source
+
+
+#: Names of the classifier weight, whose first dimension is the class count, in each checkpoint key family.
+_CLASSIFIER_KEYS = ("decode_head.classifier.weight", "decode_head.linear_pred.weight")
+
+
+def _safetensors_num_labels(path: Path) -> int | None:
+    """The class count from a .safetensors file's header (shapes only, no tensor read), or None."""
+    try:
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(min(length, 1 << 26)))
+    except (OSError, ValueError, struct.error):
+        return None
+    for key, entry in header.items():
+        if isinstance(entry, dict) and key.endswith(_CLASSIFIER_KEYS):
+            return int(entry["shape"][0])
+    return None
+
+
+def checkpoint_num_labels(source) -> int:
+    """How many classes the checkpoint at ``source`` predicts, read from its config.json (a folder or a hub id's
+    snapshot) or a .safetensors header, without reading its weights; other files are read whole."""
+    path = Path(os.fspath(source)).expanduser()
+    if not path.exists() and is_hub_id(source):
+        path = resolve_hub_id(str(source))
+    config_path = path / "config.json"
+    if path.is_dir() and config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+            return SegformerConfig.from_transformers_dict(config, str(config_path)).num_labels
+        except (ValueError, TypeError, AttributeError):
+            pass  # read_checkpoint names the problem below
+    if path.is_file() and path.suffix == ".safetensors":
+        found = _safetensors_num_labels(path)
+        if found is not None:
+            return found
+    return read_checkpoint(path if path.exists() else source)[0].num_labels

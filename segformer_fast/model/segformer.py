@@ -192,7 +192,7 @@ class Segformer(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for module in model.modules():
-                _random_init_(module, generator)
+                random_init_(module, generator)
         return model
 
     @classmethod
@@ -299,7 +299,7 @@ def check_pixel_values(pixel_values, device: torch.device, dtype: torch.dtype) -
     return pixel_values.to(dtype)
 
 
-def _random_init_(module: nn.Module, generator: torch.Generator) -> None:
+def random_init_(module: nn.Module, generator: torch.Generator) -> None:
     """Deterministic random init of one module's own parameters (buffers included for BatchNorm)."""
 
     def normal(tensor, std, mean=0.0):

@@ -1,4 +1,5 @@
-"""Python entry points of the ``segformer_fast._C`` decoder ops, with fake impls and eager fallbacks.
+"""Python entry points of the ``segformer_fast._C`` ops (the CPU encoder ops, the decoder ops on CPU and CUDA), with
+fake impls and eager fallbacks.
 
 - :func:`fused_decode`: four projected stage maps (channels-last) -> decoder logits, the bilinear upsampling, sum,
   folded bias, ReLU and classifier fused (see :mod:`segformer_fast.prepared.decoder_fold`).

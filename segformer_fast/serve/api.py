@@ -20,8 +20,8 @@ from PIL import Image, UnidentifiedImageError
 from segformer_fast.core.fileio import apply_exif_orientation, to_rgb
 from segformer_fast.inference.processing import output_size
 from segformer_fast.inference.segment import MODES
-from segformer_fast.jobs.outputs import label_image
-from segformer_fast.jobs.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES, overlay
+from segformer_fast.render.images import label_image
+from segformer_fast.render.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES, overlay
 
 OUTPUTS = ("labels", "overlay", "json")
 #: The query parameters ``POST /v1/segment`` takes; any other is refused with 400.

@@ -13,8 +13,8 @@
 
 Starting and stopping the service is ``serve.launch``'s.
 
-Importing this module needs the ``serve`` extra (ray[serve], which brings FastAPI); nothing else in the package
-imports it except ``serve.command``, when the command runs.
+Importing this module needs the ``serve`` extra (ray[serve], which brings FastAPI); only ``serve.launch`` imports it,
+and ``cli.serve`` imports that when the command runs.
 """
 
 
@@ -39,10 +39,9 @@ from segformer_fast.core.runtime import dtype_name, is_out_of_memory, parse_dtyp
 from segformer_fast.engine.engine import optimize
 from segformer_fast.inference.processing import preprocess
 from segformer_fast.inference.segment import MODES
-from segformer_fast.jobs.palettes import palette_for
 from segformer_fast.model.segformer import Segformer
-
-from .api import (
+from segformer_fast.render.palettes import palette_for
+from segformer_fast.serve.api import (
     OUTPUTS,
     RETRY_AFTER_S,
     ApiError,

@@ -2,7 +2,7 @@
 ``--ray ADDRESS``), deploy ``serve.app``'s ingress and model replicas, wait until every replica's engine is built
 and verified, and shut everything down again.
 
-Importing this module needs the ``serve`` extra (ray[serve]); ``serve.command`` imports it when the command runs.
+Importing this module needs the ``serve`` extra (ray[serve]); ``cli.serve`` imports it when the command runs.
 """
 
 import contextlib
@@ -12,8 +12,8 @@ import logging
 import ray
 from ray import serve
 
-from .api import ServeSettings
-from .app import APP_NAME, SegmentIngress, SegmentModel, logger, quiet_logging
+from segformer_fast.serve.api import ServeSettings
+from segformer_fast.serve.app import APP_NAME, SegmentIngress, SegmentModel, logger, quiet_logging
 
 
 @dataclasses.dataclass

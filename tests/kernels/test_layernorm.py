@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from segformer_fast.core.numerics import assert_within_tolerance, poison_
 from segformer_fast.kernels import common as kernel_common
 from segformer_fast.kernels.layernorm import (
     layer_norm,
@@ -11,6 +10,8 @@ from segformer_fast.kernels.layernorm import (
     patch_embed_layer_norm,
     patch_embed_layer_norm_ref,
 )
+
+from helpers import assert_within_tolerance, poison_
 
 WIDTHS = [32, 64, 128, 160, 256, 320, 512]
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from segformer_fast.core.numerics import assert_within_tolerance, poison_
 from segformer_fast.kernels.linear import linear, linear_ref
+
+from helpers import assert_within_tolerance, poison_
 
 
 @pytest.mark.parametrize("M, K, N", [(70, 32, 128), (130, 160, 64), (5, 512, 256), (1, 40, 24)])

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from segformer_fast.core.numerics import assert_within_tolerance, poison_
 from segformer_fast.kernels import common as kernel_common
 from segformer_fast.kernels.mixffn import dwconv_gelu_ref, mixffn, mixffn_fc2, mixffn_ref
 from segformer_fast.prepared.weights import prepare_mixffn_params
+
+from helpers import assert_within_tolerance, poison_
 
 #: Every block width of B0 (32, 64, 160, 256) and B1-B5 (64, 128, 320, 512); hidden width 4C.
 WIDTHS = [32, 64, 128, 160, 256, 320, 512]

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segformer_fast.core.numerics import assert_within_tolerance, poison_
 from segformer_fast.kernels import common as kernel_common
 from segformer_fast.kernels.sr_attention import (
     flash_sr_attention,
@@ -15,6 +14,8 @@ from segformer_fast.kernels.sr_attention import (
     sr_kv_ref,
 )
 from segformer_fast.prepared.weights import prepare_sr_attention_params
+
+from helpers import assert_within_tolerance, poison_
 
 #: (C, heads, sr_ratio) of every stage: B0, then B1-B5.
 STAGES = [(32, 1, 8), (64, 2, 4), (160, 5, 2), (256, 8, 1), (64, 1, 8), (128, 2, 4), (320, 5, 2), (512, 8, 1)]
