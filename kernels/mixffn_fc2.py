@@ -234,9 +234,10 @@ def mixffn_fc2(h, H, W, dw_weight, dw_bias, fc2_weight, fc2_bias, residual=None,
     fc2 = launches[0]
     splits = fc2.grid[1] if fc2.meta["SPLIT"] else 1
     has_residual = residual is not None
-    partials = y if splits == 1 else torch.empty((splits, M, C), dtype=torch.float32, device=h.device)
+    # the first kernel writes y itself, or the fp32 partials (splits, M, C) that the second one sums into y
+    fc2_out = y if splits == 1 else torch.empty((splits, M, C), dtype=torch.float32, device=h.device)
     _mixffn_fc2_kernel[fc2.grid](
-        h, dw_weight, dw_bias, fc2_weight, fc2_bias, residual if has_residual else y, partials,
+        h, dw_weight, dw_bias, fc2_weight, fc2_bias, residual if has_residual else y, fc2_out,
         M, H, W, N, C4, triton.cdiv(C4, fc2.meta["BLOCK_K"]), splits,
         C=C, HAS_RESIDUAL=has_residual, **fc2.meta, UPCAST=upcast_dot(h.dtype),
         num_warps=fc2.num_warps, num_stages=fc2.num_stages,
@@ -244,7 +245,7 @@ def mixffn_fc2(h, H, W, dw_weight, dw_bias, fc2_weight, fc2_bias, residual=None,
     if splits > 1:
         partial_sum = launches[1]
         _mixffn_fc2_sum_kernel[partial_sum.grid](
-            partials, fc2_bias, residual if has_residual else y, y, M * C, splits,
+            fc2_out, fc2_bias, residual if has_residual else y, y, M * C, splits,
             C=C, HAS_RESIDUAL=has_residual, **partial_sum.meta,
             num_warps=partial_sum.num_warps, num_stages=partial_sum.num_stages,
         )
