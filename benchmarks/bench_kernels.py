@@ -2,8 +2,11 @@
 
 Per op (sr_attention, mixffn, layer_norm with residual, patch_embed_layer_norm) and per shape: the Triton
 kernel, the eager composition the reference uses (``*_ref(..., upcast=False)``), ``torch.compile`` of that
-composition, and for attention ``F.scaled_dot_product_attention`` with separate projections. Reports the median
-time, TFLOP/s (multiply-add = 2 FLOPs) and GB/s (minimum bytes: each input, weight and output moved once).
+composition, and for attention ``F.scaled_dot_product_attention`` with separate projections. Where fc2 splits its
+4C reduction over the grid (short grids: batch 1 at the small stages), a ``mixffn_fc2`` row times fc2 alone as the
+engine launches it (``kernel``: partials + their sum) against its single launch (``kernel-no-split``) and eager.
+Reports the median time, TFLOP/s (multiply-add = 2 FLOPs) and GB/s (minimum bytes: each input, weight and output
+moved once).
 
 Shapes: a block of every stage of B0 (C = 32, 64, 160, 256) and B5 (C = 64, 128, 320, 512) at 512x512 and 1024x2048,
 batch 1, fp16 on CUDA, timed by ``triton.testing.do_bench_cudagraph`` (median of CUDA-graph replays: a single launch
@@ -28,7 +31,14 @@ from segformer_fast.kernels.layernorm import (
     patch_embed_layer_norm,
     patch_embed_layer_norm_ref,
 )
-from segformer_fast.kernels.mixffn import mixffn, mixffn_flops, mixffn_ref
+from segformer_fast.kernels.mixffn import (
+    mixffn,
+    mixffn_fc2,
+    mixffn_fc2_launches,
+    mixffn_fc2_ref,
+    mixffn_flops,
+    mixffn_ref,
+)
 from segformer_fast.kernels.sr_attention import reduced_size, sr_attention, sr_attention_flops, sr_attention_ref
 from segformer_fast.prepared.weights import prepare_mixffn_params, prepare_sr_attention_params
 
@@ -129,6 +139,16 @@ def build_ops(case, dtype, device):
                "compile": ("eager", lambda: mixffn_ref(x, H, W, ffn_p, residual=residual, upcast=False)),
            })
 
+    if mixffn_fc2_launches(B * N, C, C4, dtype)[0].meta["SPLIT"]:
+        h = rand(B, N, C4)
+        fc2_args = (h, H, W, ffn_p.dw_weight, ffn_p.dw_bias, ffn_p.fc2_weight, ffn_p.fc2_bias)
+        yield ("mixffn_fc2", f"B={B} N={N} C={C} C4={C4}", 2 * B * N * (9 * C4 + C4 * C),
+               esize * (B * N * C4 + C * C4 + 10 * C4 + C + 2 * B * N * C), {
+                   "kernel": lambda: mixffn_fc2(*fc2_args, residual=residual),
+                   "kernel-no-split": lambda: mixffn_fc2(*fc2_args, residual=residual, split=False),
+                   "eager": lambda: mixffn_fc2_ref(*fc2_args, residual=residual, upcast=False),
+               })
+
     w, b = rand(C, scale=0.1, shift=1.0), rand(C, scale=0.1)
     if stage > 1:  # the patch-embed LayerNorm's NCHW form runs at stage 1 only
         return
@@ -163,7 +183,7 @@ def run(args):
                 row = {"op": op, "variant": case[0], "resolution": case[1], "stage": case[-1], "shape": shape,
                        "impl": impl,
                        "dtype": str(dtype).replace("torch.", ""), "flops": flops, "bytes": nbytes}
-                if impl == "kernel" and not on_cuda:
+                if impl.startswith("kernel") and not on_cuda:
                     row["status"] = "skipped: no GPU (Triton interpreter is not a speed measure)"
                 elif impl == "compile" and args.no_compile:
                     row["status"] = "skipped: --no-compile"

@@ -1,7 +1,7 @@
 """The grid of every kernel launch the engine makes, counted on the CPU (no kernel runs).
 
 Each launcher computes its grid and tiles in a pure function (``linear_launch``, ``layer_norm_launch``,
-``sr_kv_launches``, ``flash_sr_attention_launch``, ``mixffn_fc2_launch``). A launch should have at least a wave
+``sr_kv_launches``, ``flash_sr_attention_launch``, ``mixffn_fc2_launches``). A launch should have at least a wave
 of blocks (132, one per SM of an H100 / H200): here every launch of B0 and B5 at 512² and 1024x2048, batch 1 and
 16, has that many, or it already has the most blocks its smallest tiles allow and says why in ``Launch.reason``.
 The last tests check that the launchers launch exactly these grids, and that every configuration the engine can
@@ -17,7 +17,7 @@ import torch
 from segformer_fast.kernels import common
 from segformer_fast.kernels.layernorm import layer_norm, layer_norm_launch, patch_embed_layer_norm
 from segformer_fast.kernels.linear import linear_launch
-from segformer_fast.kernels.mixffn import column_groups, mixffn, mixffn_fc2_launch
+from segformer_fast.kernels.mixffn import column_groups, mixffn, mixffn_fc2_launches
 from segformer_fast.kernels.sr_attention import flash_sr_attention_launch, reduced_size, sr_attention, sr_kv_launches
 from segformer_fast.model.config import NUM_HEADS, PATCH_SIZES, SR_RATIOS, STRIDES, VARIANTS
 from segformer_fast.prepared.weights import prepare_mixffn_params, prepare_sr_attention_params
@@ -64,7 +64,8 @@ def engine_launches(variant, B, H, W, dtype):
             add("output projection", linear_launch(B * N, C, C, dtype))
         add("LN2", layer_norm_launch(B * N, C))
         add("fc1", linear_launch(B * N, 4 * C, C, dtype))
-        add("fc2", mixffn_fc2_launch(B * N, C, 4 * C, dtype))
+        for launch in mixffn_fc2_launches(B * N, C, 4 * C, dtype):
+            add("fc2", launch)
         add("stage LayerNorm", layer_norm_launch(B * N, C))
     return launches
 
@@ -104,13 +105,15 @@ def test_every_launch_has_a_wave_or_its_most_blocks(variant, H, W, B, dtype, mon
         assert launch.blocks == best.blocks, (
             f"{what}: {launch.blocks} blocks, but its tiles allow {best.blocks} ({best.meta})")
         short.append(f"{what}: {launch.blocks} blocks ({launch.reason})")
+    # fc2 splits its 4C reduction where its row blocks are short of a wave: no fc2 launch is an exception here
+    assert not [line for line in short if " fc2: " in line], short
     print(f"\n{variant} {H}x{W} batch {B} {dtype}: {len(short)} launches short of a wave")
     print("\n".join(short))
 
 
 def test_batch_one_launches_of_the_issue():
-    """The launches the audit counted at B5 512² batch 1 (stage 3 sr_kv and attention 16 blocks, fc2 32, the
-    output projection 48; stage 4 4-8) now fill a wave, or hold the most blocks their tiles allow."""
+    """The launches the audit counted at B5 512² batch 1 (stage 3 sr_kv and attention 16 blocks, fc2 32 then 64,
+    the output projection 48; stage 4 4-16) now fill a wave, or hold the most blocks their tiles allow."""
     launches = dict(engine_launches("b5", 1, 512, 512, torch.float16))
     sr_kv = [launch for what, launch in engine_launches("b5", 1, 512, 512, torch.float16)
              if what == "b5 stage 3 sr_kv"]
@@ -121,15 +124,25 @@ def test_batch_one_launches_of_the_issue():
     assert launches["b5 stage 3 output projection"].blocks >= 132
     assert launches["b5 stage 4 output projection"].blocks >= 132
     assert launches["b5 stage 4 flash attention"].grid == (16, 8, 1)  # 256 queries / 16 x 8 heads: 128
-    assert launches["b5 stage 3 fc2"].meta["BLOCK_M"] == 16
+    fc2 = {stage: [launch for what, launch in engine_launches("b5", 1, 512, 512, torch.float16)
+                   if what == f"b5 stage {stage} fc2"] for stage in (3, 4)}
+    # 1024 tokens / 16 rows x 3 K splits of the 40 K chunks (1280 / 32); 256 / 16 x 9 splits of 64 chunks
+    assert [(launch.kernel, launch.grid) for launch in fc2[3]] == [("_mixffn_fc2_kernel", (64, 3)),
+                                                                    ("_mixffn_fc2_sum_kernel", (320,))]
+    assert [(launch.kernel, launch.grid) for launch in fc2[4]] == [("_mixffn_fc2_kernel", (16, 9)),
+                                                                    ("_mixffn_fc2_sum_kernel", (256,))]
+    assert fc2[3][0].meta["BLOCK_M"] == fc2[4][0].meta["BLOCK_M"] == 16
 
 
 @pytest.mark.parametrize("C", sorted({c for dims, _, _ in VARIANTS.values() for c in dims}))
 def test_fc2_has_no_padded_columns_at_segformer_widths(C):
     hi, lo = column_groups(C)
     assert hi + lo == C and hi & (hi - 1) == 0 and (lo == 0 or lo & (lo - 1) == 0)
-    launch = mixffn_fc2_launch(16384, C, 4 * C, torch.float16)
-    assert len(launch.grid) == 1  # one block per row block owns every column: GELU(dwconv) computed once
+    for M in (16384, 256):  # one launch; split over K
+        fc2 = mixffn_fc2_launches(M, C, 4 * C, torch.float16)[0]
+        assert fc2.meta["SPLIT"] == (M == 256)
+        # one block per row block (and K split) owns every column: GELU(dwconv) computed once
+        assert fc2.grid[0] == -(-M // fc2.meta["BLOCK_M"]) and len(fc2.grid) == (2 if fc2.meta["SPLIT"] else 1)
 
 
 def test_pick_launch_takes_the_largest_tiles_that_fill_a_wave():
@@ -167,7 +180,7 @@ def test_launchers_launch_the_computed_grids(record_launches, monkeypatch, wave)
                 *sr_kv_launches(B, Hkv * Wkv, C, R, dtype), attention]
     if not attention.meta["FUSE_OUT"]:
         expected.append(linear_launch(B * N, C, C, dtype))
-    expected += [linear_launch(B * N, 4 * C, C, dtype), mixffn_fc2_launch(B * N, C, 4 * C, dtype)]
+    expected += [linear_launch(B * N, 4 * C, C, dtype), *mixffn_fc2_launches(B * N, C, 4 * C, dtype)]
     assert recorded == [(launch.kernel, launch.grid) for launch in expected]
     # both forms of sr_kv and of the attention are reached by the two waves
     kernels = [name for name, _ in recorded]
@@ -202,9 +215,12 @@ def test_the_configuration_set_is_finite_and_covered():
     configurations = engine_configurations()
     kernels = {key[0] for key in configurations}
     assert kernels == {"_layer_norm_kernel", "_linear_kernel", "_sr_kv_kernel", "_sr_patchify_kernel",
-                       "_sr_norm_kv_kernel", "_flash_sr_attention_kernel", "_mixffn_fc2_kernel"}
+                       "_sr_norm_kv_kernel", "_flash_sr_attention_kernel", "_mixffn_fc2_kernel",
+                       "_mixffn_fc2_sum_kernel"}
     fused = {dict(key[2])["FUSE_OUT"] for key in configurations if key[0] == "_flash_sr_attention_kernel"}
     assert fused == {True, False}
+    split = {dict(key[2])["SPLIT"] for key in configurations if key[0] == "_mixffn_fc2_kernel"}
+    assert split == {True, False}
 
 
 def _run_engine_stages(variant, B, H, W, dtype, stages):
@@ -250,7 +266,7 @@ def engine_specs(launch_recorder):
 
 
 KERNELS = ["_layer_norm_kernel", "_linear_kernel", "_sr_kv_kernel", "_sr_patchify_kernel", "_sr_norm_kv_kernel",
-           "_flash_sr_attention_kernel", "_mixffn_fc2_kernel"]
+           "_flash_sr_attention_kernel", "_mixffn_fc2_kernel", "_mixffn_fc2_sum_kernel"]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -273,6 +289,6 @@ def test_engine_configurations_compile_on_triton_36(engine_specs, compile_for_sm
     subset = {}
     for spec in engine_specs:
         pointers = sorted({kind for kind in spec["signature"].values() if kind.startswith("*")})
-        shape = {k: spec["constexprs"].get(k) for k in ("FUSE_OUT", "C_LO", "R", "HAS_RESIDUAL")}
+        shape = {k: spec["constexprs"].get(k) for k in ("FUSE_OUT", "C_LO", "R", "HAS_RESIDUAL", "SPLIT")}
         subset.setdefault(json.dumps([spec["name"], pointers, spec["num_warps"], shape], sort_keys=True), spec)
     compile_for_sm90(list(subset.values()), fp32_spills_fail=True, triton_path=folder, expect_version="3.6")
