@@ -23,7 +23,7 @@ from PIL import Image
 from segformer_fast import Segformer, optimize
 from segformer_fast.cli import main
 from segformer_fast.jobs.palettes import ADE20K_CLASSES, overlay, palette_for
-from segformer_fast.serve import api
+from segformer_fast.serve import api, uploads
 from segformer_fast.serve.local import LocalServer, alive, free_port, http_call
 
 MAX_PIXELS = 1_000_000
@@ -84,35 +84,39 @@ def test_parse_query_refuses_with_400(items, fragment):
     assert caught.value.status == 400 and fragment in caught.value.message
 
 
+def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    return uploads.decode_image(uploads.open_image(data, max_pixels))
+
+
 def test_decode_image_refusals():
     cases = [(b"", 400, "empty"), (b"GIF89a-no", 400, "not an image"), (b"hello world", 400, "not an image"),
              (random_png(40, 40, 0)[:90], 400, "truncated")]
     for data, status, fragment in cases:
         with pytest.raises(api.ApiError) as caught:
-            api.decode_image(data, MAX_PIXELS)
+            decode(data)
         assert caught.value.status == status and fragment in caught.value.message, (data[:20], caught.value)
     bomb = png_bytes(np.zeros((1100, 1000), dtype=np.uint8))
     with pytest.raises(api.ApiError) as caught:
-        api.decode_image(bomb, MAX_PIXELS)
+        decode(bomb)
     assert caught.value.status == 413 and "1000x1100" in caught.value.message
-    image = api.decode_image(random_png(30, 20, 1), MAX_PIXELS)
+    image = decode(random_png(30, 20, 1))
     assert (image.mode, image.size) == ("RGB", (20, 30))
 
 
 def test_body_limits_and_multipart():
     with pytest.raises(api.ApiError) as caught:
-        api.check_declared_length(str(2**20 + 1), SETTINGS)
+        uploads.check_declared_length(str(2**20 + 1), SETTINGS)
     assert caught.value.status == 413
-    api.check_declared_length(str(2**20), SETTINGS)
+    uploads.check_declared_length(str(2**20), SETTINGS)
     image = random_png(8, 8, 2)
     body, content_type = multipart(image)
-    assert api.image_bytes(body, content_type) == image
-    assert api.image_bytes(image, "image/png") == image
+    assert uploads.image_bytes(body, content_type) == image
+    assert uploads.image_bytes(image, "image/png") == image
     with pytest.raises(api.ApiError) as caught:
-        api.image_bytes(b"", None)
+        uploads.image_bytes(b"", None)
     assert caught.value.status == 400 and "empty body" in caught.value.message
     with pytest.raises(api.ApiError) as caught:
-        api.image_bytes(b"--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--b--\r\n",
+        uploads.image_bytes(b"--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--b--\r\n",
                         "multipart/form-data; boundary=b")
     assert caught.value.status == 400 and "file part" in caught.value.message
 
@@ -303,7 +307,7 @@ def bad_requests():
         ("truncated image", "POST", "/v1/segment", random_png(64, 64, 3)[:200], {}, 400, "truncated"),
         ("pixel bomb", "POST", "/v1/segment", png_bytes(np.zeros((4000, 4000), dtype=np.uint8)), {}, 413,
          "--max-pixels"),
-        ("resize over the pixel limit", "POST", "/v1/segment?size=2000", good, {}, 400, "--max-pixels"),
+        ("resize over the pixel limit", "POST", "/v1/segment?size=2000", good, {}, 413, "--max-pixels"),
         ("unknown parameter", "POST", "/v1/segment?colour=red", good, {}, 400, "unknown parameter"),
         ("unknown output", "POST", "/v1/segment?output=mask", good, {}, 400, "unknown output"),
         ("malformed size", "POST", "/v1/segment?size=big", good, {}, 400, "size"),

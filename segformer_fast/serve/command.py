@@ -16,7 +16,7 @@ from segformer_fast.model.segformer import Segformer
 
 from .api import ServeSettings
 
-INSTALL_HINT = 'pip install "ray[serve]"'
+INSTALL_HINT = 'pip install "ray[serve]" python-multipart'
 
 
 def register(subparsers) -> None:

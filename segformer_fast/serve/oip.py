@@ -88,7 +88,7 @@ def parse_infer(body: bytes, header_length: str | None, settings: ServeSettings)
         raise ApiError(400, f"give exactly one input, {' or '.join(_describe_inputs())}; got "
                             f"{len(inputs) if isinstance(inputs, list) else type(inputs).__name__}")
     data, pixels = _read_input(inputs[0], binary, settings)
-    parameters = header.get("parameters") or {}
+    parameters = header.get("parameters", {})
     if not isinstance(parameters, dict):
         raise ApiError(400, "parameters must be a JSON object")
     binary_default = parameters.get("binary_data_output", False)
@@ -98,11 +98,15 @@ def parse_infer(body: bytes, header_length: str | None, settings: ServeSettings)
         raise ApiError(400, f"unknown parameter {unknown[0]!r}; known: {', '.join(known)}")
     segment = parse_query([(name, _text(value)) for name, value in parameters.items()
                            if name != "binary_data_output"], settings)
-    outputs = _read_outputs(header.get("outputs"), bool(binary_default))
+    if not isinstance(binary_default, bool):
+        raise ApiError(400, f"binary_data_output must be true or false, got {binary_default!r}")
+    outputs = _read_outputs(header.get("outputs", DEFAULT_OUTPUTS), binary_default)
     if "logits" in outputs and segment.mode != "whole":
         raise ApiError(400, f"the logits output needs mode whole, got mode {segment.mode!r}")
     request_id = header.get("id")
-    return InferRequest(data, pixels, segment, outputs, str(request_id) if request_id is not None else None)
+    if "id" in header and not isinstance(request_id, str):
+        raise ApiError(400, f"id must be a string, got {request_id!r}")
+    return InferRequest(data, pixels, segment, outputs, request_id)
 
 
 def _split(body: bytes, header_length: str | None) -> tuple:
@@ -130,7 +134,7 @@ def _describe_inputs() -> list:
 
 def _read_input(tensor: dict, binary: bytes, settings: ServeSettings) -> tuple:
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-    if name not in INPUTS:
+    if not isinstance(name, str) or name not in INPUTS:
         raise ApiError(400, f"unknown input {name!r}; this model takes {' or '.join(_describe_inputs())}")
     expected = INPUTS[name][0]
     if datatype != expected:
@@ -138,7 +142,10 @@ def _read_input(tensor: dict, binary: bytes, settings: ServeSettings) -> tuple:
     if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
                                             for n in shape)):
         raise ApiError(400, f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    parameters = tensor.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise ApiError(400, f"input {name!r}: parameters must be a JSON object, got {parameters!r}")
+    size = parameters.get("binary_data_size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
         raise ApiError(400, f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}")
     if size is not None and size != len(binary):
@@ -194,19 +201,21 @@ def _json_bytes(data) -> bytes:
 
 
 def _read_outputs(outputs, binary_default: bool) -> dict:
-    if outputs is None:
+    if outputs is DEFAULT_OUTPUTS:  # none asked for
         return {name: binary_default for name in DEFAULT_OUTPUTS}
     if not isinstance(outputs, list) or not outputs:
         raise ApiError(400, "outputs must be a non-empty list of {\"name\": ...}")
     chosen = {}
     for entry in outputs:
         name = entry.get("name") if isinstance(entry, dict) else None
-        if name not in ("labels", "class_shares", "logits"):
+        if not isinstance(name, str) or name not in ("labels", "class_shares", "logits"):
             raise ApiError(400, f"unknown output {name!r}; this model has labels, class_shares, logits")
-        parameters = entry.get("parameters") or {}
+        parameters = entry.get("parameters", {})
+        if not isinstance(parameters, dict) or not isinstance(parameters.get("binary_data", False), bool):
+            raise ApiError(400, f"output {name!r}: parameters must be an object, binary_data true or false")
         if "classification" in parameters:
             raise ApiError(400, "the classification extension is not supported")
-        chosen[name] = bool(parameters.get("binary_data", binary_default))
+        chosen[name] = parameters.get("binary_data", binary_default)
     return chosen
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 from segformer_fast import __version__
@@ -21,6 +21,9 @@ from .pipeline import Pipeline, Upload
 from .uploads import read_body
 
 GET_HEAD = ["GET", "HEAD"]
+#: The path parameters, documented with the one value each that names something (others answer 404).
+NAME = Path(description="the model's name", json_schema_extra={"enum": [oip.MODEL_NAME]})
+VERSION = Path(description="the model's version", json_schema_extra={"enum": [oip.MODEL_VERSION]})
 
 
 def oip_router(settings: ServeSettings, pipeline: Pipeline, description: dict,
@@ -52,25 +55,25 @@ def oip_router(settings: ServeSettings, pipeline: Pipeline, description: dict,
 
     @router.api_route("/v2/models/{model_name}", methods=GET_HEAD, summary="model metadata: inputs and outputs",
                       responses=openapi.OIP_MODEL)
-    async def model_metadata(model_name: str):
+    async def model_metadata(model_name: str = NAME):
         oip.check_model(model_name)
         return metadata
 
     @router.api_route("/v2/models/{model_name}/versions/{model_version}", methods=GET_HEAD,
                       summary="model metadata of one version", responses=openapi.OIP_MODEL)
-    async def model_version_metadata(model_name: str, model_version: str):
+    async def model_version_metadata(model_name: str = NAME, model_version: str = VERSION):
         oip.check_model(model_name, model_version)
         return metadata
 
     @router.api_route("/v2/models/{model_name}/ready", methods=GET_HEAD, summary="the model is ready",
                       responses=openapi.OIP_MODEL_READY)
-    async def model_ready(model_name: str):
+    async def model_ready(model_name: str = NAME):
         oip.check_model(model_name)
         return await ready_or_503({"name": oip.MODEL_NAME, "ready": True})
 
     @router.api_route("/v2/models/{model_name}/versions/{model_version}/ready", methods=GET_HEAD,
                       summary="the model's version is ready", responses=openapi.OIP_MODEL_READY)
-    async def model_version_ready(model_name: str, model_version: str):
+    async def model_version_ready(model_name: str = NAME, model_version: str = VERSION):
         oip.check_model(model_name, model_version)
         return await ready_or_503({"name": oip.MODEL_NAME, "ready": True})
 
@@ -101,12 +104,12 @@ def oip_router(settings: ServeSettings, pipeline: Pipeline, description: dict,
 
     @router.post("/v2/models/{model_name}/infer", summary="segment an image (inputs image_bytes or image)",
                  response_class=JSONResponse, openapi_extra=openapi.OIP_INFER)
-    async def model_infer(model_name: str, request: Request):
+    async def model_infer(request: Request, model_name: str = NAME):
         return await infer(model_name, None, request)
 
     @router.post("/v2/models/{model_name}/versions/{model_version}/infer", summary="segment an image with a "
                  "version of the model", response_class=JSONResponse, openapi_extra=openapi.OIP_INFER)
-    async def model_version_infer(model_name: str, model_version: str, request: Request):
+    async def model_version_infer(request: Request, model_name: str = NAME, model_version: str = VERSION):
         return await infer(model_name, model_version, request)
 
     return router
