@@ -20,8 +20,10 @@ from segformer_fast.core.fileio import apply_exif_orientation, to_rgb
 
 from .api import ApiError, SegmentRequest, ServeSettings
 
-#: The image formats the service opens (Pillow's names); any other (IM, DDS, SPIDER, ...) is "not an image".
-FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF", "GIF", "AVIF")
+Image.init()  # every plugin registered, so that FORMATS holds those this Pillow reads
+#: The image formats the service opens (Pillow's names, those this Pillow has); any other (IM, DDS, SPIDER, ...) is
+#: "not an image".
+FORMATS = tuple(name for name in ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "AVIF") if name in Image.OPEN)
 #: A multipart body may hold at most this many parts (a file field and a few form fields), each with at most
 #: ``MAX_PART_HEADERS`` headers of at most ``MAX_PART_HEADER_BYTES`` bytes; more is refused with 400 at once.
 MAX_PARTS = 16
