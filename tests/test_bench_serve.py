@@ -22,4 +22,7 @@ def test_bench_serve_quick_run(tmp_path):
     assert out.count("| on | 4 |") == 2
     assert "0 5xx other than 503, malformed all 4xx: True, replica survived: True" in out
     assert "p99 / p50" in out
+    stages = ("| batching | concurrency | read | decode | admit | queue | forward | hop | encode | total | client "
+              "| http |")
+    assert stages in out  # where the time goes, from the service's Server-Timing
     assert not list(tmp_path.iterdir()), "the smoke run wrote files"

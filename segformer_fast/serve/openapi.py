@@ -50,6 +50,13 @@ def _query(name: str, description: str, example: str, enum: tuple = ()) -> dict:
 
 
 BINARY = {"type": "string", "format": "binary"}
+#: What a segmentation request may meet once its input is accepted.
+RUNNING_ERRORS = {
+    "408": {"description": "the body did not arrive within the request's deadline", "content": ERROR_JSON},
+    "503": {"description": "over --max-queue, shutting down, out of memory, or a replica lost (Retry-After)",
+            "content": ERROR_JSON},
+    "504": {"description": "no result within timeout_s / --request-timeout-s", "content": ERROR_JSON},
+}
 SEGMENT = {
     "parameters": [
         _query("output", "; ".join(f"{name}: {text}" for name, text in OUTPUT_HELP.items()), "overlay",
@@ -80,6 +87,7 @@ SEGMENT = {
         "400": {"description": "not an image, empty, truncated, unknown parameter or value", "content": ERROR_JSON},
         "413": {"description": "body over --max-body-mb; image, or the size asked for, over --max-pixels",
                 "content": ERROR_JSON},
+        **RUNNING_ERRORS,
     },
 }
 
@@ -120,6 +128,9 @@ OIP_INFER = {
         "400": {"description": "a bad tensor: name, datatype, shape, data; unknown parameter or output",
                 "content": ERROR_JSON},
         "404": {"description": "no such model or version", "content": ERROR_JSON},
+        "413": {"description": "body over --max-body-mb; image, or the size asked for, over --max-pixels",
+                "content": ERROR_JSON},
+        **RUNNING_ERRORS,
     },
 }
 
