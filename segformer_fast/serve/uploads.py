@@ -174,18 +174,20 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 def decode_image(opened: Image.Image) -> Image.Image:
     """The pixels of an image from :func:`open_image`, as 8-bit RGB, upright by its EXIF orientation (as
-    ``segment`` reads files). 400 naming the problem for anything the decoder cannot read."""
-    with opened, warnings.catch_warnings():
+    ``segment`` reads files). 400 naming the problem for anything the decoder cannot read. An RGB image comes back
+    as the opened image itself (its pixels are never copied); any other is converted and the opened one closed."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             opened.load()
             image = to_rgb(apply_exif_orientation(opened))
-            if image is opened:
-                image = opened.copy()
         except MemoryError:
             raise
         except Exception as error:  # truncated, corrupt, or a tag the decoder chokes on: never a 500
+            opened.close()
             raise ApiError(400, f"truncated or corrupt image: {_reason(error)}") from None
+    if image is not opened:
+        opened.close()
     return image
 
 
