@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     server_args = ["--max-queue", str(max(64, args.concurrency)), *args.server_args.split()]
     with LocalServer(work / "b0", server_args) as server:
         model = json.loads(server.call("GET", "/v1/model")[2])
-        budget = model["service"]["max_pixels_in_flight"] or 4 * model["service"]["max_pixels"]
+        budget = model["service"]["max_pixels_in_flight"]
         pids = list(alive(server.track()))
         server.call("POST", "/v1/segment?size=64", single_colour_png(64), {"Content-Type": "image/png"})
         idle = pss_bytes(pids)

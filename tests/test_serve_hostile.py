@@ -247,6 +247,25 @@ def test_timed_out_requests_cancel_their_work(server):
     assert timings(headers)["queue"] < 2.5 * forward_ms, (headers["server-timing"], forward_ms)
 
 
+def test_disconnected_clients_cancel_their_work(server):
+    """As case 2, for clients that hang up instead of timing out: their queued work is dropped."""
+    heavy = random_png(64, 64, 3)
+    status, headers, _ = post(server, "/v1/segment?size=1024", heavy)
+    assert status == 200
+    forward_ms = timings(headers)["forward"]
+    request = (b"POST /v1/segment?size=1024 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(heavy)) + heavy
+    connections = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(4)]
+    for connection in connections:
+        connection.sendall(request)
+    time.sleep(0.3)
+    for connection in connections:
+        connection.close()
+    status, headers, body = post(server, "/v1/segment?size=32", random_png(20, 20, 4))
+    assert status == 200, body[:300]
+    assert timings(headers)["queue"] < 2.5 * forward_ms, (headers["server-timing"], forward_ms)
+
+
 def test_multipart_floods_and_nesting_answer_400(server):
     """Case 3 (40,000 fields) and case 6's multipart nested 1500 deep: 400 at once, parsed off the event loop."""
     for (body, content_type), fragment in ((many_fields(40_000), "more than 16 parts"),

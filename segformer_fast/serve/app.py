@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from segformer_fast import __version__
 from segformer_fast.jobs.palettes import palette_for
@@ -28,7 +29,7 @@ from . import openapi
 from .api import RETRY_AFTER_S, ApiError, ServeSettings, parse_query, render
 from .oip_routes import oip_router
 from .pipeline import Pipeline, Upload, logger
-from .uploads import read_body
+from .uploads import client_gone, read_body
 
 DESCRIPTION = """SegFormer semantic segmentation over HTTP (segformer-fast).
 
@@ -113,6 +114,7 @@ def create_app(settings: ServeSettings, pipeline: Pipeline, description: dict,
                    "version, and the service's settings", responses=openapi.MODEL)
     async def get_model():
         service = {key: value for key, value in settings.__dict__.items() if key != "model"}
+        service["max_pixels_in_flight"] = settings.pixels_in_flight
         return {**description, "service": service}
 
     @app.post("/v1/segment", summary="segment an image", response_class=Response, openapi_extra=openapi.SEGMENT)
@@ -121,12 +123,16 @@ def create_app(settings: ServeSettings, pipeline: Pipeline, description: dict,
         content_type = request.headers.get("content-type")
 
         async def read():
-            return Upload(data=await read_body(request, settings), content_type=content_type)
+            try:
+                return Upload(data=await read_body(request, settings), content_type=content_type)
+            except ClientDisconnect:  # nobody to answer; no error to log
+                raise ApiError(400, "the client disconnected before sending its whole body") from None
 
         def output(labels, image, logits):
             return render(parsed.output, image, labels, names, palette)
 
-        answer = await pipeline.run(parsed, read, output, keep_image=parsed.output in ("overlay", "overlay_json"))
+        answer = await pipeline.run(parsed, read, output, keep_image=parsed.output in ("overlay", "overlay_json"),
+                                    disconnected=lambda: client_gone(request))
         body, media_type = answer.output
         return Response(body, media_type=media_type, headers={"X-Batch-Size": str(answer.batch),
                                                               "Server-Timing": answer.server_timing()})

@@ -201,11 +201,12 @@ async def serve_http(running: Running, settings: ServeSettings, host: str, port:
     pipeline = Pipeline(settings, running.handle)
     server = make_server(create_app(settings, pipeline, running.description, Readiness()), host, port,
                          settings.idle_timeout_s)
-    stopping = asyncio.Event()
+    stopping, forced = asyncio.Event(), asyncio.Event()
 
     def on_signal():
-        if stopping.is_set():
+        if stopping.is_set():  # a second signal: stop now
             server.force_exit = True
+            forced.set()
         stopping.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -221,7 +222,9 @@ async def serve_http(running: Running, settings: ServeSettings, host: str, port:
     await stopping.wait()
     in_flight = pipeline.admission.requests
     say(f"draining: {in_flight} request{'s' if in_flight != 1 else ''} in flight, new ones refused with 503")
-    if not await pipeline.admission.drained(settings.request_timeout_s + 5):
+    drained = asyncio.ensure_future(pipeline.admission.drained(settings.request_timeout_s + 5))
+    await asyncio.wait([drained, asyncio.ensure_future(forced.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if not (drained.done() and drained.result()):
         say(f"{pipeline.admission.requests} requests still in flight; stopping anyway")
     server.should_exit = True
     await serving

@@ -12,13 +12,14 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from segformer_fast import __version__
 
 from . import oip, openapi
 from .api import RETRY_AFTER_S, ApiError, ServeSettings
 from .pipeline import Pipeline, Upload
-from .uploads import read_body
+from .uploads import client_gone, read_body
 
 GET_HEAD = ["GET", "HEAD"]
 #: The path parameters, documented with the one value each that names something (others answer 404).
@@ -84,6 +85,8 @@ def oip_router(settings: ServeSettings, pipeline: Pipeline, description: dict,
         except asyncio.TimeoutError:
             raise ApiError(408, f"the request body was not received within {settings.request_timeout_s:g} s",
                            {"Connection": "close"}) from None
+        except ClientDisconnect:  # nobody to answer; no error to log
+            raise ApiError(400, "the client disconnected before sending its whole body") from None
         header_length = request.headers.get(oip.HEADER_LENGTH)
         loop = asyncio.get_running_loop()
         parsed = await loop.run_in_executor(pipeline.codec, oip.parse_infer, body, header_length, settings)
@@ -97,7 +100,8 @@ def oip_router(settings: ServeSettings, pipeline: Pipeline, description: dict,
         def output(labels, image, logits):
             return oip.infer_response(parsed, labels, logits, description["num_labels"])
 
-        answer = await pipeline.run(parsed.segment, read, output, logits="logits" in parsed.outputs)
+        answer = await pipeline.run(parsed.segment, read, output, logits="logits" in parsed.outputs,
+                                    disconnected=lambda: client_gone(request))
         content, headers = answer.output
         headers = {**headers, "X-Batch-Size": str(answer.batch), "Server-Timing": answer.server_timing()}
         return Response(content, headers=headers)  # headers carry the Content-Type (JSON, or binary after JSON)

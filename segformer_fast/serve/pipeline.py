@@ -96,16 +96,16 @@ class Pipeline:
         self.admission = Admission(settings.max_queue, settings.pixels_in_flight)
 
     async def run(self, request: SegmentRequest, read: Callable[[], Awaitable[Upload]],
-                  render: Callable[..., object], *, keep_image: bool = False,
-                  logits: bool = False) -> Answer:
+                  render: Callable[..., object], *, keep_image: bool = False, logits: bool = False,
+                  disconnected: Callable[[], Awaitable[None]] | None = None) -> Answer:
         """Run one request within ``request.timeout_s``. ``read``: reads the body (inside the deadline);
         ``render(labels, image, logits)``: the output, on a codec thread (``image``: the decoded PIL image where
         ``keep_image``, else None; ``logits``: (K, h, w) float32 at a quarter of the work size where ``logits``
-        was asked for, else None).
-        Raises ApiError only."""
+        was asked for, else None); ``disconnected()``: returns when the client has gone (called once the body is
+        read), which cancels the work as a timeout does. Raises ApiError only."""
         phase = ["read"]
         try:
-            return await asyncio.wait_for(self._run(request, read, render, keep_image, logits, phase),
+            return await asyncio.wait_for(self._run(request, read, render, keep_image, logits, phase, disconnected),
                                           request.timeout_s)
         except asyncio.TimeoutError:
             if phase[0] == "read":
@@ -118,9 +118,28 @@ class Pipeline:
         except Exception as error:
             raise failure(error) from None
 
-    async def _run(self, request, read, render, keep_image, logits, phase) -> Answer:
-        timings: dict = {}
-        start = clock = time.perf_counter()
+    async def _run(self, request, read, render, keep_image, logits, phase, disconnected) -> Answer:
+        start = time.perf_counter()
+        upload = await read()
+        phase[0] = "work"
+        work = asyncio.ensure_future(self._work(request, upload, render, keep_image, logits, start))
+        del upload
+        if disconnected is None:
+            return await work
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # cut off by the deadline, or the client gone: the work is cancelled (and its replica call)
+            watcher.cancel()
+            if not work.done():
+                work.cancel()
+        if work.done() and not work.cancelled():
+            return work.result()
+        raise ApiError(400, "the client disconnected before its answer")
+
+    async def _work(self, request, upload, render, keep_image, logits, start) -> Answer:
+        timings: dict = {"read": time.perf_counter() - start}
+        clock = time.perf_counter()
 
         def lap(name: str) -> None:
             nonlocal clock
@@ -128,9 +147,6 @@ class Pipeline:
             timings[name] = timings.get(name, 0.0) + now - clock
             clock = now
 
-        upload = await read()
-        lap("read")
-        phase[0] = "work"
         ticket = self.admission.admit()
         call = response = None
         try:
@@ -167,9 +183,15 @@ class Pipeline:
             if call is not None and not call.done():
                 # cut off by the deadline: cancel the replica's work, free the slot once the replica let go of it
                 response.cancel()
-                call.add_done_callback(lambda _: self.admission.release(ticket))
+                call.add_done_callback(lambda done: self._let_go(done, ticket))
             else:
                 self.admission.release(ticket)
+
+    def _let_go(self, call: asyncio.Future, ticket) -> None:
+        """A cancelled replica call has ended (cancelled, or finished after all): its outcome is nobody's now."""
+        if not call.cancelled():
+            call.exception()  # retrieved, so asyncio does not log it
+        self.admission.release(ticket)
 
     def _open(self, upload: Upload) -> tuple:
         """(opened image or None for pixels, (H, W)): the header only, on a codec thread."""

@@ -63,6 +63,12 @@ async def read_body(request, settings: ServeSettings) -> bytes:
     return b"".join(chunks)
 
 
+async def client_gone(request) -> None:
+    """Returns once the client of ``request`` (Starlette's, its body read) has disconnected."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def image_bytes(body: bytes, content_type: str | None) -> bytes:
     """The image's bytes: the body itself, or for ``multipart/form-data`` the first part that is a file (else the
     part named ``image`` or ``file``). 400 for an empty body or a multipart body without an image part."""
