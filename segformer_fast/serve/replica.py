@@ -2,12 +2,11 @@
 
 :meth:`SegmentModel.segment` takes the array the HTTP front prepared (``serve.uploads.model_input``: in whole mode
 the image already resized to its work size, exactly as ``preprocess`` resizes it) and returns the labels at the
-image's own size. Whole-mode requests go through Ray Serve's ``@serve.batch`` queue; each batch is split by work
-size, one forward per size (requests of one size that arrive within the wait window run as one forward). Slide /
-auto requests, and logits, run alone. Forwards run on one thread of their own, so the replica's event loop keeps
-taking requests. A request cancelled while queued (its client's deadline passed) is dropped from the batch before
-it runs. Every answer carries the replica's own timings (seconds queued, seconds in the forward) for the front's
-``Server-Timing`` header.
+image's own size. Whole-mode requests are batched (``serve.batching``: greedily, what queued during a forward runs
+next); each batch is split by work size, one forward per size. Slide / auto requests, and logits, run alone.
+Forwards run on one thread of their own, so the replica's event loop keeps taking requests. A request cancelled
+while queued (its client's deadline passed, or its client left) is dropped before it runs. Every answer carries
+the replica's own timings (seconds queued, seconds in the forward) for the front's ``Server-Timing`` header.
 
 Importing this module needs the ``serve`` extra (ray[serve]); ``serve.launch`` imports it when the command runs.
 """
@@ -29,6 +28,7 @@ from segformer_fast.model.segformer import Segformer
 from segformer_fast.ops import extension
 
 from .api import SegmentRequest, ServeSettings, class_names, hex_color, public_model_name
+from .batching import Batcher
 
 MODEL_DEPLOYMENT = "SegmentModel"
 
@@ -60,8 +60,8 @@ class SegmentModel:
                              if key in ("max_abs_error", "tolerance")},
         }
         self.forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-        self.segment_batch.set_max_batch_size(self.settings.max_batch_size)
-        self.segment_batch.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
+        self.batcher = Batcher(self._run_batch, self.forward_thread, self.settings.max_batch_size,
+                               self.settings.batch_wait_ms / 1000)
 
     def describe(self) -> dict:
         return self.description
@@ -71,7 +71,7 @@ class SegmentModel:
         them, {"queue": s, "forward": s}). ``array``: (h, w, 3) uint8, the image at its work size in whole mode."""
         arrived = time.perf_counter()
         if request.mode == "whole":
-            result = await self.segment_batch((array, tuple(size), arrived))
+            result = await self.batcher.submit((array, tuple(size), arrived))
             if isinstance(result, Exception):
                 raise result
             return result
@@ -84,11 +84,6 @@ class SegmentModel:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.forward_thread, self._logits_alone, array, tuple(size),
                                           time.perf_counter())
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def segment_batch(self, items: list) -> list:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.forward_thread, self._run_batch, items)
 
     def _run_batch(self, items: list) -> list:
         """One forward per work size, as ``engine.segment`` runs a group of same-size images; each label map is
