@@ -44,7 +44,8 @@ def register(subparsers) -> None:
     parser.add_argument("--max-batch-size", type=int, default=8, metavar="B",
                         help="most images per forward (default 8; 1 turns batching off)")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0, metavar="T",
-                        help="how long a batch waits for more requests of any size (default 10 ms)")
+                        help="how long an idle replica waits after a request for others to join its forward (default "
+                             "10 ms; requests that queue during a forward join the next one at once)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="compute dtype (default fp32)")
     parser.add_argument("--device", default="auto", help="auto (cuda where the replica has a GPU), cpu, cuda, "
                         "cuda:N")
