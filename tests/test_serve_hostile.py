@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -59,6 +60,15 @@ def tiff_with_srational_strip_offsets() -> bytes:
         if struct.unpack_from("<H", data, entry)[0] == 273:
             struct.pack_into("<H", data, entry + 2, 10)
     return bytes(data)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels and holds none (Pillow's own bomb check fires on it)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) +
+            chunk(b"IEND", b""))
 
 
 def nested_multipart(depth: int) -> tuple:
@@ -160,6 +170,11 @@ def test_undecodable_images_are_400_not_500():
         with pytest.raises(ApiError) as caught:
             uploads.decode_image(uploads.open_image(data, MAX_PIXELS))
         assert caught.value.status == 400 and fragment in caught.value.message, (name, caught.value.message)
+    for width, height in ((20_000, 20_000), (1_000, 2_000)):  # over Pillow's own limit, and over ours only
+        with pytest.raises(ApiError) as caught:
+            uploads.open_image(png_header_only(width, height), MAX_PIXELS)
+        assert caught.value.status == 413 and f"limit of {MAX_PIXELS} (--max-pixels)" in caught.value.message
+        assert "178956970" not in caught.value.message  # Pillow's limit is not the service's
     for body, content_type, fragment in (many_fields(40_000) + ("more than 16 parts",),
                                          nested_multipart(1500) + ("without a file part",)):
         with pytest.raises(ApiError) as caught:
