@@ -56,7 +56,10 @@ from bench_common import (
 )
 from bench_common.local_server import LocalServer
 
-SCHEMA = "segformer-fast-serve-bench/1"
+SCHEMA = "segformer-fast-serve-bench/2"
+#: the service's stages (``Server-Timing``), then the client's view: its latency, and what of it is outside the
+#: service's total (HTTP, connections, the client)
+STAGES = ("read", "decode", "admit", "queue", "forward", "hop", "encode", "total", "client", "http")
 #: what the issue asks of the service on a 2-core CPU
 THROUGHPUT_FLOOR = 0.8
 P99_OVER_P50_CEILING = 3.0
@@ -135,7 +138,8 @@ def load(server: LocalServer, jobs: list, concurrency: int, seconds: float, time
                 status, headers = f"connection error: {type(error).__name__}", {}
             elapsed = (time.perf_counter() - begin) * 1e3
             with lock:
-                results.append((index, status, elapsed, int(headers.get("x-batch-size", 0) or 0)))
+                results.append((index, status, elapsed, int(headers.get("x-batch-size", 0) or 0),
+                                stage_timings(headers.get("server-timing", ""))))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -144,20 +148,45 @@ def load(server: LocalServer, jobs: list, concurrency: int, seconds: float, time
     return {"results": results, "seconds": time.perf_counter() - start}
 
 
+def stage_timings(header: str) -> dict:
+    """The service's ``Server-Timing`` header: {stage: ms} (read, decode, admit, queue, forward, hop, encode,
+    total; see ``serve.pipeline``)."""
+    stages = {}
+    for part in header.split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        if name and duration:
+            stages[name] = float(duration)
+    return stages
+
+
+def breakdown(results: list) -> dict:
+    """Mean ms per stage over the answered requests, plus ``client`` (the latency the client saw) and ``http`` (the
+    client's latency outside the service's total: the HTTP front, connection setup, the client itself)."""
+    answered = [(latency, stages) for _, status, latency, _, stages in results if status == 200 and stages]
+    if not answered:
+        return {}
+    names = sorted({name for _, stages in answered for name in stages}, key=STAGES.index)
+    means = {name: statistics.fmean(stages.get(name, 0.0) for _, stages in answered) for name in names}
+    means["client"] = statistics.fmean(latency for latency, _ in answered)
+    means["http"] = means["client"] - means.get("total", 0.0)
+    return means
+
+
 def measure(server: LocalServer, images: list, size: tuple, concurrency: int, requests: int, seconds: float) -> dict:
     query = f"size={size[0]}x{size[1]}"
     load(server, [(query, images[i % len(images)][1]) for i in range(concurrency * 2)], concurrency, seconds)  # warm
     run = load(server, [(query, images[i % len(images)][1]) for i in range(requests)], concurrency, seconds)
-    ok = [latency for _, status, latency, _ in run["results"] if status == 200]
-    batches = [batch for _, status, _, batch in run["results"] if status == 200]
+    ok = [latency for _, status, latency, _, _ in run["results"] if status == 200]
+    batches = [batch for _, status, _, batch, _ in run["results"] if status == 200]
     statuses: dict = {}
-    for _, status, _, _ in run["results"]:
+    for _, status, _, _, _ in run["results"]:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
     return {
         "concurrency": concurrency, "requests": len(run["results"]), "ok": len(ok), "statuses": statuses,
         "seconds": run["seconds"], "images_per_s": len(ok) / run["seconds"] if run["seconds"] > 0 else None,
         "p50_ms": statistics.median(ok) if ok else None, "p99_ms": percentile(ok, 99) if ok else None,
         "mean_batch": statistics.fmean(batches) if batches else None,
+        "stages_ms": breakdown(run["results"]),
     }
 
 
@@ -180,7 +209,7 @@ def malformed_run(server: LocalServer, images: list, size: tuple, total: int, se
     replicas_after = server.find("SegmentModel")
     by_kind: dict = {}
     server_errors = []
-    for index, status, _, _ in run["results"]:
+    for index, status, _, _, _ in run["results"]:
         counts = by_kind.setdefault(kinds[index], {})
         counts[str(status)] = counts.get(str(status), 0) + 1
         if not isinstance(status, int) or (status >= 500 and status != 503):
@@ -266,6 +295,14 @@ def table(result: dict) -> str:
     return markdown_table(header, cells, {0})
 
 
+def stage_table(result: dict) -> str:
+    """Where a request's time goes, mean ms per stage for each row (the service's Server-Timing)."""
+    header = ["batching", "concurrency", *STAGES]
+    cells = [[row["batching"], str(row["concurrency"]),
+              *(format_number(row.get("stages_ms", {}).get(name)) for name in STAGES)] for row in result["rows"]]
+    return markdown_table(header, cells, {0})
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint (default: a random B0 with 150 labels)")
@@ -301,6 +338,10 @@ def main(argv=None) -> int:
 
     result = run(args)
     print("\n" + table(result))
+    print("\nmean ms per stage (read: body; decode: header, pixels, resize; admit: waiting for pixels; queue: in the "
+          "replica before its forward; forward: preprocess, forward, upsample + argmax; hop: Ray's routing and "
+          "transfers; encode: the output; total: in the service; http: the client's latency outside it)\n")
+    print(stage_table(result))
     for line in checks(result):
         print(line)
     if args.no_save:

@@ -8,18 +8,14 @@ command line.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
-import threading
 
 from segformer_fast.core.runtime import DTYPES, resolve_device
 from segformer_fast.model.segformer import Segformer
 from segformer_fast.serve.api import ServeSettings
 
-INSTALL_HINT = 'pip install "ray[serve]"'
-#: The longest a shutdown may take before the command gives up waiting and exits anyway.
-SHUTDOWN_LIMIT_S = 90
+INSTALL_HINT = 'pip install "ray[serve]" python-multipart'
 
 
 def register(subparsers) -> None:
@@ -27,7 +23,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve", help="an HTTP segmentation service (Ray Serve) with dynamic batching and a page at /",
         description="Serve a checkpoint over HTTP on Ray Serve: POST /v1/segment (labels / overlay PNG, or JSON), "
-                    "GET /v1/model, /healthz, /readyz, a page for people at /, OpenAPI at /openapi.json. Starts "
+                    "GET /v1/model, /healthz, /readyz, the Open Inference Protocol (v2 REST) under /v2, a page for "
+                    "people at /, OpenAPI at /openapi.json. Starts "
                     "its own local Ray unless --ray ADDRESS names a running cluster; Ctrl-C (or SIGTERM) shuts "
                     "everything it started down.")
     parser.add_argument("--model", required=True, metavar="CK", help="checkpoint: folder, weights file or hub id "
@@ -46,7 +43,8 @@ def register(subparsers) -> None:
     parser.add_argument("--max-batch-size", type=int, default=8, metavar="B",
                         help="most images per forward (default 8; 1 turns batching off)")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0, metavar="T",
-                        help="how long a batch waits for more requests of any size (default 10 ms)")
+                        help="how long an idle replica waits after a request for others to join its forward (default "
+                             "10 ms; requests that queue during a forward join the next one at once)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="compute dtype (default fp32)")
     parser.add_argument("--device", default="auto", help="auto (cuda where the replica has a GPU), cpu, cuda, "
                         "cuda:N")
@@ -58,7 +56,14 @@ def register(subparsers) -> None:
     parser.add_argument("--max-queue", type=int, default=64, metavar="Q",
                         help="most requests in flight at once (default 64); more: 503 with Retry-After")
     parser.add_argument("--request-timeout-s", type=float, default=60.0, metavar="S",
-                        help="longest a request may take (default 60 s); past it: 504")
+                        help="longest a request may take, reading its body included (default 60 s); past it: 504 "
+                             "(408 while the body is still arriving)")
+    parser.add_argument("--max-pixels-in-flight", type=int, default=None, metavar="P",
+                        help="most pixels (each request's image plus the size it runs at) decoded or running at "
+                             "once (default 4 x --max-pixels); more wait their turn: this bounds the memory")
+    parser.add_argument("--idle-timeout-s", type=float, default=15.0, metavar="S",
+                        help="a connection must send each request's headers within this (and is closed when idle "
+                             "this long between requests; default 15 s)")
     parser.add_argument("--temp-dir", default=None, metavar="DIR",
                         help="the local Ray instance's session folder (default: Ray's)")
     parser.set_defaults(func=run)
@@ -74,7 +79,8 @@ def settings_from_args(args) -> ServeSettings:
     return ServeSettings(model=str(args.model), dtype=args.dtype, device=args.device, replicas=args.replicas,
                          cpus_per_replica=cpus, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                          max_body_mb=args.max_body_mb, max_pixels=args.max_pixels, max_queue=args.max_queue,
-                         request_timeout_s=args.request_timeout_s)
+                         request_timeout_s=args.request_timeout_s, max_pixels_in_flight=args.max_pixels_in_flight,
+                         idle_timeout_s=args.idle_timeout_s)
 
 
 def check_port(host: str, port: int) -> None:
@@ -114,54 +120,12 @@ def run(args) -> int:
         print(f"segformer-fast: serve needs Ray Serve: {INSTALL_HINT}; import failed: {error}", file=sys.stderr)
         return 2
 
-    stopping = threading.Event()
-
-    def interrupt(signum, frame):
-        if stopping.is_set():
-            return  # already shutting down: the shutdown ends by itself (bounded by SHUTDOWN_LIMIT_S)
-        stopping.set()
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    running = None
-    try:
-        running = launch.start(settings, host=args.host, port=args.port, address=args.ray, temp_dir=args.temp_dir,
-                            num_cpus=_local_cpus(settings) if not args.ray else None)
-        # Ray installs its own SIGTERM handler when it starts: ours again, so both signals shut down cleanly
-        for sig in previous:
-            signal.signal(sig, interrupt)
-        print(f"segformer-fast serve: ready at {running.url} serving {_describe(running.description, settings)}; "
-              "Ctrl-C to stop", flush=True)
-        while not stopping.wait(3600):
-            pass
-    except KeyboardInterrupt:
-        pass
-    except RuntimeError as error:  # a deployment that failed (the replicas' errors are in Ray's log)
-        print(f"segformer-fast: serve failed: {str(error).strip().splitlines()[0] if str(error).strip() else error}",
-              file=sys.stderr)
-        return 1
-    finally:
-        stopping.set()
-        for sig in previous:
-            signal.signal(sig, interrupt)
-        print("segformer-fast serve: shutting down", file=sys.stderr, flush=True)
-        watchdog = threading.Timer(SHUTDOWN_LIMIT_S, _give_up)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            if running is not None:
-                running.stop()
-        finally:
-            watchdog.cancel()
-    print("segformer-fast serve: stopped", file=sys.stderr, flush=True)
-    return 0
+    return launch.run_service(settings, host=args.host, port=args.port, address=args.ray, temp_dir=args.temp_dir,
+                              num_cpus=_local_cpus(settings) if not args.ray else None,
+                              ready_line=lambda url, description: f"segformer-fast serve: ready at {url} serving "
+                              f"{_describe(description, settings)}; Ctrl-C to stop")
 
 
 def _local_cpus(settings: ServeSettings) -> int:
     """Logical CPUs of the local Ray instance: the machine's, and at least what the replicas ask for."""
     return max(os.cpu_count() or 1, int(-(-settings.replicas * settings.cpus_per_replica // 1)))
-
-
-def _give_up() -> None:
-    print(f"segformer-fast serve: shutdown took over {SHUTDOWN_LIMIT_S} s; exiting", file=sys.stderr, flush=True)
-    os._exit(1)

@@ -1,31 +1,37 @@
-"""What the service does with a request, without Ray or an HTTP framework: the settings, the query parameters, the
-body (raw or multipart) read into a decoded image within the limits, and the outputs (label PNG, overlay PNG,
-JSON summary). Every refusal is an :class:`ApiError` carrying the HTTP status and a message for the client.
+"""What the service does with a request, without Ray or an HTTP framework: the settings, the query parameters and
+the outputs (label PNG, overlay PNG, JSON summary). Every refusal is an :class:`ApiError` carrying the HTTP status
+and a message for the client; the upload itself (body, multipart, image) is ``serve.uploads``'.
 
 Nothing here takes a file path from a request or unpickles anything: a request is bytes and query strings.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
-import email.parser
-import email.policy
 import io
+import json
 import math
-import warnings
+from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from segformer_fast.core.fileio import apply_exif_orientation, to_rgb
 from segformer_fast.inference.processing import output_size
 from segformer_fast.inference.segment import MODES
 from segformer_fast.render.images import label_image
 from segformer_fast.render.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES, overlay
 
-OUTPUTS = ("labels", "overlay", "json")
+OUTPUTS = ("labels", "overlay", "json", "overlay_json")
 #: The query parameters ``POST /v1/segment`` takes; any other is refused with 400.
 PARAMETERS = ("output", "mode", "size", "short_side", "max_long_side", "timeout_s")
+#: What each output kind answers with.
+OUTPUT_HELP = {
+    "labels": "a palette PNG of class ids, as `segment` writes it (the default)",
+    "overlay": "the class colors over the image (PNG)",
+    "json": "the classes present: names, colors, pixel counts and shares",
+    "overlay_json": "json plus the overlay PNG in base64 (overlay_png): what the page at / asks for",
+}
 #: Seconds a client is told to wait (``Retry-After``) when the service is over its queue.
 RETRY_AFTER_S = 1
 
@@ -55,23 +61,36 @@ class ServeSettings:
     max_pixels: int = 4096 * 4096
     max_queue: int = 64
     request_timeout_s: float = 60.0
+    max_pixels_in_flight: int | None = None
+    idle_timeout_s: float = 15.0
 
     def __post_init__(self):
-        for name in ("replicas", "max_batch_size", "max_pixels", "max_queue"):
+        for name in ("replicas", "max_batch_size", "max_pixels", "max_queue", "max_pixels_in_flight"):
             value = getattr(self, name)
+            if value is None and name == "max_pixels_in_flight":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("cpus_per_replica", "max_body_mb", "request_timeout_s"):
+        for name in ("cpus_per_replica", "max_body_mb", "request_timeout_s", "idle_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name.replace('_', '-')} must be a positive number, got {value!r}")
         if not (isinstance(self.batch_wait_ms, (int, float)) and math.isfinite(self.batch_wait_ms)
                 and self.batch_wait_ms >= 0):
             raise ValueError(f"batch-wait-ms must be a number >= 0, got {self.batch_wait_ms!r}")
+        if self.pixels_in_flight < 2 * self.max_pixels:
+            raise ValueError(f"max-pixels-in-flight must be at least twice --max-pixels ({2 * self.max_pixels}: one "
+                             f"image and its work size), got {self.pixels_in_flight}")
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
+
+    @property
+    def pixels_in_flight(self) -> int:
+        """Most pixels (each request's image plus the size it runs at) decoded or running at once: the given
+        ``--max-pixels-in-flight``, else four times ``--max-pixels``."""
+        return self.max_pixels_in_flight if self.max_pixels_in_flight is not None else 4 * self.max_pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,105 +185,6 @@ def parse_query(items, settings: ServeSettings) -> SegmentRequest:
     return SegmentRequest(output=output, mode=mode, resize=resize, timeout_s=timeout_s)
 
 
-def check_declared_length(content_length: str | None, settings: ServeSettings) -> None:
-    """413 when the declared body is over the limit (checked before a byte of the body is read)."""
-    if content_length is None:
-        return
-    try:
-        declared = int(content_length)
-    except ValueError:
-        raise ApiError(400, f"malformed Content-Length {content_length!r}") from None
-    if declared > settings.max_body_bytes:
-        raise body_too_large(settings)
-
-
-def body_too_large(settings: ServeSettings) -> ApiError:
-    return ApiError(413, f"request body over the limit of {settings.max_body_mb:g} MiB (--max-body-mb)")
-
-
-def image_bytes(body: bytes, content_type: str | None) -> bytes:
-    """The image's bytes: the body itself, or for ``multipart/form-data`` the first part that is a file (else the
-    part named ``image`` or ``file``). 400 for an empty body or a multipart body without an image part."""
-    if content_type and content_type.lower().startswith("multipart/"):
-        return _multipart_file(body, content_type)
-    if not body:
-        raise ApiError(400, "empty body: send the image as the request body or as a multipart file field")
-    return body
-
-
-def _multipart_file(body: bytes, content_type: str) -> bytes:
-    if "boundary=" not in content_type.lower():
-        raise ApiError(400, "multipart body without a boundary in its Content-Type")
-    parser = email.parser.BytesParser(policy=email.policy.HTTP)
-    try:
-        message = parser.parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    except (UnicodeEncodeError, ValueError, TypeError) as error:
-        raise ApiError(400, f"malformed multipart body: {error}") from None
-    if not message.is_multipart():
-        raise ApiError(400, "malformed multipart body")
-    parts = [part for part in message.iter_parts() if not part.is_multipart()]
-    chosen = next((part for part in parts if part.get_filename()), None)
-    if chosen is None:
-        chosen = next((part for part in parts if part.get_param("name", header="content-disposition")
-                       in ("image", "file")), None)
-    if chosen is None:
-        raise ApiError(400, "multipart body without a file part (send the image as a file field named 'image')")
-    data = chosen.get_payload(decode=True) or b""
-    if not data:
-        raise ApiError(400, "empty image: the multipart file part holds zero bytes")
-    return data
-
-
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode an image from bytes into 8-bit RGB, upright by its EXIF orientation (as ``segment`` reads files).
-
-    400 naming the problem for bytes that are not an image or a truncated / corrupt one; 413 for more pixels than
-    ``max_pixels``, checked from the header before the pixels are decoded (a decompression bomb never is)."""
-    if not data:
-        raise ApiError(400, "empty image: zero bytes")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            opened = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise ApiError(400, "not an image: the body is no image format this server reads (PNG, JPEG, WebP, "
-                                "BMP, TIFF, GIF, ...)") from None
-        except Image.DecompressionBombError as error:
-            raise ApiError(413, f"image over the pixel limit: {error}") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
-            raise ApiError(400, f"corrupt image header: {error or type(error).__name__}") from None
-        with opened:
-            width, height = opened.size
-            if width < 1 or height < 1:
-                raise ApiError(400, f"empty image of {width}x{height} pixels")
-            if width * height > max_pixels:
-                raise ApiError(413, f"image of {width}x{height} = {width * height} pixels, over the limit of "
-                                    f"{max_pixels} (--max-pixels)")
-            try:
-                opened.load()
-                image = to_rgb(apply_exif_orientation(opened))
-                if image is opened:
-                    image = opened.copy()
-            except Image.DecompressionBombError as error:
-                raise ApiError(413, f"image over the pixel limit: {error}") from None
-            except (OSError, SyntaxError, ValueError, EOFError, KeyError) as error:
-                reason = str(error) or type(error).__name__
-                raise ApiError(400, f"truncated or corrupt image: {reason}") from None
-    return image
-
-
-def check_work_size(request: SegmentRequest, image: Image.Image, max_pixels: int) -> tuple[int, int]:
-    """The size the image runs at; 400 when the asked resize would run more than ``max_pixels`` pixels."""
-    try:
-        target = request.target_size(image.height, image.width)
-    except ValueError as error:
-        raise ApiError(400, str(error)) from None
-    if target[0] * target[1] > max_pixels:
-        raise ApiError(400, f"the resize asked for runs the model at {target[0]}x{target[1]} = "
-                            f"{target[0] * target[1]} pixels, over the limit of {max_pixels} (--max-pixels)")
-    return target
-
-
 def class_names(id2label: dict, num_labels: int) -> list[str]:
     """A name per class: the checkpoint's own names where it has real ones, else ADE20K's (150 classes),
     Cityscapes' (19) or ``class i``."""
@@ -308,3 +228,26 @@ def summary(labels: np.ndarray, names: list[str], palette: np.ndarray) -> dict:
         "classes": [{"id": index, "name": names[index], "color": hex_color(palette[index]),
                      "pixels": int(counts[index]), "share": int(counts[index]) / total} for index in present],
     }
+
+
+def render(output: str, image: Image.Image | None, labels: np.ndarray, names: list[str],
+           palette: np.ndarray) -> tuple[bytes, str]:
+    """(body, media type) of an output kind: ``labels`` / ``overlay`` PNGs, ``json`` (:func:`summary`), or
+    ``overlay_json``, the summary with the overlay PNG in it (base64, ``overlay_png``: the page's one request)."""
+    if output == "labels":
+        return labels_png(labels, palette), "image/png"
+    if output == "overlay":
+        return overlay_png(image, labels, palette), "image/png"
+    result = summary(labels, names, palette)
+    if output == "overlay_json":
+        result["overlay_png"] = base64.b64encode(overlay_png(image, labels, palette)).decode("ascii")
+    return json.dumps(result).encode("utf-8"), "application/json"
+
+
+def public_model_name(model: str) -> str:
+    """What ``GET /v1/model`` says was loaded: a hub id as given, a local checkpoint by its file or folder name
+    only (never a path on the server)."""
+    path = Path(model)
+    if path.exists() or path.is_absolute() or model.startswith(("~", ".")):
+        return path.name or model.rstrip("/").rsplit("/", 1)[-1]
+    return model

@@ -18,7 +18,10 @@ def test_bench_serve_quick_run(tmp_path):
     out = result.stdout
     assert "direct engine.segment:" in out
     assert "| batching | max batch | concurrency | images/s | x direct | p50 ms | p99 ms | mean batch |" in out
-    assert out.count("| on | 4 |") == 2
+    assert "| on | 4 | 1 |" in out and "| on | 4 | 4 |" in out  # batching on, max batch 4, concurrency 1 and 4
     assert "0 5xx other than 503, malformed all 4xx: True, replica survived: True" in out
     assert "p99 / p50" in out
+    stages = ("| batching | concurrency | read | decode | admit | queue | forward | hop | encode | total | client "
+              "| http |")
+    assert stages in out  # where the time goes, from the service's Server-Timing
     assert not list(tmp_path.iterdir()), "the smoke run wrote files"

@@ -2,17 +2,14 @@
 with its own Ray (a session folder under /tmp), a random checkpoint saved in tmp, no mock of Ray or of HTTP.
 
 One server for the whole module (two model replicas, small limits so every refusal is cheap to provoke); the
-module's last test stops it with SIGINT and checks that no process it started is left. The request logic of
-``serve.api`` is tested on its own first, without a server.
+module's last test stops it with SIGINT and checks that no process it started is left. The request logic without
+a server is in test_serve_api.py.
 """
 
 import io
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,11 +18,11 @@ import pytest
 from PIL import Image
 
 from segformer_fast import Segformer, optimize
-from segformer_fast.cli import main
 from segformer_fast.render.palettes import ADE20K_CLASSES, overlay, palette_for
 from segformer_fast.serve import api
 
-from bench_common.local_server import LocalServer, alive, free_port, http_call
+from bench_common.local_server import LocalServer, alive, http_call
+from serve_support import multipart, png_bytes, random_png
 
 MAX_PIXELS = 1_000_000
 SERVER_ARGS = ["--replicas", "2", "--cpus-per-replica", "1", "--max-batch-size", "4", "--batch-wait-ms", "150",
@@ -35,132 +32,14 @@ SERVER_ARGS = ["--replicas", "2", "--cpus-per-replica", "1", "--max-batch-size",
 CALL_TIMEOUT_S = 120
 
 
-def png_bytes(array: np.ndarray, **save) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", **save)
-    return buffer.getvalue()
-
-
-def random_png(height: int, width: int, seed: int) -> bytes:
-    return png_bytes(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+SETTINGS = api.ServeSettings(model="x", max_body_mb=1, max_pixels=MAX_PIXELS)
 
 
 def decoded(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
-# -------------------------------------------------------------------------------------- serve.api, without a server
-SETTINGS = api.ServeSettings(model="x", max_body_mb=1, max_pixels=MAX_PIXELS)
 
-
-def test_parse_query_defaults_and_resize_as_segment():
-    request = api.parse_query([], SETTINGS)
-    assert (request.output, request.mode, request.resize_arguments()) == ("labels", "whole", {"size": (512, 512)})
-    assert request.timeout_s == SETTINGS.request_timeout_s
-    assert api.parse_query([("mode", "slide")], SETTINGS).resize_arguments() == {"size": None}
-    assert api.parse_query([("size", "96x128")], SETTINGS).target_size(10, 20) == (96, 128)
-    assert api.parse_query([("size", "64")], SETTINGS).target_size(10, 20) == (64, 64)
-    assert api.parse_query([("size", "none")], SETTINGS).target_size(10, 20) == (10, 20)
-    keep = api.parse_query([("short_side", "64"), ("max_long_side", "100")], SETTINGS)
-    assert keep.target_size(50, 200) == (32, 128)  # scale min(100/200, 64/50): 25 x 100, rounded up to 32
-    assert api.parse_query([("timeout_s", "1e9")], SETTINGS).timeout_s == SETTINGS.request_timeout_s
-
-
-@pytest.mark.parametrize("items, fragment", [
-    ([("bogus", "1")], "unknown parameter 'bogus'"),
-    ([("output", "mask")], "unknown output 'mask'"),
-    ([("mode", "fast")], "unknown mode 'fast'"),
-    ([("size", "0")], "positive integer"),
-    ([("size", "1x2x3")], "size must be"),
-    ([("short_side", "x")], "short_side must be"),
-    ([("max_long_side", "64")], "needs short_side"),
-    ([("size", "64"), ("short_side", "64")], "not both"),
-    ([("output", "json"), ("output", "labels")], "more than once"),
-    ([("timeout_s", "nan")], "timeout_s"),
-    ([("timeout_s", "-1")], "timeout_s"),
-])
-def test_parse_query_refuses_with_400(items, fragment):
-    with pytest.raises(api.ApiError) as caught:
-        api.parse_query(items, SETTINGS)
-    assert caught.value.status == 400 and fragment in caught.value.message
-
-
-def test_decode_image_refusals():
-    cases = [(b"", 400, "empty"), (b"GIF89a-no", 400, "not an image"), (b"hello world", 400, "not an image"),
-             (random_png(40, 40, 0)[:90], 400, "truncated")]
-    for data, status, fragment in cases:
-        with pytest.raises(api.ApiError) as caught:
-            api.decode_image(data, MAX_PIXELS)
-        assert caught.value.status == status and fragment in caught.value.message, (data[:20], caught.value)
-    bomb = png_bytes(np.zeros((1100, 1000), dtype=np.uint8))
-    with pytest.raises(api.ApiError) as caught:
-        api.decode_image(bomb, MAX_PIXELS)
-    assert caught.value.status == 413 and "1000x1100" in caught.value.message
-    image = api.decode_image(random_png(30, 20, 1), MAX_PIXELS)
-    assert (image.mode, image.size) == ("RGB", (20, 30))
-
-
-def test_body_limits_and_multipart():
-    with pytest.raises(api.ApiError) as caught:
-        api.check_declared_length(str(2**20 + 1), SETTINGS)
-    assert caught.value.status == 413
-    api.check_declared_length(str(2**20), SETTINGS)
-    image = random_png(8, 8, 2)
-    body, content_type = multipart(image)
-    assert api.image_bytes(body, content_type) == image
-    assert api.image_bytes(image, "image/png") == image
-    with pytest.raises(api.ApiError) as caught:
-        api.image_bytes(b"", None)
-    assert caught.value.status == 400 and "empty body" in caught.value.message
-    with pytest.raises(api.ApiError) as caught:
-        api.image_bytes(b"--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--b--\r\n",
-                        "multipart/form-data; boundary=b")
-    assert caught.value.status == 400 and "file part" in caught.value.message
-
-
-def test_class_names_and_summary():
-    assert api.class_names({}, 150) == list(ADE20K_CLASSES)
-    assert api.class_names({0: "LABEL_0", 1: "LABEL_1"}, 2) == ["class 0", "class 1"]
-    assert api.class_names({0: "sea", 1: "sky"}, 2) == ["sea", "sky"]
-    labels = np.array([[1, 1, 2], [1, 0, 1]], dtype=np.uint8)
-    result = api.summary(labels, ["a", "b", "c"], palette_for(3))
-    assert [(c["id"], c["name"], c["pixels"]) for c in result["classes"]] == [(1, "b", 4), (0, "a", 1), (2, "c", 1)]
-    assert result["classes"][0]["share"] == pytest.approx(4 / 6) and (result["height"], result["width"]) == (2, 3)
-
-
-def multipart(data: bytes, name: str = "image", filename: str = "x.png") -> tuple:
-    boundary = "segformer-fast-test-boundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
-def test_package_and_cli_import_without_ray():
-    code = ("import sys, segformer_fast, segformer_fast.cli, segformer_fast.cli.serve, segformer_fast.serve.api; "
-            "print(sorted(m for m in ('ray', 'fastapi', 'starlette', 'segformer_fast.serve.app') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
-
-
-def test_command_refuses_before_ray_starts(tmp_path, capsys):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert main(["serve", "--model", str(empty), "--port", str(free_port())]) == 2
-    assert "no weights found" in capsys.readouterr().err
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        assert main(["serve", "--model", str(empty), "--port", str(port)]) == 2
-    assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
-    for options, message in ((["--replicas", "0"], "--replicas"), (["--max-batch-size", "0"], "max-batch-size"),
-                             (["--max-body-mb", "-1"], "max-body-mb"), (["--port", "70000"], "--port")):
-        assert main(["serve", "--model", str(empty), "--port", str(free_port()), *options]) == 2
-        assert message in capsys.readouterr().err
-
-
-# --------------------------------------------------------------------------------------------------- the server
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve-ckpt") / "b0"
@@ -304,7 +183,7 @@ def bad_requests():
         ("truncated image", "POST", "/v1/segment", random_png(64, 64, 3)[:200], {}, 400, "truncated"),
         ("pixel bomb", "POST", "/v1/segment", png_bytes(np.zeros((4000, 4000), dtype=np.uint8)), {}, 413,
          "--max-pixels"),
-        ("resize over the pixel limit", "POST", "/v1/segment?size=2000", good, {}, 400, "--max-pixels"),
+        ("resize over the pixel limit", "POST", "/v1/segment?size=2000", good, {}, 413, "--max-pixels"),
         ("unknown parameter", "POST", "/v1/segment?colour=red", good, {}, 400, "unknown parameter"),
         ("unknown output", "POST", "/v1/segment?output=mask", good, {}, 400, "unknown output"),
         ("malformed size", "POST", "/v1/segment?size=big", good, {}, 400, "size"),

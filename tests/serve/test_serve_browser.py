@@ -81,6 +81,10 @@ def test_page_upload_shows_overlay_and_legend(server, browser, tmp_path):
     assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", (
         browser.find_element(By.ID, "status").text)
 
+    requests = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name).filter(n => n.includes('/v1/segment'))")
+    assert len(requests) == 1 and requests[0].endswith("output=overlay_json"), requests  # one request per upload
+
     shown = browser.find_element(By.ID, "overlay")
     assert shown.is_displayed()
     assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", shown) == [120, 90]
