@@ -1,13 +1,6 @@
-"""The ``segformer-fast`` command: ``segment`` images, ``info`` about a checkpoint, ``eval`` mIoU on a dataset,
-``init`` a random-weight checkpoint, ``export`` a model to ONNX / torch.export, ``serve`` it over HTTP (the service
-itself is ``segformer_fast.serve``); ``segment`` and ``eval`` also run on Ray (``--ray``) or under torchrun. One
-module per verb (``VERBS``), each with ``register(commands)`` and ``run(args)``; the work is done by
-``segformer_fast.jobs`` and ``segformer_fast.serve`` and the rooms below them. Every argument and output path is
-checked before a model is loaded; bad input ends with a one-line error and exit code 2, Ctrl-C with one line and exit
-code 130. (The benchmarks are scripts in the repository's benchmarks/ folder: ``make bench``.)
-
-Imports from the project: serve, jobs, export, inference, model, core, segformer_fast.
-"""
+"""The ``segformer-fast`` verbs (``VERBS``, one module each with ``register(commands)`` and ``run(args)``), the
+parser, and :func:`run`: parse, run the verb, turn errors into one line and an exit code (2 usage, 130 Ctrl-C, 143
+SIGTERM). ``segformer_fast.cli.main`` calls it once the arguments ask for more than the version."""
 
 from __future__ import annotations
 
@@ -18,6 +11,7 @@ import sys
 
 from segformer_fast import __version__
 from segformer_fast.cli import evaluate, export, info, init, segment, serve
+from segformer_fast.cli.common import Terminated
 from segformer_fast.jobs.progress import Interrupted
 from segformer_fast.jobs.workers import torchrun_world
 
@@ -67,7 +61,8 @@ def _message(error: BaseException) -> str:
     return text
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     args = _parse(parser, argv)
     try:
@@ -77,6 +72,9 @@ def main(argv=None) -> int:
         if world is None or world[0] == 0:
             print(f"segformer-fast: {stop if isinstance(stop, Interrupted) else 'interrupted'}", file=sys.stderr)
         return 130
+    except Terminated:  # SIGTERM while a command wrote files (``common.stop_on_sigterm``): cleaned up, one line
+        print("segformer-fast: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except (ValueError, TypeError, OSError, ImportError) as error:
         print(f"segformer-fast: {_message(error)}", file=sys.stderr)
         return 2
