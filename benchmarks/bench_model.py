@@ -24,6 +24,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -87,7 +88,6 @@ __all__ = [  # re-exported: other scripts and the tests reach them through bench
 ]
 
 # --------------------------------------------------------------------------------------------------- runners
-
 
 RunnerFactory = Callable[[str, int, torch.device, torch.dtype], Callable[[torch.Tensor], torch.Tensor]]
 
@@ -279,7 +279,8 @@ def run_benchmark(config: BenchConfig, *, on_row: Callable[[dict], None] | None 
             # the fp32 reference's labels first, so its model is never alive beside a runner's
             reference.compute(variant, resolution, batches, paper=config.paper)
             for dtype_name in config.dtypes:
-                run_setting = run_setting_interleaved if config.interleave else run_setting_row_by_row
+                # interleaved rows finish together, after the rounds: a line as each runner is ready meanwhile
+                run_setting = partial(run_setting_interleaved, log=log) if config.interleave else run_setting_row_by_row
                 run_setting(RUNNERS, variant, resolution, dtype_name, batches, config, reference, emit)
     return rows
 

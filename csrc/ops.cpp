@@ -1,5 +1,5 @@
-// The segformer_fast operator library: schemas here, kernels in decode_cpu.cpp, kv_attention_cpu.cpp and layer_norm_cpu.cpp (CPU) and
-// cuda_launch.cpp (CUDA).
+// The segformer_fast operator library: schemas here, kernels in decode_cpu.cpp, kv_attention_cpu.cpp,
+// layer_norm_cpu.cpp and slide_cpu.cpp (CPU) and cuda_launch.cpp (CUDA).
 // Fake (meta) implementations for torch.compile / torch.export live in segformer_fast/ops/extension.py.
 
 #include <Python.h>
@@ -26,6 +26,13 @@ TORCH_LIBRARY(segformer_fast, m) {
       "Tensor cls_bias) -> Tensor");
   // logits: (B, K, h, w) contiguous -> int64 labels (B, height, width).
   m.def("upsample_argmax(Tensor logits, int height, int width) -> Tensor");
+  // The label pass of sliding-window inference for output rows [row_begin, row_end) of labels (B, H, W) int64:
+  // window_logits, per window (B, K, h_i, w_i) float32, resized to up_sizes (up_h, up_w per window), placed at
+  // boxes (y1, y2, x1, x2 per window) of the height x width slide grid, averaged, resized to (H, W), arg-maxed.
+  // CPU only (slide_cpu.cpp).
+  m.def(
+      "slide_argmax(Tensor[] window_logits, int[] boxes, int[] up_sizes, int height, int width, Tensor(a!) labels, "
+      "int row_begin, int row_end) -> ()");
   // q: (B, N, C) contiguous, projected and scaled; kv: (B, Nkv, 2C) = [k | v]; heads split C head-major ->
   // softmax(q kᵀ) v per head, (B, N, C). CPU only (the CUDA path is the Triton flash SR-attention kernel).
   m.def("kv_attention(Tensor q, Tensor kv, int heads) -> Tensor");

@@ -168,9 +168,10 @@ def measure_row_alone(built: BuiltRunner, row: dict, resolution: Resolution, bat
 
 
 def measure_setting_interleaved(runners: list, rows: list, resolution: Resolution, batch: int, dtype: torch.dtype,
-                                config, reference: ReferenceLabels) -> None:
+                                config, reference: ReferenceLabels, log: Callable[[str], None] | None = None) -> None:
     """Interleaved: every runner of one setting on one input (B, 3, H, W); ``rows[i]`` is ``runners[i]``'s row,
-    filled in place (rows whose status is not "ok" are left as they are). See the module docstring."""
+    filled in place (rows whose status is not "ok" are left as they are). See the module docstring. ``log(line)``
+    gets a line as each runner's first calls are done (the rows themselves finish together, after the rounds)."""
     device = config.device
     try:
         pixel_values = make_inputs(batch, resolution, device, dtype, config.seed)
@@ -198,6 +199,11 @@ def measure_setting_interleaved(runners: list, rows: list, resolution: Resolutio
         except Exception as err:  # noqa: BLE001 - recorded, the other runners go on
             _record_failure(row, err)
             row["notes"] = getattr(built.fn, "notes", None)
+        if log is not None:
+            done = (f"ready (first call {row['first_call_s']:.2f} s)" if row["status"] == "ok" else
+                    f"{row['status']} ({row.get('reason') or ''})")
+            log(f"  {row['variant']} {row['height']}x{row['width']} batch {batch} {row['dtype']} {built.name}: {done}"
+                f"{'; timing every runner of the setting in rounds next' if index == len(runners) - 1 else ''}")
 
     running = [index for index, row in enumerate(rows) if row["status"] == "ok"]
     times_ms = {index: [] for index in running}
@@ -259,13 +265,14 @@ def run_setting_row_by_row(factories: dict, variant: str, resolution: Resolution
 
 
 def run_setting_interleaved(factories: dict, variant: str, resolution: Resolution, dtype_name: str, batches: list,
-                            config, reference: ReferenceLabels, emit: Callable[[dict], None]) -> None:
+                            config, reference: ReferenceLabels, emit: Callable[[dict], None],
+                            log: Callable[[str], None] | None = None) -> None:
     """Interleaved: every runner of the setting built once, then per batch their timed calls in rounds (arguments as
-    :func:`run_setting_row_by_row`)."""
+    :func:`run_setting_row_by_row`; ``log`` as :func:`measure_setting_interleaved`'s)."""
     runners = [_build(factories, name, variant, resolution, dtype_name, config) for name in config.runners]
     for batch in batches:
         rows = [_new_row(built, variant, resolution, batch, dtype_name, config) for built in runners]
-        measure_setting_interleaved(runners, rows, resolution, batch, DTYPES[dtype_name], config, reference)
+        measure_setting_interleaved(runners, rows, resolution, batch, DTYPES[dtype_name], config, reference, log)
         for built, row in zip(runners, rows):
             if row["status"] == "skipped" and built.failure is None:
                 built.failure = (row["status"], row["reason"])  # e.g. compile failed: skip the rest

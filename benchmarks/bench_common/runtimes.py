@@ -21,13 +21,16 @@ onnxruntime, openvino and nncf are optional (the ``runtimes`` extra): a runner w
 missing is skipped with the reason.
 """
 
+import contextlib
+import io
+import logging
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from segformer_fast.export.onnx import export_onnx, run_onnx
+from segformer_fast.export.onnx import CONSTANT_FOLDING_NOTE, export_onnx, run_onnx
 from segformer_fast.model.segformer import Segformer
 
 from .harness import RunnerUnavailable, cpu_isa, one_line
@@ -38,6 +41,31 @@ _FOLDER = tempfile.TemporaryDirectory(prefix="segformer-fast-runtimes-")
 ORT_CPU_NO_BF16 = ("ONNX Runtime's CPU execution provider has no bfloat16 kernels for this graph's Conv, MatMul, "
                    "Add, Softmax and Erf")
 NO_BF16_EXPORT = "ONNX exports run in fp32 and fp16 (ONNX Conv has no bfloat16 before opset 22)"
+
+
+#: What onnxruntime's quantize_static logs (on the root logger, once per weight) for every 1-D weight (LayerNorm
+#: scales and biases), which has no axis 1 to quantize per channel along: it quantizes those per tensor, as it should.
+_PER_TENSOR_FALLBACK = "is out-of-range for weight"
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_root_log(text: str):
+    """The root logger's records containing ``text`` dropped while the block runs."""
+    dropping = _DropMessages(text)
+    logging.getLogger().addFilter(dropping)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(dropping)
 
 
 def _dtype_name(dtype) -> str:
@@ -65,6 +93,7 @@ def _export(variant, num_labels, dtype, source) -> Path:
     example = torch.randn(2, 3, 64, 96, dtype=dtype)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=CONSTANT_FOLDING_NOTE, category=UserWarning)  # (export.onnx)
         torch.onnx.export(_LogitsOnly(hf_model), (example,), str(path), dynamo=False, opset_version=17,
                           input_names=["pixel_values"], output_names=["logits"],
                           dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"},
@@ -203,9 +232,10 @@ def ort_int8_factory(source="ours"):
             prepared = fp32_path.with_name(f"{fp32_path.stem}-prepared.onnx")
             quantized = fp32_path.with_name(f"{fp32_path.stem}-int8-qdq.onnx")
             quant_pre_process(str(fp32_path), str(prepared))
-            quantize_static(str(prepared), str(quantized), OneBatch(pixel_values), quant_format=QuantFormat.QDQ,
-                            per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8)
+            with _without_root_log(_PER_TENSOR_FALLBACK):
+                quantize_static(str(prepared), str(quantized), OneBatch(pixel_values), quant_format=QuantFormat.QDQ,
+                                per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8)
             return _ort_session(quantized, ["CPUExecutionProvider"])
 
         def run(pixel_values):
@@ -245,11 +275,17 @@ def openvino_int8_factory(source="ours"):
 
         def quantize(pixel_values):
             dataset = nncf.Dataset([pixel_values.detach().cpu().float().numpy()])
+            # NNCF draws a progress bar per pass (rich, on stdout) and logs INFO lines: each takes a second or two
+            # of the row's first call, which the row reports; the run's own lines are the rows
+            nncf.set_log_level(logging.WARNING)
             try:
-                quantized = nncf.quantize(fp32_model, dataset, subset_size=1, model_type=nncf.ModelType.TRANSFORMER)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    quantized = nncf.quantize(fp32_model, dataset, subset_size=1,
+                                              model_type=nncf.ModelType.TRANSFORMER)
                 model_type = "model_type=TRANSFORMER"
             except Exception as err:  # noqa: BLE001 - the default model type is the fallback; the notes keep why
-                quantized = nncf.quantize(fp32_model, dataset, subset_size=1)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    quantized = nncf.quantize(fp32_model, dataset, subset_size=1)
                 model_type = f"default model type (model_type=TRANSFORMER failed: {one_line(err)})"
             run.notes = (f"openvino {openvino.__version__} CPU, INFERENCE_PRECISION_HINT=f32, on {source} ONNX export "
                          f"quantized by nncf {nncf.__version__} quantize ({model_type}), calibrated on the row's "

@@ -6,6 +6,7 @@ it, ``make_table.py`` renders the README's tables from results files with it.
 from __future__ import annotations
 
 import math
+import textwrap
 
 from .model import AGREEMENT_FLOOR, add_ratios
 from .text_tables import console_table, format_number, markdown_table
@@ -15,6 +16,10 @@ COLUMNS = ["variant", "resolution", "batch", "dtype", "runner", "images/s", "lat
            "× transformers", "labels = fp32 ref %", "1st call s", "TFLOP/s", "paper GFLOPs", "paper V100 FPS"]
 #: Indices of the left-aligned (text) columns; numbers are right-aligned.
 TEXT_COLUMNS = {0, 1, 3, 4}
+#: Columns the console table leaves to the results file and the README's tables, so that it fits a terminal.
+CONSOLE_OMITTED = ("p90 ms", "TFLOP/s", "paper GFLOPs")
+#: Width the console table's footnotes and legend are wrapped to.
+CONSOLE_WIDTH = 120
 
 
 def table_rows(rows: list) -> tuple:
@@ -126,11 +131,18 @@ def table_legend(rows: list) -> list:
 
 
 def format_table(rows: list) -> str:
-    """Plain-text, column-aligned table of ``rows`` (text columns left-aligned, numbers right-aligned), its
-    footnotes and its legend."""
+    """Plain-text, column-aligned table of ``rows`` for the console (text columns left-aligned, numbers
+    right-aligned; without the ``CONSOLE_OMITTED`` columns, which the results file and the README's tables keep),
+    its footnotes and its legend wrapped to ``CONSOLE_WIDTH``."""
     header, cells, footnotes = table_rows(rows)
-    return "\n".join([console_table(header, cells, TEXT_COLUMNS)] + [f"* {note}" for note in footnotes]
-                     + [f"  {line}" for line in table_legend(rows)])
+    keep = [index for index, name in enumerate(header) if name not in CONSOLE_OMITTED]
+    text_columns = {keep.index(index) for index in TEXT_COLUMNS}
+    legend = [line for line in table_legend(rows) if not line.startswith(CONSOLE_OMITTED)]
+    wrap = textwrap.TextWrapper(width=CONSOLE_WIDTH, subsequent_indent="    ", break_on_hyphens=False)
+    return "\n".join([console_table([header[i] for i in keep], [[row[i] for i in keep] for row in cells],
+                                    text_columns)]
+                     + [wrap.fill(f"* {note}") for note in footnotes]
+                     + [wrap.fill(f"  {line}") for line in legend])
 
 
 def render_markdown(results: dict) -> str:
@@ -169,5 +181,6 @@ def progress_line(row: dict) -> str:
             + ("" if row.get("output_finite", True) else ", NON-FINITE logits"))
 
 
-__all__ = ["MEMORY_HEADERS", "COLUMNS", "TEXT_COLUMNS", "table_rows", "agreement_percent", "agreement_cell",
+__all__ = ["MEMORY_HEADERS", "COLUMNS", "TEXT_COLUMNS", "CONSOLE_OMITTED", "CONSOLE_WIDTH", "table_rows",
+           "agreement_percent", "agreement_cell",
            "agreement_footnote", "dtype_cell", "table_legend", "format_table", "render_markdown", "progress_line"]

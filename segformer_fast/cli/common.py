@@ -3,6 +3,8 @@ notes printed before a model is loaded."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 
 import torch
@@ -30,6 +32,26 @@ def note_half_precision_on_cpu(device: torch.device, dtype: torch.dtype) -> None
               "emulated)", file=sys.stderr)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived while a command wrote files: raised in the main thread, a BaseException as KeyboardInterrupt
+    (no ``except Exception`` swallows it), so the atomic writers remove their temporary files on the way out; the
+    command ends with one line and exit code 143 (128 + SIGTERM)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While the block runs, SIGTERM raises :class:`Terminated`; the previous handler comes back after."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def check_resize(resize: dict) -> dict:
     """The checks ``preprocess`` makes on its resize arguments, made before any work (ValueError); ``resize``."""
     if resize.get("max_long_side") is not None and resize.get("short_side") is None:
@@ -44,8 +66,13 @@ def check_positive(value, flag: str) -> None:
         raise ValueError(f"{flag} must be a positive integer, got {value}")
 
 
-def add_scaleout_arguments(parser) -> None:
-    """The scale-out options of ``segment`` and ``eval``."""
+#: Images per batch sent to a Ray worker or run at once by a torchrun rank, where --batch-size is not given.
+DEFAULT_BATCH_SIZE = 4
+
+
+def add_scaleout_arguments(parser, *, torchrun_batches: bool) -> None:
+    """The scale-out options of ``segment`` and ``eval`` (``torchrun_batches``: a torchrun rank runs --batch-size
+    images at once, as ``segment``'s ranks do)."""
     group = parser.add_argument_group(
         "scale-out", "Ray Data (--ray), or torchrun: torchrun --nproc-per-node N -m segformer_fast ...")
     group.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -56,10 +83,11 @@ def add_scaleout_arguments(parser) -> None:
                        help="GPUs per Ray actor (fractions share a GPU; default 1 where the cluster has GPUs, else 0)")
     group.add_argument("--cpus-per-worker", type=float, metavar="C",
                        help="CPUs per Ray actor, also its torch threads (default 1)")
-    group.add_argument("--batch-size", type=int, default=4, metavar="B",
-                       help="images per batch sent to a worker (Ray) or run at once by a rank (torchrun; default 4)")
-    group.add_argument("--retry-failed", action="store_true",
-                       help="segment: also redo the images the manifest records as failed (else a re-run skips them)")
+    where = "sent to a Ray worker or run at once by a torchrun rank" if torchrun_batches else "sent to a Ray worker"
+    group.add_argument("--batch-size", type=int, metavar="B",
+                       help=f"images per batch {where} (default {DEFAULT_BATCH_SIZE}; --ray"
+                            f"{' or torchrun' if torchrun_batches else ''} only: a plain run takes one image at a "
+                            "time)")
 
 
 def wants_scaleout(args) -> bool:
@@ -67,16 +95,22 @@ def wants_scaleout(args) -> bool:
     return getattr(args, "ray", None) is not None or torchrun_world() is not None
 
 
-def check_scaleout_arguments(args) -> None:
-    """The scale-out options' checks, before any work: the Ray-only options need --ray; counts are positive."""
+def check_scaleout_arguments(args, *, torchrun_batches: bool) -> None:
+    """The scale-out options' checks, before any work: the Ray-only options need --ray, --batch-size needs --ray
+    (or torchrun, with ``torchrun_batches``); counts are positive."""
     if not hasattr(args, "ray"):  # a parser without the scale-out group
         return
     if args.ray is None:
         given = [flag for flag, value in (("--workers", args.workers), ("--gpus-per-worker", args.gpus_per_worker),
                                           ("--cpus-per-worker", args.cpus_per_worker)) if value is not None]
+        batches = torchrun_batches and torchrun_world() is not None
+        if args.batch_size is not None and not batches:
+            given.append("--batch-size")
         if given:
             where = "; under torchrun the processes are torchrun's --nproc-per-node" if torchrun_world() else ""
-            raise ValueError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --ray only{where}")
+            only = "--ray or torchrun" if given == ["--batch-size"] and torchrun_batches else "--ray"
+            plain = "; a plain run takes one image at a time" if given == ["--batch-size"] else where
+            raise ValueError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to {only} only{plain}")
     check_pool(**{key: value for key, value in ray_pool(args).items() if key != "address"})
 
 
@@ -85,4 +119,9 @@ def ray_pool(args) -> dict:
     its default)."""
     return {"workers": 1 if args.workers is None else args.workers, "gpus_per_worker": args.gpus_per_worker,
             "cpus_per_worker": 1 if args.cpus_per_worker is None else args.cpus_per_worker,
-            "batch_size": args.batch_size, "address": args.ray}
+            "batch_size": batch_size(args), "address": args.ray}
+
+
+def batch_size(args) -> int:
+    """--batch-size, or its default."""
+    return DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size

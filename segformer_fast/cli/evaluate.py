@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ from segformer_fast.jobs.ray_executor import evaluate_with_ray
 from segformer_fast.jobs.settings import SegmentSettings
 from segformer_fast.jobs.torchrun_executor import evaluate_torchrun
 from segformer_fast.jobs.workers import torchrun_world
+from segformer_fast.model.checkpoints import checkpoint_class_names
+from segformer_fast.render.palettes import DATASET_CLASS_NAMES, class_names
 
 NAME = "eval"
 #: ``eval``'s inference modes: a score comes from one known mode, so the fallback mode "auto" is not offered.
@@ -39,9 +42,14 @@ EVAL_MODES = ("whole", "slide")
 
 def register(commands) -> None:
     parser = commands.add_parser(
-        NAME, help="mIoU / aAcc / mAcc of a checkpoint on an ADE20K or Cityscapes folder (mmseg metrics)")
+        NAME, help="mIoU / aAcc / mAcc of a checkpoint on an ADE20K or Cityscapes folder (mmseg metrics)",
+        description="Evaluate a checkpoint on an ADE20K or Cityscapes validation folder with mmseg's metrics (mIoU, "
+                    "aAcc, mAcc, per-class IoU and Acc; ADE20K's reduce-zero-label, Cityscapes' trainIds), in whole "
+                    "or sliding-window mode, at mmseg's test resize by default. Prints a summary (percent) and, "
+                    "with --out, writes the full report as JSON (fractions in [0, 1]). Class names are the "
+                    "checkpoint's own unless --class-names names a dataset's.")
     add_eval_arguments(parser)
-    add_scaleout_arguments(parser)
+    add_scaleout_arguments(parser, torchrun_batches=False)
     parser.set_defaults(func=run)
 
 
@@ -74,8 +82,11 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--compare", choices=["reference", "transformers"],
                         help="also evaluate this model (same device, dtype, resize and mode) and report both mIoUs "
                              "and the pixel agreement")
-    parser.add_argument("--out", metavar="JSON", help="write the full report (per-class IoU/Acc) to this file "
-                        "(missing folders are created)")
+    parser.add_argument("--out", metavar="JSON", help="write the full report (per-class IoU/Acc, as fractions in "
+                        "[0, 1]) to this file (missing folders are created)")
+    parser.add_argument("--class-names", choices=sorted(DATASET_CLASS_NAMES), metavar="DATASET",
+                        help="show the classes with this dataset's names (ade20k, cityscapes) instead of the "
+                             "checkpoint's own")
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images (quick checks)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -111,7 +122,7 @@ def checked_settings(args) -> tuple:
     window = window_from_args(args)
     if window:
         resolve_window(window["crop"], window["stride"])
-    check_scaleout_arguments(args)
+    check_scaleout_arguments(args, torchrun_batches=False)
     if args.compare and wants_scaleout(args):
         raise ValueError("--compare runs in one process only; drop it with --ray or torchrun")
     if args.out:
@@ -136,6 +147,8 @@ def run(args) -> int:
     if not wants_scaleout(args):
         resolve_device(args.device)
     dataset = open_dataset(args.format, args.data, args.limit)
+    names = class_names(checkpoint_class_names(args.model), dataset.num_classes, args.class_names)
+    dataset = dataclasses.replace(dataset, class_names=tuple(names))
     start = time.perf_counter()
     if torchrun_world() is not None:
         result, where = evaluate_torchrun(dataset, settings, device=args.device, progress=not args.quiet)
@@ -159,7 +172,8 @@ def run(args) -> int:
     images = result["counts"]["images"]
     print(f"{args.format} {args.data}: {args.engine} engine, {args.mode} mode{window}, {args.dtype} {where}")
     print(format_summary(result))
-    print(f"{images} images in {seconds:.1f} s: {images / seconds if seconds > 0 else math.nan:.2f} images/s")
+    print(f"{plural(images, 'image')} in {seconds:.1f} s: {images / seconds if seconds > 0 else math.nan:.2f} "
+          "images/s")
     if args.out:
         write_report(result, args.out)
         print(f"report written to {args.out}")

@@ -10,6 +10,7 @@ from segformer_fast.cli.common import (
     DTYPE_HELP,
     MODEL_HELP,
     add_scaleout_arguments,
+    batch_size,
     check_resize,
     check_scaleout_arguments,
     note_half_precision_on_cpu,
@@ -27,6 +28,7 @@ from segformer_fast.jobs.torchrun_executor import segment_torchrun
 from segformer_fast.jobs.workers import torchrun_world
 
 NAME = "segment"
+DEFAULT_ALPHA = 0.5
 
 
 def register(commands) -> None:
@@ -58,9 +60,10 @@ def register(commands) -> None:
                         help="whole: one forward per image (default); slide: mmseg's sliding windows (--crop, "
                              "--stride), with a progress bar of the windows; auto: whole, and sliding windows (with "
                              "a warning) where whole runs out of memory, printing the choice per image")
-    parser.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="sliding-window size (default 1024 1024)")
+    parser.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"),
+                        help="sliding-window size, --mode slide or auto (default 1024 1024)")
     parser.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"),
-                        help="sliding-window stride (default 2/3 of the crop)")
+                        help="sliding-window stride, --mode slide or auto (default 2/3 of the crop)")
     parser.add_argument("--outputs", default="labels,overlay", metavar="LIST",
                         help=f"what to write per image, comma-separated: {', '.join(OUTPUT_KINDS)} (overlay-jpg: "
                              "<name>_overlay.jpg, several times cheaper to encode than the PNG; default "
@@ -69,9 +72,13 @@ def register(commands) -> None:
                         help="also skip images whose outputs all exist without a manifest record (an older run, or "
                              "one killed between writing and recording), and remove the temporary files an "
                              "interrupted run left in --out")
-    parser.add_argument("--alpha", type=float, default=0.5, help="label color weight in the overlay (0..1)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="also redo the images the manifest records as failed (else a re-run skips them)")
+    parser.add_argument("--alpha", type=float,
+                        help=f"label color weight in the overlay, 0..1 (default {DEFAULT_ALPHA}; with an overlay in "
+                             "--outputs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_scaleout_arguments(parser)
+    add_scaleout_arguments(parser, torchrun_batches=True)
     parser.set_defaults(func=run)
 
 
@@ -91,14 +98,21 @@ def segment_resize(args) -> dict:
 def settings_from_args(args) -> SegmentSettings:
     """The job's settings from the options, every one checked (ValueError) before any work."""
     resize = segment_resize(args)
-    if not 0.0 <= args.alpha <= 1.0:
-        raise ValueError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    outputs = parse_outputs(args.outputs)
+    alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"--alpha must be between 0 and 1, got {alpha}")
+    if args.alpha is not None and not any(kind.startswith("overlay") for kind in outputs):
+        raise ValueError(f"--alpha weighs the overlay's colors, and --outputs {args.outputs} writes no overlay")
+    if (args.crop or args.stride) and args.mode == "whole":
+        raise ValueError("--crop and --stride apply to --mode slide and auto only (whole mode runs one forward per "
+                         "image)")
     resolve_window(args.crop, args.stride)
     return SegmentSettings(model=str(args.model), engine=args.engine, dtype=args.dtype, size=resize.get("size"),
                            short_side=resize.get("short_side"), max_long_side=resize.get("max_long_side"),
                            mode=args.mode, crop=tuple(args.crop) if args.crop else None,
-                           stride=tuple(args.stride) if args.stride else None, alpha=args.alpha,
-                           outputs=parse_outputs(args.outputs)).resolved()  # the same records for every executor
+                           stride=tuple(args.stride) if args.stride else None, alpha=alpha,
+                           outputs=outputs).resolved()  # the same records for every executor
 
 
 def print_plan(plan) -> None:
@@ -112,13 +126,13 @@ def print_plan(plan) -> None:
 def run(args) -> int:
     """Check everything, plan, run on the chosen executor, print the summary; exit 1 when any image failed."""
     settings = settings_from_args(args)
-    check_scaleout_arguments(args)
+    check_scaleout_arguments(args, torchrun_batches=True)
     device = resolve_device(args.device)
     check_output_folder(args.out, args.inputs)
     check_can_create(args.out, "--out folder")
     options = {"retry_failed": args.retry_failed, "skip_existing": args.skip_existing, "progress": not args.quiet}
     if torchrun_world() is not None:
-        summary = segment_torchrun(args.inputs, args.out, settings, device=args.device, batch_size=args.batch_size,
+        summary = segment_torchrun(args.inputs, args.out, settings, device=args.device, batch_size=batch_size(args),
                                    on_plan=print_plan, **options)
     elif args.ray is not None:
         summary = segment_with_ray(args.inputs, args.out, settings, on_plan=print_plan, **ray_pool(args), **options)

@@ -13,6 +13,7 @@ import sys
 
 from segformer_fast.core.runtime import DTYPES, resolve_device
 from segformer_fast.model.segformer import Segformer
+from segformer_fast.render.palettes import DATASET_CLASS_NAMES, class_names
 from segformer_fast.serve.api import ServeSettings
 
 INSTALL_HINT = 'pip install "ray[serve]" python-multipart'
@@ -64,6 +65,10 @@ def register(subparsers) -> None:
     parser.add_argument("--idle-timeout-s", type=float, default=15.0, metavar="S",
                         help="a connection must send each request's headers within this (and is closed when idle "
                              "this long between requests; default 15 s)")
+    parser.add_argument("--class-names", choices=sorted(DATASET_CLASS_NAMES), metavar="DATASET",
+                        help="show these datasets' class names (ade20k, cityscapes) instead of the checkpoint's own "
+                             "(its id2label; LABEL_i where it names none); they must have as many classes as the "
+                             "checkpoint")
     parser.add_argument("--temp-dir", default=None, metavar="DIR",
                         help="the local Ray instance's session folder (default: Ray's)")
     parser.set_defaults(func=run)
@@ -80,7 +85,7 @@ def settings_from_args(args) -> ServeSettings:
                          cpus_per_replica=cpus, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                          max_body_mb=args.max_body_mb, max_pixels=args.max_pixels, max_queue=args.max_queue,
                          request_timeout_s=args.request_timeout_s, max_pixels_in_flight=args.max_pixels_in_flight,
-                         idle_timeout_s=args.idle_timeout_s)
+                         idle_timeout_s=args.idle_timeout_s, class_names=args.class_names)
 
 
 def check_port(host: str, port: int) -> None:
@@ -112,7 +117,8 @@ def run(args) -> int:
     if not args.ray:
         # on this machine the replicas read the same files: a checkpoint that cannot load fails here, in a line,
         # before Ray starts (on a cluster the path need only exist where the replicas run)
-        Segformer.from_pretrained(settings.model)
+        config = Segformer.from_pretrained(settings.model).config
+        class_names(config.id2label, config.num_labels, settings.class_names)  # a dataset of another class count
         resolve_device(settings.device)  # --device cuda where there is none: refused now, not an unplaceable replica
     try:
         from segformer_fast.serve import launch

@@ -144,10 +144,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise ValueError(f"cannot read image {path}: {error}") from None
     except (OSError, SyntaxError, ValueError, KeyError, EOFError) as error:
-        # PIL reports truncated and corrupt data as OSError ("image file is truncated ...") or SyntaxError (broken
-        # PNG chunks), and unsupported conversions as ValueError.
+        # PIL reports truncated and corrupt data as OSError ("image file is truncated ...", "Truncated File Read")
+        # or SyntaxError (broken PNG chunks), and unsupported conversions as ValueError.
         reason = str(error) or type(error).__name__
-        raise ValueError(f"cannot read image {path}: {reason}") from None
+        what = "cannot convert it to RGB" if isinstance(error, ValueError) else "truncated or corrupt image data"
+        raise ValueError(f"cannot read image {path}: {what} ({reason})") from None
     return rgb
 
 

@@ -28,9 +28,18 @@ who want TF32 speed should ask
 for ``dtype=torch.float16`` or ``torch.bfloat16``, which are faster still and have their own tolerance.
 
 The source model is only read: never run in train mode, its weights and BatchNorm statistics never changed.
+
+The engine is a ``torch.nn.Module`` in inference mode, so code written for transformers' model runs unchanged:
+``eval()``, ``train(False)``, ``requires_grad_(False)``, ``to()`` / ``cpu()`` / ``cuda()`` / ``float()`` to the device
+and dtype it was built for (each returns the engine), ``parameters()`` (its prepared weights, frozen), ``device``,
+``dtype``, ``config``, forward hooks. What it cannot do is refused with the way out, never done half: ``train()``
+and ``requires_grad_()`` (inference only), ``to()`` another device or dtype (the weights are prepared, packed and
+verified for one: build another engine), ``state_dict()`` / ``load_state_dict()`` (prepared weights are no
+checkpoint: save or load the source model).
 """
 
 import contextlib
+import dataclasses
 import os
 import warnings
 
@@ -76,7 +85,42 @@ def _make_ops(kernels: str):
     return EagerOps() if kernels == "eager" else TorchOps()
 
 
-class SegformerEngine:
+def slide_label_pass(device):
+    """The label pass sliding windows use on ``device`` (``inference.slide.slide_labels``): the extension's fused
+    ``slide_argmax`` where it has a kernel (CPU), else None (torch ops)."""
+    return extension.slide_argmax if extension.slide_argmax_available(device) else None
+
+
+def _prepared_tensors(value, prefix: str):
+    """(dotted name, tensor) of every tensor in the prepared weights (dataclasses, lists, tuples)."""
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+    elif dataclasses.is_dataclass(value):
+        for field in dataclasses.fields(value):
+            yield from _prepared_tensors(getattr(value, field.name), f"{prefix}.{field.name}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _prepared_tensors(item, f"{prefix}.{index}")
+
+
+def _frozen_parameters(named_tensors) -> torch.nn.Module:
+    """A module tree holding each tensor (once) as a frozen ``nn.Parameter`` sharing its storage, under its name."""
+    root, seen = torch.nn.Module(), set()
+    for name, tensor in named_tensors:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if part not in module._modules:
+                module.add_module(part, torch.nn.Module())
+            module = module._modules[part]
+        module.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
+    return root.train(False)
+
+
+class SegformerEngine(torch.nn.Module):
     """A prepared, numerically checked SegFormer. Build it with :func:`optimize`.
 
     Call it like the wrapped model: ``engine(pixel_values)`` returns logits (B, K, ceil(H/4), ceil(W/4)) for a
@@ -85,9 +129,14 @@ class SegformerEngine:
 
     Thread safety: calls may come from several threads; the CUDA-graph cache is guarded by a lock and each graph
     replays under it, so every caller gets its own, correct output.
+
+    An ``nn.Module`` for inference only (see the module docstring): ``parameters()`` yields the prepared weights
+    (folded, merged, in the engine's dtype; not the source model's parameters), all frozen.
     """
 
     def __init__(self, model, *, dtype=None, kernels="auto", cuda_graphs=True, verify=True, graph_cache_size=8):
+        super().__init__()
+        self.training = False
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
         if is_transformers_segformer(model):
@@ -129,6 +178,9 @@ class SegformerEngine:
         # what the forward runs on: the prepared weights in the backend's own layout (on CPU, GEMM weights packed
         # for oneDNN); self.stages / self.decoder stay plain for export and inspection
         self._run_stages, self._run_decoder = self.ops.prepare(self.stages, self.decoder)
+        self.prepared = _frozen_parameters(_prepared_tensors(self.stages, "stages"))
+        self.prepared.add_module("decoder", _frozen_parameters(_prepared_tensors(self.decoder, "decoder")).decoder)
+        self.label_pass = slide_label_pass(self.device)
         self.last_verification = None
         if verify:
             self.verify(reference)
@@ -160,7 +212,9 @@ class SegformerEngine:
             return no_tf32()
         return contextlib.nullcontext()
 
-    def __call__(self, pixel_values=None, **kwargs):
+    def forward(self, pixel_values=None, **kwargs):
+        """``engine(pixel_values)``: logits for a ``Segformer``, transformers' ``SemanticSegmenterOutput`` (or a tuple
+        with ``return_dict=False``) for a transformers model."""
         if pixel_values is None:
             raise TypeError("the engine needs pixel_values (B, 3, H, W)")
         unknown = set(kwargs) - {"return_dict"}
@@ -196,7 +250,7 @@ class SegformerEngine:
         return segment_images(
             images, self.logits, num_labels=self.config.num_labels, device=self.device, dtype=self.dtype,
             size=size, mode=mode, crop=crop, stride=stride, short_side=short_side, max_long_side=max_long_side,
-            whole_labels=self.whole_labels,
+            whole_labels=self.whole_labels, label_pass=self.label_pass,
         )
 
     def whole_labels(self, pixel_values, sizes):
@@ -235,6 +289,54 @@ class SegformerEngine:
                 f"(eager {self.dtype} error {eager_error:.3e}, max |ref| {float(expected.abs().max()):.3e})"
             )
         return self.last_verification
+
+
+    # ------------------------------------------------------------------------------ nn.Module, inference only
+    def extra_repr(self) -> str:
+        return (f"MiT-{self.config.variant.upper()}, {self.config.num_labels} classes, {self.dtype} on {self.device}, "
+                f"{self.kernels} kernels")
+
+    def train(self, mode: bool = True):
+        """``train(False)`` (and ``eval()``) return the engine, already in inference mode; ``train(True)`` raises."""
+        if mode:
+            raise RuntimeError("the engine is for inference only (its weights are folded and it has no backward): "
+                               "train the source model, then build a new engine with segformer_fast.optimize(model)")
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True):
+        """``requires_grad_(False)`` returns the engine (its weights are frozen already); True raises."""
+        if requires_grad:
+            raise RuntimeError("the engine's prepared weights are frozen (inference only): call requires_grad_ on "
+                               "the source model to train it")
+        return self
+
+    def _apply(self, fn, recurse=True):
+        """What ``to()``, ``cpu()``, ``cuda()``, ``half()``, ``float()``... run: the engine itself where the device
+        and dtype stay; ValueError for another (the weights are prepared, packed and verified for one)."""
+        probe = torch.empty(0, device=self.device, dtype=self.dtype)
+        try:
+            moved = fn(probe)
+        except (RuntimeError, AssertionError, TypeError) as error:
+            raise ValueError(f"cannot move the engine ({error}): {self._rebuild_hint()}") from None
+        if moved.device == probe.device and moved.dtype == probe.dtype:
+            return self
+        raise ValueError(f"cannot move the engine to {moved.dtype} on {moved.device}: {self._rebuild_hint()}")
+
+    def _rebuild_hint(self) -> str:
+        return (f"it is built for {self.dtype} on {self.device}, its weights prepared, packed and verified for them; "
+                "for another device or dtype build another engine: segformer_fast.optimize(model.to(device), "
+                "dtype=dtype)")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def state_dict(self, *args, **kwargs):
+        raise RuntimeError("the engine's prepared weights (folded, merged, packed) are not a checkpoint: save the "
+                           "source model (model.state_dict() or model.save_pretrained(folder))")
+
+    def load_state_dict(self, *args, **kwargs):
+        raise RuntimeError("the engine's weights are prepared from a model once: load the weights into the source "
+                           "model, then build a new engine with segformer_fast.optimize(model)")
 
 
 def _copy_to(reference: Segformer, dtype: torch.dtype) -> Segformer:

@@ -25,6 +25,9 @@ from segformer_fast.export.verify import (
 ONNX_OPSETS = (17, 18, 19, 20)
 #: The default: the oldest with LayerNormalization, so the widest range of runtimes (TensorRT >= 8.6) loads it.
 DEFAULT_OPSET = 17
+#: What the exporter says of each strided Slice (step > 1) it leaves in the graph instead of folding it into a
+#: constant: the Slice runs at inference, in the graph the verification runs, so the note says nothing about the file.
+CONSTANT_FOLDING_NOTE = "Constant folding - Only steps=1 can be constant folded"
 
 
 def _import_onnx():
@@ -68,6 +71,7 @@ def _write_onnx(graph, example, path, opset, dynamic, output):
         # differs from the stage-1 grid) holds unless H and W are both <= 4, where every grid is 1 x 1 and the
         # recorded resize is an identity; the verification runs other sizes, one below the SR ratios' reach.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=CONSTANT_FOLDING_NOTE, category=UserWarning)
         torch.onnx.export(graph, (example,), str(path), dynamo=False, opset_version=opset,
                           input_names=["pixel_values"], output_names=[output], dynamic_axes=dynamic_axes)
 

@@ -32,9 +32,10 @@ def export_program(model, path, *, dtype=None, dynamic=True, size=(512, 512), ba
     """Save the engine's torch path as a ``torch.export`` program (``.pt2``), verified, and return a report.
 
     The program is the engine's ``kernels="torch"`` forward on its prepared weights (the extension's fused_decode
-    included as the custom op ``segformer_fast::fused_decode``: ``import segformer_fast`` before
-    ``torch.export.load``). model, dtype, reference: as :func:`export_onnx` (any compute dtype; the program runs on
-    the model's device). dynamic: any batch and H, W >= MIN_PROGRAM_SIDE; else (``batch``, 3, *``size``) only.
+    included as the custom op ``segformer_fast::fused_decode``: :func:`load_program` registers it, and
+    ``import segformer_fast.ops.extension`` does before a plain ``torch.export.load``). model, dtype, reference:
+    as :func:`export_onnx` (any compute dtype; the program runs on the model's device). dynamic: any batch and
+    H, W >= MIN_PROGRAM_SIDE; else (``batch``, 3, *``size``) only.
     verify: load the written file back and compare its logits on random inputs at sizes other than the traced one
     with the reference (tolerance rule), raising ExportVerificationError. Load it with :func:`load_program`.
     Returns a dict: path, dtype, dynamic, checks, verified.

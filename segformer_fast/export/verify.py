@@ -66,7 +66,8 @@ def check_output_path(path, suffixes):
     if path.suffix.lower() not in suffixes:
         raise ValueError(f"output path must end in {' or '.join(suffixes)}, got {str(path)!r}")
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {str(path.parent)!r} does not exist (for {str(path)!r})")
+        what = "is a file, not a folder" if path.parent.exists() else "does not exist (export creates no folders)"
+        raise FileNotFoundError(f"output folder {str(path.parent)!r} {what} (for {str(path)!r})")
     if path.is_dir():
         raise ValueError(f"output path {str(path)!r} is a folder; expected a file name ending in {suffixes[0]}")
     check_can_create(path.parent, f"the export {path} in")

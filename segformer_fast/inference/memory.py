@@ -65,12 +65,14 @@ def estimate_peak_memory_bytes(
     """Peak device memory (bytes) of inference of a (batch, 3, height, width) input, modelled.
 
     ``mode="whole"`` (default): one forward over the whole image (below). ``mode="slide"``: the engine's streamed
-    sliding windows (:func:`slide_labels` with ``crop``, ``stride``, ``windows_per_call``, ``chunk_bytes``):
-    weights + input + the int64 labels + the window logits kept at 1/4 resolution (the window rows that cover a
-    row still to be labelled: at most ceil(crop_h / stride_h) + 1 rows of windows, each B K ceil(c_h/4) ceil(c_w/4)
-    float32) + the larger of one forward over ``windows_per_call`` windows (the whole-image model at the crop size,
-    without its labels) and one chunk of rows (``chunk_bytes``). It grows with the crop and the image width, not
-    with classes x image area.
+    sliding windows (:func:`slide_labels` with ``crop``, ``stride``, ``windows_per_call``): weights + input + the
+    int64 labels + the window logits kept at 1/4 resolution (the window rows that cover a row still to be labelled:
+    at most ceil(crop_h / stride_h) + 1 rows of windows, each B K ceil(c_h/4) ceil(c_w/4) float32) + one forward
+    over ``windows_per_call`` windows (the whole-image model at the crop size, without its labels) + the label
+    pass's working memory, ``chunk_bytes``: the torch label pass's chunk of rows
+    (``inference.slide.torch_label_pass``, the pass on CUDA; default 64 MiB), or 0 for the extension's fused CPU
+    pass (``ops.extension.slide_argmax``, the engine's on CPU), whose few rows per thread are no tensors. It grows
+    with the crop and the image width, not with classes x image area.
 
     ``engine=True`` (default): the engine (``optimize``) with plain launches; ``kernels`` "triton" (the CUDA
     default) or "torch". ``reference=True`` (or ``engine=False``): the reference ``Segformer``, whose attention

@@ -57,6 +57,7 @@ def segment_images(
     short_side: int | None = None,
     max_long_side: int | None = None,
     whole_labels: Callable | None = None,
+    label_pass: Callable | None = None,
     windows_per_call: int = 1,
     progress: Callable[[int, int], None] | None = None,
     on_auto_choice: Callable[[str, tuple[int, int]], None] | None = None,
@@ -67,11 +68,11 @@ def segment_images(
     resize to the same size run as one batch. mode "whole": one forward per batch, then bilinear upsampling to
     each image's size and argmax (``whole_labels(pixel_values, sizes)`` if given, e.g. the engine's fused op);
     "slide": :func:`slide_logits` with ``crop`` (default 1024x1024) and ``stride`` (default 2/3 of the crop),
-    resized to each image's size, argmax, streamed by :func:`slide_labels` (``progress(done, total)`` after each
-    forward call and each band of labels, per group of same-size images); "auto": whole, and where that runs out of
-    memory a warning and slide, with ``on_auto_choice(mode, (H, W))`` called per group of same-size images with the mode
-    it ran in ("whole" or "slide") and the size the images were resized to. Returns one tensor for a single image,
-    else a list.
+    resized to each image's size, argmax, streamed by :func:`slide_labels` with ``label_pass`` (default: torch
+    ops; ``progress(done, total)`` counts the windows of each group of same-size images); "auto": whole, and where
+    that runs out of memory a warning and slide, with ``on_auto_choice(mode, (H, W))`` called per group of same-size
+    images with the mode it ran in ("whole" or "slide") and the size the images were resized to. Returns one tensor
+    for a single image, else a list.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -98,7 +99,7 @@ def segment_images(
                                          return_sizes=True)
         if mode == "slide":
             out = slide_labels(forward, pixel_values, sizes, num_labels, *window,
-                               windows_per_call=windows_per_call, progress=progress)
+                               windows_per_call=windows_per_call, progress=progress, label_pass=label_pass)
         elif mode == "whole":
             out = whole_labels(pixel_values, sizes)
         else:
@@ -122,7 +123,7 @@ def segment_images(
                     stacklevel=3,
                 )
                 out = slide_labels(forward, pixel_values, sizes, num_labels, *window, windows_per_call=windows_per_call,
-                                   progress=progress)
+                                   progress=progress, label_pass=label_pass)
         for i, label in zip(indices, out):
             labels[i] = label
     return labels[0] if single else labels

@@ -1,6 +1,11 @@
 """Sliding-window inference (mmseg's ``mode='slide'``) on the windows of ``inference.windows``: :func:`slide_logits`
-(the full-resolution logits, as mmseg computes them) and :func:`slide_labels` (the full-resolution labels computed a
-band of rows at a time, so the full-resolution logits never exist at once).
+(the full-resolution logits, as mmseg computes them) and :func:`slide_labels` (the full-resolution labels, streamed:
+each window's logits stay at the model's 1/4 resolution, only while a row still to be labelled lies in their window
+row, and a label pass turns the finished rows into labels, so the full-resolution logits never exist at once).
+
+The label pass is a callable with the signature of ``segformer_fast.ops.extension.slide_argmax`` (the engine passes
+that CPU op, which reads each output row's windows once); :func:`torch_label_pass` is the default, in torch ops on
+any device, equal to it up to float rounding.
 """
 
 from __future__ import annotations
@@ -67,7 +72,10 @@ def slide_logits(
 
 def _row_weights(out_rows: torch.Tensor, in_size: int, out_size: int):
     """Source rows (i0, i1) and weight of i1 of bilinear (align_corners=False) resizing in_size -> out_size rows,
-    for the output rows ``out_rows`` (int64): PyTorch's ``upsample_bilinear2d`` index arithmetic, one axis."""
+    for the output rows ``out_rows`` (int64): PyTorch's ``upsample_bilinear2d`` index arithmetic, one axis (equal
+    sizes copy)."""
+    if in_size == out_size:
+        return out_rows, out_rows, torch.zeros(len(out_rows))
     scale = in_size / out_size
     source = ((out_rows.double() + 0.5) * scale - 0.5).clamp_(min=0.0)
     i0 = source.floor().long().clamp_(max=in_size - 1)
@@ -89,6 +97,46 @@ def _resize_rows(values: torch.Tensor, rows: torch.Tensor, in_height: int, out_h
     return blended
 
 
+def _averaged_rows(window_logits, boxes, up_sizes, first: int, last: int, width: int) -> torch.Tensor:
+    """Rows [first, last] of the windows' average (B, K, n, width), from the windows that cover them."""
+    batch, num_labels = window_logits[0].shape[:2]
+    device = window_logits[0].device
+    total = torch.zeros(batch, num_labels, last - first + 1, width, dtype=torch.float32, device=device)
+    count = torch.zeros(last - first + 1, width, dtype=torch.float32, device=device)
+    for logits, (y1, y2, x1, x2), (up_h, up_w) in zip(window_logits, boxes, up_sizes):
+        lo, hi = max(first, y1), min(last, y2 - 1)
+        if lo > hi:
+            continue
+        local = torch.arange(lo - y1, hi - y1 + 1)
+        upsampled = _resize_rows(logits.float(), local, logits.shape[2], up_h, up_w)[:, :, :, : x2 - x1]
+        total[:, :, lo - first:hi - first + 1, x1:x2] += upsampled
+        count[lo - first:hi - first + 1, x1:x2] += 1
+    return total.div_(count)
+
+
+def torch_label_pass(window_logits, boxes, up_sizes, height: int, width: int, labels: torch.Tensor, row_begin: int,
+                     row_end: int, *, chunk_bytes: int = 64 * 2**20) -> None:
+    """The label pass in torch ops on any device (the contract of ``ops.extension.slide_argmax``): rows
+    [row_begin, row_end) of ``labels`` (B, H, W) int64, from the windows' logits (B, K, h_i, w_i) upsampled to
+    ``up_sizes``, placed at ``boxes`` of the height x width slide grid, averaged, resized to (H, W) and arg-maxed,
+    in chunks of rows whose float32 intermediates take at most ``chunk_bytes``. Equal to the full-buffer
+    computation up to float rounding (the interpolation is computed in its separable form, rows then columns)."""
+    num_labels = window_logits[0].shape[1]
+    out_h, out_w = labels.shape[1:]
+    rows_per_chunk = max(1, chunk_bytes // (4 * int(num_labels) * max(width, out_w) * 3))
+    for start in range(row_begin, row_end, rows_per_chunk):
+        out_rows = torch.arange(start, min(start + rows_per_chunk, row_end))
+        if (out_h, out_w) == (height, width):
+            first, last = int(out_rows[0]), int(out_rows[-1])
+        else:
+            i0, i1, _ = _row_weights(out_rows, height, out_h)
+            first, last = int(i0.min()), int(i1.max())
+        band = _averaged_rows(window_logits, boxes, up_sizes, first, last, width)
+        if (out_h, out_w) != (height, width):
+            band = _resize_rows(band, out_rows, height, out_h, out_w, first_row=first)
+        labels[:, start:start + len(out_rows)] = band.argmax(1)
+
+
 def slide_labels(
     forward: Callable[[torch.Tensor], torch.Tensor],
     pixel_values: torch.Tensor,
@@ -100,91 +148,63 @@ def slide_labels(
     pad_to_crop: bool = False,
     windows_per_call: int = 1,
     progress: Callable[[int, int], None] | None = None,
-    chunk_bytes: int = 64 * 2**20,
+    label_pass: Callable | None = None,
 ) -> list[torch.Tensor]:
     """Label maps of mmseg's slide mode, streamed: int64 (h_i, w_i) per image, for ``sizes`` [(h_i, w_i)].
 
     The result is argmax over classes of :func:`slide_logits` resized (bilinear, align_corners=False) to each
-    image's size, without ever holding the full-resolution logits: each window's logits stay at the model's 1/4
-    resolution, only while a row still to be labelled lies in their window row, and the labels are produced in
-    chunks of rows (each chunk's window-upsampled, averaged and resized logits at most ``chunk_bytes`` of float32).
-    Peak memory is proportional to a row of windows at 1/4 resolution plus one chunk, not to classes x image size.
-    Equal to the full-buffer computation up to float rounding (the interpolation is computed in its separable form,
-    rows then columns). ``progress(done, total)`` counts the work in steps, windows and label bands: it is called
-    after each forward call (with the windows it ran) and after each band of labels, so a bar over it keeps moving
-    through the label passes between window rows; ``total`` is the windows plus the bands.
+    image's size, without ever holding the full-resolution logits: the windows run a row of windows at a time, each
+    window's logits stay at the model's 1/4 resolution until no row left to label lies in it, and after each row of
+    windows ``label_pass`` (see the module docstring; default :func:`torch_label_pass`) labels the output rows that
+    no later window covers. Peak memory is proportional to a few rows of windows at 1/4 resolution, not to
+    classes x image size. ``progress(done, total)`` counts the windows: (0, total) before the first forward, then
+    after each forward call (with the windows it ran).
     """
     check_slide_arguments(pixel_values, num_labels, windows_per_call)
     crop, stride = resolve_window(crop, stride)
     batch, _, height, width = pixel_values.shape
     if len(sizes) != batch:
         raise ValueError(f"sizes must give one (height, width) per image: {batch} images, {len(sizes)} sizes")
+    label_pass = label_pass or torch_label_pass
     windows = window_grid(height, width, crop, stride)
-    row_spans = sorted({(y1, y2) for y1, y2, _, _ in windows})
-    device = pixel_values.device
-    window_logits: dict = {}  # (y1, y2, x1, x2) -> (B, K, h', w') float32 at the model's resolution
-    done_steps = 0  # windows run + label bands written, for progress
-    total_steps = len(windows)  # + the bands, once they are planned below
-
-    def report(steps: int) -> None:
-        nonlocal done_steps
-        done_steps += steps
-        if progress is not None:
-            progress(done_steps, total_steps)
-
-    def compute_window_row(span):
-        row = [window for window in windows if window[:2] == span]
+    row_starts = sorted({y1 for y1, _, _, _ in windows})
+    window_logits: dict = {}  # (y1, y2, x1, x2) -> (B, K, h', w') float32 at the model's resolution, grid order
+    labels = [torch.empty(1, h, w, dtype=torch.int64, device=pixel_values.device) for h, w in sizes]
+    # per image: the first and last slide rows each output row reads, and how many output rows are labelled
+    first_rows, last_rows = zip(*(_row_weights(torch.arange(h), height, h)[:2] for h, _ in sizes))
+    labelled = [0] * batch
+    ran = 0
+    if progress is not None:
+        progress(0, len(windows))
+    for number, row_start in enumerate(row_starts):
+        row = [window for window in windows if window[0] == row_start]
         for start in range(0, len(row), windows_per_call):
             group = row[start:start + windows_per_call]
             logits = forward_windows(forward, pixel_values, group, num_labels, crop, pad_to_crop)
             for index, window in enumerate(group):
                 window_logits[window] = logits[index * batch:(index + 1) * batch].float()
-            report(len(group))
+            ran += len(group)
+            if progress is not None:
+                progress(ran, len(windows))
+        finished = row_starts[number + 1] if number + 1 < len(row_starts) else height  # slide rows no window adds to
+        alive = list(window_logits)
+        up_sizes = [_up_size(window, crop, pad_to_crop) for window in alive]
+        for image in range(batch):
+            ready = int((last_rows[image] < finished).sum())
+            if ready > labelled[image]:
+                label_pass([window_logits[window][image:image + 1] for window in alive], alive, up_sizes, height,
+                           width, labels[image], labelled[image], ready)
+                labelled[image] = ready
+        needed = min((int(first_rows[i][labelled[i]]) for i in range(batch) if labelled[i] < sizes[i][0]),
+                     default=height)
+        for window in alive:
+            if window[1] <= needed:
+                del window_logits[window]
+    return [label[0] for label in labels]
 
-    def averaged_rows(image: int, first: int, last: int) -> torch.Tensor:
-        """Rows [first, last] of slide_logits for one image, (1, K, n, width), from the windows covering them."""
-        rows = torch.arange(first, last + 1)
-        total = torch.zeros(1, int(num_labels), len(rows), width, dtype=torch.float32, device=device)
-        count = torch.zeros(len(rows), width, dtype=torch.float32, device=device)
-        for (y1, y2, x1, x2), logits in window_logits.items():
-            lo, hi = max(first, y1), min(last, y2 - 1)
-            if lo > hi:
-                continue
-            up_h, up_w = (crop if pad_to_crop and (y2 - y1 < crop[0] or x2 - x1 < crop[1]) else (y2 - y1, x2 - x1))
-            local = torch.arange(lo - y1, hi - y1 + 1)
-            upsampled = _resize_rows(logits[image:image + 1], local, logits.shape[2], up_h, up_w)[:, :, :, : x2 - x1]
-            total[:, :, lo - first:hi - first + 1, x1:x2] += upsampled
-            count[lo - first:hi - first + 1, x1:x2] += 1
-        return total.div_(count)
 
-    # every image's output rows in chunks, each needing a band [first, last] of the slide rows; processed in the
-    # order of their bands so that window rows are computed once and dropped once no band below needs them
-    tasks = []
-    for image, (out_h, out_w) in enumerate(sizes):
-        rows_per_chunk = max(1, chunk_bytes // (4 * int(num_labels) * max(width, out_w) * 3))
-        for start in range(0, out_h, rows_per_chunk):
-            out_rows = torch.arange(start, min(start + rows_per_chunk, out_h))
-            if (out_h, out_w) == (height, width):
-                first, last = int(out_rows[0]), int(out_rows[-1])
-            else:
-                i0, i1, _ = _row_weights(out_rows, height, out_h)
-                first, last = int(i0.min()), int(i1.max())
-            tasks.append((first, last, image, out_rows))
-    tasks.sort(key=lambda task: (task[1], task[0]))
-    total_steps += len(tasks)
-    labels = [torch.empty(h, w, dtype=torch.int64, device=device) for h, w in sizes]
-    next_span = 0
-    for number, (first, last, image, out_rows) in enumerate(tasks):
-        while next_span < len(row_spans) and row_spans[next_span][0] <= last:
-            compute_window_row(row_spans[next_span])
-            next_span += 1
-        lowest_needed = min(task[0] for task in tasks[number:])
-        for window in [w for w in window_logits if w[1] <= lowest_needed]:
-            del window_logits[window]
-        band = averaged_rows(image, first, last)
-        out_h, out_w = sizes[image]
-        if (out_h, out_w) != (height, width):
-            band = _resize_rows(band, out_rows, height, out_h, out_w, first_row=first)
-        labels[image][out_rows[0]:out_rows[-1] + 1] = band[0].argmax(0)
-        report(1)
-    return labels
+def _up_size(window, crop, pad_to_crop: bool) -> tuple[int, int]:
+    """The size a window's logits are upsampled to: the window's, or the crop's for a window padded to it."""
+    y1, y2, x1, x2 = window
+    padded = pad_to_crop and (y2 - y1 < crop[0] or x2 - x1 < crop[1])
+    return crop if padded else (y2 - y1, x2 - x1)

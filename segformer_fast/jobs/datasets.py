@@ -128,7 +128,11 @@ def ade20k_dataset(root: str | os.PathLike, split: str = "validation") -> Segmen
     """ADE20K (SceneParsing): ``root/images/<split>/*.jpg`` + ``root/annotations/<split>/*.png``, or
     ``root/images/*.jpg`` + ``root/annotations/*.png``. Labels 0..150 (0 = other) -> 150 classes (reduce_zero_label)."""
     root = _require_dir(Path(root), "ADE20K folder")
-    images_dir = _require_dir(root / "images", "ADE20K images folder")
+    if not (root / "images").is_dir():
+        raise FileNotFoundError(f"no ADE20K layout in {root}: expected {root / 'images' / split} with "
+                                f"{root / 'annotations' / split} (the dataset's own layout), or {root / 'images'} with "
+                                f"{root / 'annotations'}")
+    images_dir = root / "images"
     annotations_dir = _require_dir(root / "annotations", "ADE20K annotations folder")
     if (images_dir / split).is_dir():
         images_dir = images_dir / split

@@ -33,6 +33,9 @@ from segformer_fast.jobs.progress import Interrupted
 from segformer_fast.model.checkpoints import checkpoint_num_labels
 from segformer_fast.model.segformer import Segformer
 
+#: What the report's scores are: said in the report itself, since the printed summary shows them in percent.
+UNITS = "fractions in [0, 1] (mIoU, aAcc, mAcc, IoU, Acc, agreements); the printed summary shows percent"
+
 #: An image -> its (H, W) label map, at the image's own resolution.
 Predictor = Callable[[Image.Image], np.ndarray]
 
@@ -188,6 +191,7 @@ def build_report(metrics: dict, dataset: SegmentationDataset) -> dict:
         for i in range(len(names))
     ]
     return {
+        "units": UNITS,
         "mIoU": metrics["mIoU"],
         "aAcc": metrics["aAcc"],
         "mAcc": metrics["mAcc"],

@@ -17,8 +17,9 @@ from segformer_fast.jobs.workers import worker_name
 
 
 class _WindowProgress:
-    """``progress(done, total)`` for one image's sliding windows: a second progress bar, opened at the first report
-    (a whole-image run reports nothing and shows none), redrawn at every report (a window takes long enough)."""
+    """``progress(done, total)`` for one image's sliding windows: a second progress bar of the windows, opened at the
+    first report ((0, total), before the first window runs, so its rate counts whole windows; a whole-image run
+    reports nothing and shows none), redrawn at every report (a window takes long enough)."""
 
     def __init__(self, name: str):
         self.name = name
@@ -26,8 +27,7 @@ class _WindowProgress:
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
-            # steps: the sliding windows' forwards and the streamed label bands between them
-            self.bar = tqdm(total=total, desc=self.name, unit="step", leave=False, position=1, mininterval=0)
+            self.bar = tqdm(total=total, desc=self.name, unit="window", leave=False, position=1, mininterval=0)
         self.bar.total = total
         self.bar.update(done - self.bar.n)
 

@@ -90,9 +90,13 @@ def write_outputs(image: Image.Image, labels: np.ndarray, palette: np.ndarray, p
 
 
 def describe_error(err: BaseException, path=None) -> str:
-    """``TypeName: first line of the message`` (just the type name for an empty message), for one-line reports;
-    with ``path``, the path is dropped from the message where it is repeated there (the report names it)."""
+    """The first line of the message, for one-line reports: as it is for the failures an image can meet (ValueError,
+    OSError: unreadable, unwritable), after the type name for anything else (``RuntimeError: ...``, a bug or out of
+    memory), the type name alone for an empty message; with ``path``, the path is dropped from the message where it
+    is repeated there (the report names it)."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     if path is not None and str(path) in text:  # "cannot read image /x/a.png: ..." -> "cannot read image: ..."
         text = text.replace(f" {path}", "").replace(str(path), "the file")
+    if text and isinstance(err, (ValueError, OSError)):
+        return text
     return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -19,9 +19,12 @@ def progress_bar(total: int, enabled: bool, desc: str):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during a job: how far it got. The manifest holds every finished image, so a re-run resumes."""
+    """Ctrl-C during a job: how far it got, counted as its progress bar counts (``done`` of the ``total`` images
+    this run had to do; ``before``: images an earlier run finished, not counted). The manifest holds every finished
+    image, so a re-run resumes."""
 
-    def __init__(self, done: int, total: int, resumable: bool = True):
+    def __init__(self, done: int, total: int, resumable: bool = True, before: int = 0):
         self.done, self.total = done, total
+        earlier = f" ({before} done before)" if before else ""
         again = "; run the same command again to resume" if resumable else ""
-        super().__init__(f"interrupted after {done} of {plural(total, 'image')}{again}")
+        super().__init__(f"interrupted after {done} of {plural(total, 'image')}{earlier}{again}")

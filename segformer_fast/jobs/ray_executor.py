@@ -247,7 +247,7 @@ def segment_with_ray(
                        for row in _stream(results.iter_rows()))
             return record_results(plan, records, progress=progress, workers=workers, start=start)
     except KeyboardInterrupt:  # while Ray started or shut down
-        raise Interrupted(plan.done_before, len(plan.images)) from None
+        raise Interrupted(0, len(plan.todo), before=plan.done_before) from None
 
 
 def evaluate_with_ray(

@@ -32,7 +32,7 @@ from segformer_fast.core.fileio import check_output_folder, find_images, load_im
 from segformer_fast.core.runtime import parse_dtype
 from segformer_fast.inference.segment import segment_images
 from segformer_fast.jobs.manifest import MANIFEST_NAME, ManifestWriter, read_manifest
-from segformer_fast.jobs.outputs import describe_error, output_paths, output_stems, write_outputs
+from segformer_fast.jobs.outputs import OUTPUT_KINDS, describe_error, output_paths, output_stems, write_outputs
 from segformer_fast.jobs.predictors import build_forward
 from segformer_fast.jobs.progress import Interrupted, plural, progress_bar
 from segformer_fast.jobs.settings import SegmentSettings
@@ -60,6 +60,14 @@ class SegmentPlan:
     ignored: list = dataclasses.field(default_factory=list)  # files without an image extension
     torn_lines: list = dataclasses.field(default_factory=list)  # manifest line numbers skipped
     removed: list = dataclasses.field(default_factory=list)  # stale temporaries removed
+    redone: int = 0  # images done before with other settings, to do again
+    changed: list = dataclasses.field(default_factory=list)  # the settings that changed for them
+    other_outputs: list = dataclasses.field(default_factory=list)  # files of kinds this run does not write
+    shown_as: dict = dataclasses.field(default_factory=dict)  # absolute input -> the path as found from the inputs
+
+    def shown(self, source: str) -> str:
+        """An input as the user's arguments name it (the manifest keeps absolute paths)."""
+        return self.shown_as.get(source, source)
 
     @property
     def manifest(self) -> Path:
@@ -82,6 +90,14 @@ class SegmentPlan:
         if self.done_before:
             lines.append(f"skipped {self.done_before} of {plural(len(self.images), 'image')} whose outputs already "
                          f"exist in {self.out_dir}")
+        if self.redone:
+            lines.append(f"redoing {plural(self.redone, 'image')} done before with other settings "
+                         f"({', '.join(self.changed)} changed)")
+        if self.other_outputs:
+            names = ", ".join(str(path.relative_to(self.out_dir)) for path in self.other_outputs[:SHOWN_NAMES])
+            more = f" and {len(self.other_outputs) - SHOWN_NAMES} more" if len(self.other_outputs) > SHOWN_NAMES else ""
+            lines.append(f"{plural(len(self.other_outputs), 'file')} in {self.out_dir} this run does not write "
+                         f"(other --outputs or settings of an earlier run) stay as they are: {names}{more}")
         return lines
 
 
@@ -110,10 +126,13 @@ def plan_segment(inputs, out_dir, settings: SegmentSettings, *, retry_failed: bo
     previous = read_manifest(out_dir / MANIFEST_NAME, torn)
     removed = remove_stale_temporaries(out_dir) if (previous or torn or skip_existing) and out_dir.is_dir() else []
     fingerprint = _json_copy(settings.fingerprint())
-    todo, done_before, failed_before = [], 0, []
+    todo, done_before, failed_before, redone, changed, other_outputs, shown_as = [], 0, [], 0, set(), [], {}
+    other_kinds = [kind for kind in OUTPUT_KINDS if kind not in settings.kinds]
     for image in images:
         source = str(image.resolve())
+        shown_as[source] = str(image)
         paths = output_paths(out_dir, image, roots, settings.kinds)
+        other_outputs += [path for path in output_paths(out_dir, image, roots, other_kinds).values() if path.is_file()]
         present = all(path.is_file() for path in paths.values())
         record = previous.get(source)
         same = record is not None and record.get("settings", fingerprint) == fingerprint
@@ -122,9 +141,12 @@ def plan_segment(inputs, out_dir, settings: SegmentSettings, *, retry_failed: bo
         elif same and record["status"] == "failed" and not retry_failed:
             failed_before.append(record)
         else:
+            if record is not None and not same and record["status"] == "ok":
+                redone += 1
+                changed.update(key for key, value in fingerprint.items() if record["settings"].get(key) != value)
             todo.append({"input": source, **{kind: str(path.resolve()) for kind, path in paths.items()}})
     return SegmentPlan(out_dir, images, todo, done_before, failed_before, fingerprint, special, ignored, torn,
-                       removed)
+                       removed, redone, sorted(changed), other_outputs, shown_as)
 
 
 # -------------------------------------------------------------------------------------------------------- work
@@ -140,7 +162,7 @@ class SegmentWorker:
         model = Segformer.from_pretrained(settings.model).to(device=self.device)
         self.num_labels = model.config.num_labels
         self.palette = palette_for(self.num_labels)
-        self.forward, self.whole_labels = build_forward(model, settings.engine, self.dtype)
+        self.forward, self.label_options = build_forward(model, settings.engine, self.dtype)
 
     def _labels(self, images: list, notes: list, progress=None) -> list:
         """(H, W) numpy label maps for decoded images, the same-size ones in one forward; warnings and the mode
@@ -155,7 +177,7 @@ class SegmentWorker:
             labels = segment_images(images, self.forward, num_labels=self.num_labels, device=self.device,
                                     dtype=self.dtype, mode=self.settings.mode, crop=self.settings.crop,
                                     stride=self.settings.stride,
-                                    whole_labels=self.whole_labels, progress=progress, on_auto_choice=say_choice,
+                                    progress=progress, on_auto_choice=say_choice, **self.label_options,
                                     **self.settings.resize())
         notes.extend(str(warning.message) for warning in caught)
         return [label.cpu().numpy() for label in labels]
@@ -214,15 +236,15 @@ def record_results(plan: SegmentPlan, records, *, progress: bool, workers: int, 
                 notes = record.pop("notes", None) or []
                 writer.write({**record, "settings": plan.fingerprint})
                 for note in notes:
-                    tqdm.write(f"{record['input']}: {note}", file=sys.stderr)
+                    tqdm.write(f"{plan.shown(record['input'])}: {note}", file=sys.stderr)
                 if record["status"] == "ok":
                     succeeded += 1
                 else:
                     failed.append(record)
-                    tqdm.write(f"failed {record['input']}: {record['error']}", file=sys.stderr)
+                    tqdm.write(f"failed {plan.shown(record['input'])}: {record['error']}", file=sys.stderr)
                 bar.update(1)
     except KeyboardInterrupt:
-        raise Interrupted(plan.done_before + succeeded + len(failed), len(plan.images)) from None
+        raise Interrupted(succeeded + len(failed), len(plan.todo), before=plan.done_before) from None
     finally:
         bar.close()
     return SegmentSummary(plan, succeeded, failed, time.perf_counter() - start, workers)
@@ -284,6 +306,7 @@ class SegmentSummary:
         left out of the input folders."""
         plan = self.plan
         notes = [f"{plan.done_before} already done" if plan.done_before else "",
+                 f"{plan.redone} redone with these settings" if plan.redone else "",
                  f"{len(self.failed)} failed" if self.failed else "",
                  f"{len(plan.failed_before)} failed in an earlier run" if plan.failed_before else ""]
         notes = [note for note in notes if note]
@@ -299,10 +322,10 @@ class SegmentSummary:
         lines = []
         if self.failed:
             lines.append(f"{plural(len(self.failed), 'image')} failed:")
-            lines += [f"  {record['input']}: {record['error']}" for record in self.failed]
+            lines += [f"  {self.plan.shown(record['input'])}: {record['error']}" for record in self.failed]
         if self.failed_before:
             lines.append(f"{plural(len(self.failed_before), 'image')} failed in an earlier run (--retry-failed "
                          "tries them again):")
-            lines += [f"  {record['input']}: {record['error']}" for record in self.failed_before]
+            lines += [f"  {self.plan.shown(record['input'])}: {record['error']}" for record in self.failed_before]
         return lines
 

@@ -286,19 +286,36 @@ def _safetensors_num_labels(path: Path) -> int | None:
     return None
 
 
-def checkpoint_num_labels(source) -> int:
-    """How many classes the checkpoint at ``source`` predicts, read from its config.json (a folder or a hub id's
-    snapshot) or a .safetensors header, without reading its weights; other files are read whole."""
+def _checkpoint_path(source) -> Path:
     path = Path(os.fspath(source)).expanduser()
-    if not path.exists() and is_hub_id(source):
-        path = resolve_hub_id(str(source))
+    return resolve_hub_id(str(source)) if not path.exists() and is_hub_id(source) else path
+
+
+def _config_alone(path: Path) -> SegformerConfig | None:
+    """The config of a folder's config.json, or None (no such file, or one read_checkpoint will name a problem in)."""
     config_path = path / "config.json"
     if path.is_dir() and config_path.is_file():
         try:
-            config = json.loads(config_path.read_text())
-            return SegformerConfig.from_transformers_dict(config, str(config_path)).num_labels
+            return SegformerConfig.from_transformers_dict(json.loads(config_path.read_text()), str(config_path))
         except (ValueError, TypeError, AttributeError):
-            pass  # read_checkpoint names the problem below
+            return None
+    return None
+
+
+def checkpoint_class_names(source) -> dict:
+    """The class names (id -> name) of the checkpoint at ``source``, from its config.json (a folder or a hub id's
+    snapshot) without reading its weights; {} where it has none (a weights file alone names no classes)."""
+    config = _config_alone(_checkpoint_path(source))
+    return dict(config.id2label) if config is not None else {}
+
+
+def checkpoint_num_labels(source) -> int:
+    """How many classes the checkpoint at ``source`` predicts, read from its config.json (a folder or a hub id's
+    snapshot) or a .safetensors header, without reading its weights; other files are read whole."""
+    path = _checkpoint_path(source)
+    config = _config_alone(path)
+    if config is not None:
+        return config.num_labels
     if path.is_file() and path.suffix == ".safetensors":
         found = _safetensors_num_labels(path)
         if found is not None:

@@ -6,6 +6,8 @@ fake impls and eager fallbacks.
 - :func:`fused_decode_tokens`: the same with the stage-1 map projected from the stage-1 tokens inside the op, per
   block of rows, so that map is never written (a CPU kernel only).
 - :func:`upsample_argmax`: logits -> full-resolution labels, bilinear upsampling and argmax fused.
+- :func:`slide_argmax`: the label pass of sliding-window inference (windows' logits -> averaged, resized, arg-maxed
+  rows of labels) in one pass per block of rows (a CPU kernel only).
 - :func:`kv_attention`: softmax(q kᵀ) v per head over SR attention's merged k/v, the scores never written (a CPU
   kernel only: on CUDA the Triton flash SR-attention kernel does this).
 - :func:`layer_norm`: LayerNorm over the channels of token rows, fp32 statistics (a CPU kernel only: on CUDA the
@@ -44,7 +46,7 @@ def extension_available() -> bool:
 def _kernel_devices() -> dict:
     """{op name: device types with a compiled kernel}, computed once (plain lookups keep torch.compile tracing)."""
     devices = {name: frozenset() for name in ("fused_decode", "fused_decode_tokens", "upsample_argmax", "kv_attention",
-                                                 "layer_norm")}
+                                                 "layer_norm", "slide_argmax")}
     if _EXTENSION_ERROR is None:
         for op_name in devices:
             devices[op_name] = frozenset(
@@ -334,3 +336,31 @@ def upsample_argmax(logits, height: int, width: int) -> torch.Tensor:
         return torch.ops.segformer_fast.upsample_argmax(logits, int(height), int(width))
     _warn_fallback("upsample_argmax", logits.device)
     return upsample_argmax_eager(logits, int(height), int(width))
+
+
+def slide_argmax_available(device) -> bool:
+    """Whether :func:`slide_argmax` runs the extension's kernel on ``device`` (a CPU with the extension built)."""
+    return _has_kernel("slide_argmax", torch.device(device))
+
+
+def slide_argmax(window_logits, boxes, up_sizes, height: int, width: int, labels, row_begin: int,
+                 row_end: int) -> None:
+    """The label pass of sliding-window inference: writes rows [row_begin, row_end) of ``labels`` (B, H, W) int64.
+
+    window_logits: per window (B, K, h_i, w_i) (read as float32), resized bilinearly (align_corners=False) to
+    ``up_sizes[i]`` = (up_h, up_w) and placed, its top-left part, at ``boxes[i]`` = (y1, y2, x1, x2) of the
+    height x width slide grid; the average over the windows covering each pixel is resized to (H, W) and arg-maxed
+    over K (:func:`segformer_fast.ops.reference.slide_argmax`). Every pixel the rows read must be covered. The
+    extension's CPU kernel reads, per block of output rows and class, only the windows that cover it, and its
+    labels equal the reference's bit for bit where F.interpolate runs its generic kernel (output H + W > 128);
+    elsewhere the reference computes the whole average and keeps the rows."""
+    logits = [window.float().contiguous() for window in window_logits]
+    if _has_kernel("slide_argmax", labels.device):
+        torch.ops.segformer_fast.slide_argmax(logits, [int(v) for box in boxes for v in box],
+                                              [int(v) for size in up_sizes for v in size], int(height), int(width),
+                                              labels, int(row_begin), int(row_end))
+        return
+    if labels.device.type == "cpu":
+        _warn_fallback("slide_argmax", labels.device)
+    full = reference.slide_argmax(logits, boxes, up_sizes, height, width, labels.shape[1], labels.shape[2])
+    labels[:, row_begin:row_end] = full[:, row_begin:row_end]

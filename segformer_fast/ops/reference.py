@@ -133,3 +133,22 @@ def upsample_argmax(logits, height, width):
     fp32 for fp16 / bf16 logits (the upsampled values are never rounded to half precision; fp64 stays fp64)."""
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return F.interpolate(logits.to(compute), size=(height, width), mode="bilinear", align_corners=False).argmax(1)
+
+
+def slide_argmax(window_logits, boxes, up_sizes, height, width, out_height, out_width):
+    """Labels (B, out_height, out_width) int64 of mmseg's slide mode from its windows' logits: each window's logits
+    (B, K, h_i, w_i) resized bilinearly (align_corners=False) in fp32 to ``up_sizes[i]``, the top-left
+    (y2 - y1) x (x2 - x1) part added at ``boxes[i]`` = (y1, y2, x1, x2) of a (B, K, height, width) sum in window
+    order, divided by the number of windows covering each pixel, resized to (out_height, out_width) when that
+    differs, and arg-maxed over K."""
+    batch, num_labels = window_logits[0].shape[:2]
+    total = torch.zeros(batch, num_labels, height, width, dtype=torch.float32, device=window_logits[0].device)
+    count = torch.zeros(1, 1, height, width, dtype=torch.float32, device=total.device)
+    for logits, (y1, y2, x1, x2), size in zip(window_logits, boxes, up_sizes):
+        upsampled = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+        total[:, :, y1:y2, x1:x2] += upsampled[:, :, :y2 - y1, :x2 - x1]
+        count[:, :, y1:y2, x1:x2] += 1
+    average = total.div_(count)
+    if (out_height, out_width) != (height, width):
+        average = F.interpolate(average, size=(out_height, out_width), mode="bilinear", align_corners=False)
+    return average.argmax(1)

@@ -73,6 +73,25 @@ CITYSCAPES_PALETTE = (
 )
 
 
+#: The datasets whose class names a command shows when asked (``--class-names``).
+DATASET_CLASS_NAMES = {"ade20k": ADE20K_CLASSES, "cityscapes": CITYSCAPES_CLASSES}
+
+
+def class_names(id2label: dict, num_labels: int, dataset: str | None = None) -> list[str]:
+    """A name per class, the one place every command and the service take names from: the checkpoint's own
+    (``id2label``; ``LABEL_i``, transformers' default, for a class it does not name), or, only when asked, those of
+    ``dataset`` ("ade20k", "cityscapes"), which must have ``num_labels`` classes (ValueError otherwise)."""
+    if dataset is None:
+        return [str(id2label.get(index, f"LABEL_{index}")) for index in range(num_labels)]
+    if dataset not in DATASET_CLASS_NAMES:
+        raise ValueError(f"class names of {dataset!r} are unknown; choose one of {', '.join(DATASET_CLASS_NAMES)}")
+    names = DATASET_CLASS_NAMES[dataset]
+    if len(names) != num_labels:
+        raise ValueError(f"{dataset} has {len(names)} classes but the checkpoint predicts {num_labels}: its names "
+                         "would not fit")
+    return list(names)
+
+
 def generated_palette(num_labels: int) -> np.ndarray:
     """(num_labels, 3) uint8: the PASCAL VOC color map, distinct for every label (label 0 is black).
 

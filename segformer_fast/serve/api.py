@@ -20,7 +20,7 @@ from PIL import Image
 from segformer_fast.inference.processing import output_size
 from segformer_fast.inference.segment import MODES
 from segformer_fast.render.images import label_image
-from segformer_fast.render.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES, overlay
+from segformer_fast.render.palettes import DATASET_CLASS_NAMES, overlay
 
 OUTPUTS = ("labels", "overlay", "json", "overlay_json")
 #: The query parameters ``POST /v1/segment`` takes; any other is refused with 400.
@@ -63,6 +63,8 @@ class ServeSettings:
     request_timeout_s: float = 60.0
     max_pixels_in_flight: int | None = None
     idle_timeout_s: float = 15.0
+    #: a dataset whose class names to show ("ade20k", "cityscapes"); None: the checkpoint's own
+    class_names: str | None = None
 
     def __post_init__(self):
         for name in ("replicas", "max_batch_size", "max_pixels", "max_queue", "max_pixels_in_flight"):
@@ -78,6 +80,9 @@ class ServeSettings:
         if not (isinstance(self.batch_wait_ms, (int, float)) and math.isfinite(self.batch_wait_ms)
                 and self.batch_wait_ms >= 0):
             raise ValueError(f"batch-wait-ms must be a number >= 0, got {self.batch_wait_ms!r}")
+        if self.class_names is not None and self.class_names not in DATASET_CLASS_NAMES:
+            raise ValueError(f"class-names must be one of {', '.join(sorted(DATASET_CLASS_NAMES))}, got "
+                             f"{self.class_names!r}")
         if self.pixels_in_flight < 2 * self.max_pixels:
             raise ValueError(f"max-pixels-in-flight must be at least twice --max-pixels ({2 * self.max_pixels}: one "
                              f"image and its work size), got {self.pixels_in_flight}")
@@ -183,19 +188,6 @@ def parse_query(items, settings: ServeSettings) -> SegmentRequest:
             raise ApiError(400, f"timeout_s must be a positive number of seconds, got {query['timeout_s']!r}")
         timeout_s = min(asked, settings.request_timeout_s)
     return SegmentRequest(output=output, mode=mode, resize=resize, timeout_s=timeout_s)
-
-
-def class_names(id2label: dict, num_labels: int) -> list[str]:
-    """A name per class: the checkpoint's own names where it has real ones, else ADE20K's (150 classes),
-    Cityscapes' (19) or ``class i``."""
-    generic = all(str(name) == f"LABEL_{index}" for index, name in id2label.items())
-    if id2label and not generic:
-        return [str(id2label.get(index, f"class {index}")) for index in range(num_labels)]
-    if num_labels == len(ADE20K_CLASSES):
-        return list(ADE20K_CLASSES)
-    if num_labels == len(CITYSCAPES_CLASSES):
-        return list(CITYSCAPES_CLASSES)
-    return [f"class {index}" for index in range(num_labels)]
 
 
 def hex_color(color) -> str:

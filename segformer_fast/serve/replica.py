@@ -25,8 +25,8 @@ from segformer_fast.engine.engine import optimize
 from segformer_fast.inference.processing import preprocess
 from segformer_fast.model.segformer import Segformer
 from segformer_fast.ops import extension
-from segformer_fast.render.palettes import palette_for
-from segformer_fast.serve.api import SegmentRequest, ServeSettings, class_names, hex_color, public_model_name
+from segformer_fast.render.palettes import class_names, palette_for
+from segformer_fast.serve.api import SegmentRequest, ServeSettings, hex_color, public_model_name
 from segformer_fast.serve.batching import Batcher
 
 MODEL_DEPLOYMENT = "SegmentModel"
@@ -50,7 +50,8 @@ class SegmentModel:
             "variant": config.variant,
             "num_labels": config.num_labels,
             "classes": [{"id": index, "name": name, "color": hex_color(self.palette[index])}
-                        for index, name in enumerate(class_names(config.id2label, config.num_labels))],
+                        for index, name in enumerate(class_names(config.id2label, config.num_labels,
+                                                                   self.settings.class_names))],
             "dtype": dtype_name(self.engine.dtype),
             "device": str(self.engine.device),
             "kernels": self.engine.kernels,

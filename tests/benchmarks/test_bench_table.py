@@ -10,6 +10,7 @@ import bench_model as bench
 import make_table
 import pytest
 
+import bench_common
 from bench_support import ROWS, markdown_table_rows, result_row, results_document
 from helpers import ROOT
 
@@ -20,17 +21,21 @@ def test_format_table_values():
     assert lines[0].split()[:5] == ["variant", "resolution", "batch", "dtype", "runner"]
     assert "peak alloc GB" in lines[0] and "× transformers" in lines[0] and "paper V100 FPS" in lines[0]
     assert "labels = fp32 ref %" in lines[0]
-    assert lines[2].split() == ["B0", "512x512", "1", "fp32", "reference", "200", "5.00", "5.50", "1.25", "2.00",
-                                "100.0", "0.50", "3.36", "8.4", "50.5"]
-    assert lines[3].split()[4:6] == ["transformers", "100"] and lines[3].split()[9:12] == ["1.00", "90.0", "‡"]
-    assert lines[4].split() == ["B0", "512x512", "1", "fp32", "compile", "OOM"] + ["—"] * 7 + ["8.4", "50.5"]
+    # the console leaves p90, TFLOP/s and the paper's GFLOPs to the results file and the README's tables
+    assert not any(name in lines[0] for name in ("p90 ms", "TFLOP/s", "paper GFLOPs"))
+    assert lines[2].split() == ["B0", "512x512", "1", "fp32", "reference", "200", "5.00", "1.25", "2.00", "100.0",
+                                "0.50", "50.5"]
+    assert lines[3].split()[4:6] == ["transformers", "100"] and lines[3].split()[8:11] == ["1.00", "90.0", "‡"]
+    assert lines[4].split() == ["B0", "512x512", "1", "fp32", "compile", "OOM"] + ["—"] * 5 + ["50.5"]
     # a row without the field (an older results file) shows "—"
-    assert lines[5].split() == ["B2", "512x512", "16", "fp16", "reference", "30.0", "533", "587", "1.25", "—", "—",
-                                "0.50", "0.504", "62.4", "—"]
-    assert lines[6] == ("* B0 512x512 batch 1 fp32 transformers: labels agree with the fp32 reference on 90.0 % of "
-                        "pixels only: a speed of a graph that no longer computes the same model (random weights give "
-                        "flat logits, so int8 agreement is low; see benchmarks/README.md)")
-    assert lines[7] == "* B0 512x512 batch 1 fp32 compile: OOM"
+    assert lines[5].split() == ["B2", "512x512", "16", "fp16", "reference", "30.0", "533", "1.25", "—", "—", "0.50",
+                                "—"]
+    assert all(len(line) <= bench_common.CONSOLE_WIDTH for line in lines[6:])
+    assert " ".join(line.strip() for line in lines[6:9]) == (
+        "* B0 512x512 batch 1 fp32 transformers: labels agree with the fp32 reference on 90.0 % of pixels only: a "
+        "speed of a graph that no longer computes the same model (random weights give flat logits, so int8 agreement "
+        "is low; see benchmarks/README.md)")
+    assert "* B0 512x512 batch 1 fp32 compile: OOM" in lines
     assert "‡ after a labels %: below the 95% floor" in table
 
 
@@ -112,10 +117,13 @@ def test_table_legend_and_marks():
             "peak_mem_kind": "cpu_rss_hwm_increase"}
     rows = [dict(base, dtype="fp16"), dict(base, dtype="fp32", tf32={"matmul": True, "cudnn": False},
                                           runner="reference"), dict(base, dtype="fp32", cuda_graph=False)]
-    text = bench.format_table(rows)
-    for words in ("peak RSS Δ GB: rise of", "1st call s: the first call alone", "TFLOP/s: achieved",
+    text = " ".join(line.strip() for line in bench.format_table(rows).splitlines())  # the legend is wrapped
+    for words in ("peak RSS Δ GB: rise of", "1st call s: the first call alone",
                   "paper V100 FPS: the paper's V100, fp32, batch 1", "not a like-for-like comparison",
                   "†: fp32 with TF32", "‡: the engine's CUDA graph of this shape was not captured"):
         assert words in text, words
+    # the console has no TFLOP/s column, so no line for it; the README's tables (the same legend) have both
+    assert "TFLOP/s" not in text
+    assert any(line.startswith("TFLOP/s: achieved") for line in bench_common.table_legend(rows))
     assert "fp32 †" in text and "engine ‡" in text
     assert "†" not in bench.format_table(rows[:1]) and "like-for-like" in bench.format_table(rows[:1])

@@ -190,11 +190,11 @@ def test_segment_out_of_memory_whole_fails_auto_slides(checkpoint, image_folder,
         raise RuntimeError("CUDA out of memory. Tried to allocate 64.00 GiB")
 
     monkeypatch.setattr(SegformerEngine, "whole_labels", out_of_memory)
-    common = [str(image_folder / "a.jpg"), "--model", str(checkpoint), "--quiet", "--crop", "64", "64"]
+    common = [str(image_folder / "a.jpg"), "--model", str(checkpoint), "--quiet"]
     assert main(["segment", *common, "--out", str(tmp_path / "whole"), "--mode", "whole"]) == 1
     captured = capsys.readouterr()
     assert "a.jpg" in captured.err and "out of memory" in captured.err
-    assert main(["segment", *common, "--out", str(tmp_path / "auto"), "--mode", "auto"]) == 0
+    assert main(["segment", *common, "--crop", "64", "64", "--out", str(tmp_path / "auto"), "--mode", "auto"]) == 0
     captured = capsys.readouterr()
     assert "a.jpg" in captured.err and "sliding windows with crop 64x64 and stride 43x43" in captured.err
     assert np.asarray(Image.open(tmp_path / "auto" / "a_labels.png")).shape == (70, 90)

@@ -1,6 +1,8 @@
 """Sliding windows (segformer_fast.inference.windows, .slide): the window grid, slide_logits against a naive loop
 and against whole mode, padding small windows to the crop, and the streamed slide labels."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch.nn.functional as F
 
 from segformer_fast import Segformer, optimize, postprocess
 from segformer_fast.inference.memory import estimate_peak_memory_bytes
-from segformer_fast.inference.slide import slide_labels, slide_logits
+from segformer_fast.inference.slide import slide_labels, slide_logits, torch_label_pass
 from segformer_fast.inference.windows import resolve_window, window_grid
 
 from inference_models import NUM_LABELS, LiveTensorBytes, engine_tensors, no_grad_forward, upsampled_logits
@@ -100,45 +102,73 @@ def test_slide_pad_to_crop_pads_small_windows_like_the_official_code(model):
 
 
 # ------------------------------------------------------------------------------------- streamed slide labels
-@pytest.mark.parametrize("height,width,crop,stride,sizes,pad_to_crop", [
+SLIDE_CASES = pytest.mark.parametrize("height,width,crop,stride,sizes,pad_to_crop", [
     (150, 230, (96, 128), (64, 80), [(150, 230), (150, 230)], False),
     (150, 230, (96, 128), (64, 80), [(301, 97), (77, 500)], False),
     (70, 90, (96, 128), None, [(70, 90), (140, 45)], True),
-    (129, 257, (64, 64), (37, 41), [(129, 257), (200, 300)], False),
-], ids=["same-size", "resized", "padded-small", "odd-stride"])
-def test_slide_labels_equal_the_full_buffer_labels(model, height, width, crop, stride, sizes, pad_to_crop):
-    """The streamed labels equal argmax of slide_logits (resized to each size) on >= 99.9 % of pixels."""
-    from segformer_fast.ops import extension as ops
+    (129, 257, (64, 80), (37, 41), [(129, 257), (200, 300)], False),
+    (200, 150, (96, 96), (96, 96), [(200, 150), (200, 97)], False),
+], ids=["same-size", "resized", "padded-small", "odd-stride", "stride-is-crop"])
 
-    pixels = torch.randn(len(sizes), 3, height, width, generator=torch.Generator().manual_seed(height))
+
+def _full_buffer_labels(model, pixels, sizes, crop, stride, pad_to_crop):
+    """argmax of slide_logits, resized to each size (F.interpolate): mmseg's slide mode at full resolution."""
     full = slide_logits(no_grad_forward(model), pixels, NUM_LABELS, crop, stride, pad_to_crop=pad_to_crop)
+    return [full[i].argmax(0) if (h, w) == tuple(pixels.shape[2:]) else
+            F.interpolate(full[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0)
+            for i, (h, w) in enumerate(sizes)]
+
+
+@SLIDE_CASES
+def test_slide_labels_with_the_fused_pass_equal_the_full_buffer_labels(model, height, width, crop, stride, sizes,
+                                                                       pad_to_crop):
+    """With the extension's slide_argmax (the engine's label pass on CPU) the streamed labels are exactly argmax of
+    slide_logits resized to each size; the progress reports count the windows, starting at 0 before the first."""
+    from segformer_fast.ops import extension
+
+    if not extension.slide_argmax_available("cpu"):
+        pytest.skip("segformer_fast._C is not built (the fused label pass is the extension's)")
+    pixels = torch.randn(len(sizes), 3, height, width, generator=torch.Generator().manual_seed(height))
     calls = []
     got = slide_labels(no_grad_forward(model), pixels, sizes, NUM_LABELS, crop, stride, pad_to_crop=pad_to_crop,
-                       chunk_bytes=50_000, progress=lambda done, total: calls.append((done, total)))
+                       label_pass=extension.slide_argmax, progress=lambda done, total: calls.append((done, total)))
     windows = len(window_grid(height, width, *resolve_window(crop, stride)))
-    # progress counts windows and label bands, so it moves through the label passes too: steps of one, each
-    # report with the same total, more steps than windows, ending at the total
-    total = calls[-1][1]
-    assert [done for done, _ in calls] == list(range(1, total + 1)) and {t for _, t in calls} == {total}
-    assert total > windows
-    for index, (h, w) in enumerate(sizes):
-        expected = full[index].argmax(0) if (h, w) == (height, width) else \
-            ops.upsample_argmax_eager(full[index:index + 1], h, w)[0]
-        assert got[index].shape == (h, w) and got[index].dtype == torch.int64
-        assert (got[index] == expected).float().mean() >= 0.999, (index, h, w)
+    assert calls == [(done, windows) for done in range(windows + 1)]
+    for index, expected in enumerate(_full_buffer_labels(model, pixels, sizes, crop, stride, pad_to_crop)):
+        assert got[index].shape == sizes[index] and got[index].dtype == torch.int64
+        assert torch.equal(got[index], expected), (index, sizes[index])
 
 
-def test_slide_labels_memory_follows_the_windows_not_the_image(model):
-    """Live tensors of the streamed slide stay within the model (estimate_peak_memory_bytes(mode="slide")),
-    and well under what the full-resolution accumulator of slide_logits needs."""
+@SLIDE_CASES
+def test_slide_labels_with_the_torch_pass_equal_the_full_buffer_labels(model, height, width, crop, stride, sizes,
+                                                                       pad_to_crop):
+    """The torch label pass (the default, any device), in chunks of a few rows, equals the full-buffer labels on
+    >= 99.9 % of pixels (it interpolates in the separable form: float rounding may flip a near tie)."""
+    pixels = torch.randn(len(sizes), 3, height, width, generator=torch.Generator().manual_seed(height))
+    got = slide_labels(no_grad_forward(model), pixels, sizes, NUM_LABELS, crop, stride, pad_to_crop=pad_to_crop,
+                       label_pass=functools.partial(torch_label_pass, chunk_bytes=50_000))
+    for index, expected in enumerate(_full_buffer_labels(model, pixels, sizes, crop, stride, pad_to_crop)):
+        assert got[index].shape == sizes[index] and got[index].dtype == torch.int64
+        assert (got[index] == expected).float().mean() >= 0.999, (index, sizes[index])
+
+
+@pytest.mark.parametrize("label_pass", ["engine", "torch"])
+def test_slide_labels_memory_follows_the_windows_not_the_image(model, label_pass):
+    """Live tensors of the streamed slide stay within the model (estimate_peak_memory_bytes(mode="slide"), with the
+    torch pass's chunk or none for the engine's fused CPU pass), and well under what the full-resolution
+    accumulator of slide_logits needs."""
     engine = optimize(Segformer.from_config("b0", num_labels=150, seed=2), kernels="torch", verify=False)
+    if label_pass == "engine" and engine.label_pass is None:
+        pytest.skip("segformer_fast._C is not built (the fused label pass is the extension's)")
     weights = engine_tensors([engine.stages, engine.decoder], [])
     weight_bytes = sum(t.numel() * t.element_size() for t in weights)
-    batch, height, width, crop, stride, chunk = 2, 128, 224, 64, 48, 2**20
+    batch, height, width, crop, stride = 2, 128, 224, 64, 48
+    chunk = 0 if label_pass == "engine" else 2**20
+    chosen = engine.label_pass if label_pass == "engine" else functools.partial(torch_label_pass, chunk_bytes=chunk)
     pixels = torch.randn(batch, 3, height, width)
     runs = {
         "streamed": lambda: slide_labels(engine.logits, pixels, [(height, width)] * batch, 150, crop, stride,
-                                         chunk_bytes=chunk),
+                                         label_pass=chosen),
         "full": lambda: slide_logits(engine.logits, pixels, 150, crop, stride).argmax(1),
     }
     peaks = {}

@@ -73,7 +73,8 @@ def test_every_executor_reports_in_the_same_words(ray_session, checkpoint, tmp_p
         captured = capsys.readouterr()
         assert code == 1
         assert f"skipped {images / 'pipe.png'}: it is a named pipe" in captured.err
-        assert f"failed {(images / 'broken.png').resolve()}: ValueError: cannot read image: " in captured.err
+        # the path as the arguments name it, the reason without a Python class name
+        assert f"failed {images / 'broken.png'}: cannot read image: " in captured.err
         line = next(line for line in captured.err.splitlines() if line.startswith("failed "))
         assert line.count("broken.png") == 1, f"the error repeats the path: {line}"
         words[name] = _summary_words(captured.out, out)

@@ -17,7 +17,7 @@ from segformer_fast.cli import main
 from segformer_fast.jobs import segment as segment_job
 from segformer_fast.jobs.manifest import MANIFEST_NAME, ManifestWriter, read_manifest
 from segformer_fast.jobs.metrics import MetricAccumulator
-from segformer_fast.model.checkpoints import checkpoint_num_labels
+from segformer_fast.model.checkpoints import checkpoint_class_names, checkpoint_num_labels
 
 RECORD = {"input": "/a.png", "output": "/o/a_labels.png", "status": "ok", "error": None, "worker": "w", "seconds": 0.1}
 COMMON = ["--size", "32", "32", "--engine", "reference", "--quiet"]
@@ -231,6 +231,20 @@ def test_class_count_reads_the_config_only(checkpoint, tmp_path):
     (folder / "config.json").write_text((checkpoint / "config.json").read_text())
     assert checkpoint_num_labels(folder) == 150, "a folder's class count comes from config.json, weights unread"
     assert checkpoint_num_labels(checkpoint / "model.safetensors") == 150, "a .safetensors header is enough"
+
+
+def test_class_names_read_the_config_only(tmp_path):
+    folder = tmp_path / "named"
+    Segformer.from_config("b0", num_labels=3, seed=1).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"] = {"0": "sky", "1": "road", "2": "tree"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").unlink()  # not read
+    assert checkpoint_class_names(folder) == {0: "sky", 1: "road", 2: "tree"}
+    weights = tmp_path / "weights.safetensors"
+    Segformer.from_config("b0", num_labels=3, seed=1).save_pretrained(tmp_path / "plain")
+    (tmp_path / "plain" / "model.safetensors").rename(weights)
+    assert checkpoint_class_names(weights) == {}, "a weights file alone names no classes"
 
 
 def test_ctrl_c_during_export_is_one_line(tmp_path, monkeypatch, capsys, checkpoint):

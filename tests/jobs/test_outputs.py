@@ -61,7 +61,10 @@ def test_skip_existing_needs_every_output(tmp_path):
 
 
 def test_describe_error_is_one_line():
-    assert describe_error(ValueError("bad value\nsecond line")) == "ValueError: bad value"
+    # an image's own failures (unreadable, unwritable) in their words; anything else after its type's name
+    assert describe_error(ValueError("bad value\nsecond line")) == "bad value"
+    assert describe_error(PermissionError("permission denied: out/a.png")) == "permission denied: out/a.png"
+    assert describe_error(RuntimeError("out of memory\nmore")) == "RuntimeError: out of memory"
     assert describe_error(RuntimeError("")) == "RuntimeError"
     assert describe_error(OSError("   ")) == "OSError"
 
@@ -69,8 +72,8 @@ def test_describe_error_is_one_line():
 def test_describe_error_does_not_repeat_the_path():
     path = Path("/photos/a.png")
     error = ValueError(f"cannot read image {path}: truncated file")
-    assert describe_error(error, path) == "ValueError: cannot read image: truncated file"
-    assert describe_error(error) == f"ValueError: cannot read image {path}: truncated file"
+    assert describe_error(error, path) == "cannot read image: truncated file"
+    assert describe_error(error) == f"cannot read image {path}: truncated file"
 
 
 def test_write_outputs_writes_the_chosen_kinds(tmp_path):

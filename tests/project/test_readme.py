@@ -96,6 +96,7 @@ def test_usage_snippet_segments_with_the_hub_model(readme_folder):
     namespace = {}
     exec(python_blocks(section(README.read_text(), "## Usage"))[0], namespace)
     assert namespace["logits"].shape == (1, 150, 128, 128)
+    assert not namespace["logits"].requires_grad, "the reference example runs without autograd"
     with torch.no_grad():
         expected = readme_folder(namespace["pixel_values"])
     assert_relative_close(namespace["logits"], expected, 1e-6, "README usage snippet: the hub id's model")

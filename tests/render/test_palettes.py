@@ -11,6 +11,7 @@ from segformer_fast.render.palettes import (
     ADE20K_PALETTE,
     CITYSCAPES_CLASSES,
     CITYSCAPES_PALETTE,
+    class_names,
     generated_palette,
     overlay,
     palette_for,
@@ -90,3 +91,16 @@ def test_visualization_errors():
         colorize(np.zeros((4, 6), dtype=np.int64), [(1, 2)])
     with pytest.raises(ValueError, match=r"num_labels must be a positive integer"):
         palette_for(0)
+
+
+def test_class_names_are_the_checkpoint_s_unless_a_dataset_is_asked_for():
+    # a 150-class checkpoint with generic names keeps them: ADE20K's only when asked
+    assert class_names({i: f"LABEL_{i}" for i in range(150)}, 150) == [f"LABEL_{i}" for i in range(150)]
+    assert class_names({}, 3) == ["LABEL_0", "LABEL_1", "LABEL_2"]
+    assert class_names({0: "sky", 2: "road"}, 3) == ["sky", "LABEL_1", "road"]
+    assert class_names({0: "x"}, 150, "ade20k") == list(ADE20K_CLASSES)
+    assert class_names({}, 19, "cityscapes") == list(CITYSCAPES_CLASSES)
+    with pytest.raises(ValueError, match="ade20k has 150 classes but the checkpoint predicts 19"):
+        class_names({}, 19, "ade20k")
+    with pytest.raises(ValueError, match="choose one of ade20k, cityscapes"):
+        class_names({}, 19, "coco")

@@ -25,8 +25,8 @@ from bench_common.local_server import LocalServer, alive, http_call
 from serve_support import multipart, png_bytes, random_png
 
 MAX_PIXELS = 1_000_000
-SERVER_ARGS = ["--replicas", "2", "--cpus-per-replica", "1", "--max-batch-size", "4", "--batch-wait-ms", "150",
-               "--max-body-mb", "1", "--max-pixels", str(MAX_PIXELS), "--max-queue", "8",
+SERVER_ARGS = ["--class-names", "ade20k", "--replicas", "2", "--cpus-per-replica", "1", "--max-batch-size", "4",
+               "--batch-wait-ms", "150", "--max-body-mb", "1", "--max-pixels", str(MAX_PIXELS), "--max-queue", "8",
                "--request-timeout-s", "90"]
 #: every call of a test is bounded: no request may take longer than this (a hang fails the test)
 CALL_TIMEOUT_S = 120

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segformer_fast import Segformer
 from segformer_fast.cli import main
-from segformer_fast.render.palettes import ADE20K_CLASSES, palette_for
+from segformer_fast.render.palettes import palette_for
 from segformer_fast.serve import api, uploads
 
 from bench_common.local_server import free_port
@@ -92,10 +93,7 @@ def test_body_limits_and_multipart():
     assert caught.value.status == 400 and "file part" in caught.value.message
 
 
-def test_class_names_and_summary():
-    assert api.class_names({}, 150) == list(ADE20K_CLASSES)
-    assert api.class_names({0: "LABEL_0", 1: "LABEL_1"}, 2) == ["class 0", "class 1"]
-    assert api.class_names({0: "sea", 1: "sky"}, 2) == ["sea", "sky"]
+def test_summary_lists_the_classes_present_most_pixels_first():
     labels = np.array([[1, 1, 2], [1, 0, 1]], dtype=np.uint8)
     result = api.summary(labels, ["a", "b", "c"], palette_for(3))
     assert [(c["id"], c["name"], c["pixels"]) for c in result["classes"]] == [(1, "b", 4), (0, "a", 1), (2, "c", 1)]
@@ -124,6 +122,10 @@ def test_command_refuses_before_ray_starts(tmp_path, capsys):
                              (["--max-body-mb", "-1"], "max-body-mb"), (["--port", "70000"], "--port")):
         assert main(["serve", "--model", str(empty), "--port", str(free_port()), *options]) == 2
         assert message in capsys.readouterr().err
+    nineteen = tmp_path / "b0-19"
+    Segformer.from_config("b0", num_labels=19, seed=1).save_pretrained(nineteen)
+    assert main(["serve", "--model", str(nineteen), "--port", str(free_port()), "--class-names", "ade20k"]) == 2
+    assert "ade20k has 150 classes but the checkpoint predicts 19" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------- the server

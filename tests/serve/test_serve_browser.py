@@ -34,7 +34,7 @@ def find_browser():
 def server(tmp_path_factory):
     pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install "ray[serve]")')
     folder = tmp_path_factory.mktemp("serve-page") / "b0"
-    Segformer.from_config("b0", num_labels=19, seed=4).save_pretrained(folder)  # Cityscapes' names and colors
+    Segformer.from_config("b0", num_labels=19, seed=4).save_pretrained(folder)  # Cityscapes' colors
     local = LocalServer(folder, ["--max-batch-size", "2", "--batch-wait-ms", "5"])
     local.start()
     yield local

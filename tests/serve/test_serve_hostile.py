@@ -221,6 +221,8 @@ def test_startup_says_what_it_does_and_discloses_no_path(server, checkpoint):
     assert [log.index(line) for line in lines] == sorted(log.index(line) for line in lines)
     status, _, body = server.call("GET", "/v1/model")
     assert status == 200 and json.loads(body)["model"] == "b0"
+    # a 150-class checkpoint that names no class: its own LABEL_i names, never a dataset's unasked
+    assert [entry["name"] for entry in json.loads(body)["classes"]] == [f"LABEL_{index}" for index in range(150)]
     assert str(checkpoint).encode() not in body and str(checkpoint.parent).encode() not in body
 
 
