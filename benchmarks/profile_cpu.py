@@ -26,7 +26,8 @@ the stage-1 tokens and three maps, and its logits). Achieved GFLOP/s and GB/s di
 
 Ceilings, once per run: GFLOP/s of a size³ GEMM (2048 by default) on oneDNN (``cpu.linear`` with a packed
 weight: ``mkldnn::_linear_pointwise``) and on ATen's default path (``F.linear``), in each profiled dtype (median of
-``CEILING_CALLS`` calls after one warm-up).
+``CEILING_CALLS`` calls after one warm-up). The floor of a row: every FLOP its forward counted (GEMMs, the decoder's
+inner GEMMs, convolutions, attention) at the oneDNN ceiling of its dtype; ``floor_fraction`` = floor ÷ latency.
 
 Results: benchmarks/results/profile-cpu-<YYYY-MM-DD>.json (schema ``SCHEMA``), rewritten atomically after each row.
 """
@@ -139,6 +140,18 @@ def profile_row(engine, variant: str, resolution: Resolution, batch: int, dtype_
     }
 
 
+def add_floor(row: dict, ceilings: dict) -> dict:
+    """The row's floor: the FLOPs its forward counted (every category's, the decoder's inner GEMMs included) at the
+    measured oneDNN GEMM ceiling of its dtype, and the fraction of that floor its latency reaches
+    (``floor_ms / latency_ms``; None without a ceiling)."""
+    flops = sum(category["flops"] or 0 for category in row["categories"].values())
+    ceiling = ceilings.get(row["dtype"], {}).get("onednn_gflops_per_s")
+    floor_ms = flops / (ceiling * 1e6) if ceiling else None
+    row.update(flops_per_forward=flops, floor_ms=floor_ms,
+               floor_fraction=floor_ms / row["latency_ms"] if floor_ms is not None else None)
+    return row
+
+
 def format_row(row: dict, ceilings: dict) -> str:
     """The row's header line, its category table and the GEMM rate against the ceiling."""
     categories, total_ms = row["categories"], row["profiled_ms"]
@@ -157,6 +170,9 @@ def format_row(row: dict, ceilings: dict) -> str:
     if ceiling and gemm_rate:
         lines.append(f"gemm: {100 * gemm_rate / ceiling:.0f} % of the measured oneDNN {row['dtype']} GEMM ceiling "
                      f"({ceiling:.0f} GFLOP/s at {ceilings['size']}^3)")
+    if row.get("floor_ms") is not None:
+        lines.append(f"floor: {row['flops_per_forward'] / 1e9:.2f} GFLOP per forward at that ceiling = "
+                     f"{row['floor_ms']:.2f} ms; floor ÷ latency {100 * row['floor_fraction']:.0f} %")
     return "\n".join(lines)
 
 
@@ -252,8 +268,8 @@ def run(settings: dict, out_path: Path | None, command: str) -> int:
                 model = Segformer(SegformerConfig(variant=variant, num_labels=resolution.num_labels)).eval()
                 engine = optimize(model, dtype=DTYPES[dtype_name])
                 for batch in settings["batches"]:
-                    row = profile_row(engine, variant, resolution, batch, dtype_name, repeats=settings["repeats"],
-                                      warmup=settings["warmup"])
+                    row = add_floor(profile_row(engine, variant, resolution, batch, dtype_name,
+                                                repeats=settings["repeats"], warmup=settings["warmup"]), ceilings)
                     document["rows"].append(row)
                     say("")
                     say(format_row(row, ceilings))

@@ -1,9 +1,10 @@
 // CPU implementations of segformer_fast::fused_decode and segformer_fast::upsample_argmax.
 //
-// fused_decode: per task, a block of output rows of one image: the fp32 hidden rows (rows * w1, D) are built in a
-// thread-local buffer (P1 + b' + bilinear taps of P2..P4, ReLU), multiplied by the classifier (one fp32 GEMM per
-// block: oneDNN's, through the mkldnn::_linear_pointwise op, where torch has it, else ATen's mm) and stored with
-// the classifier bias into NCHW logits. The concat and the full hidden map never exist in memory.
+// fused_decode: per task, a block of output rows of one image: the hidden rows (rows * w1, D) are built in a
+// thread-local buffer, each element once (P1 + b' + the bilinear taps of P2..P4, summed in fp32, ReLU), in the
+// classifier's input dtype (fp32, or bf16 where oneDNN runs bf16 natively), multiplied by the classifier with its
+// bias (one GEMM per block: oneDNN's, through the mkldnn::_linear_pointwise op, where torch has it, else ATen's mm)
+// and copied into the NCHW logits by ATen's transposing copy. The concat and the full hidden map never exist.
 //
 // upsample_argmax: per task, a group of output rows that share their two source rows: the two horizontally
 // interpolated rows (K, W) are computed once for the group, then every output row blends them and keeps a
@@ -35,6 +36,17 @@
 #include "cpu_dispatch.h"
 
 namespace segformer_fast {
+
+// One upsampled stage map's contribution to an output row of the stage-1 grid: its vertical blend (in_width, D) for
+// that row and, per output column, its two source columns and their weights (decode_cpu_kernels.h).
+struct UpsampleTaps {
+  const float* blend;
+  const int64_t* col0;
+  const int64_t* col1;
+  const float* lambda0;
+  const float* lambda1;
+};
+
 namespace base {
 #include "decode_cpu_kernels.h"
 }  // namespace base
@@ -46,6 +58,12 @@ namespace base {
 namespace avx2 {
 #include "decode_cpu_kernels.h"
 }  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,fma")
+namespace avx512 {
+#include "decode_cpu_kernels.h"
+}  // namespace avx512
 #pragma GCC pop_options
 #endif
 
@@ -65,28 +83,43 @@ bool use_avx2() {
 
 template <typename scalar_t>
 struct DecodeKernels {
-  decltype(&base::accumulate_upsampled_row<scalar_t>) accumulate_upsampled_row;
-  decltype(&base::init_hidden_row<scalar_t>) init_hidden_row;
-  decltype(&base::relu_inplace) relu_inplace;
+  decltype(&base::blend_rows<scalar_t>) blend_rows;
+  decltype(&base::build_hidden_row<scalar_t, float>) build_hidden_row;
+  decltype(&base::build_hidden_row<scalar_t, c10::BFloat16>) build_hidden_row_bf16;
   decltype(&base::store_logits<scalar_t>) store_logits;
-  decltype(&base::store_pixel_major_logits<float, scalar_t>) store_pixel_major_logits;
-  decltype(&base::store_pixel_major_logits<scalar_t, scalar_t>) store_pixel_major_logits_same_dtype;
   decltype(&base::horizontal_pass<scalar_t>) horizontal_pass;
   decltype(&base::argmax_row) argmax_row;
 };
 
+#define SEGFORMER_FAST_DECODE_KERNELS(isa)                                                                  \
+  DecodeKernels<scalar_t> {                                                                                \
+    &isa::blend_rows<scalar_t>, &isa::build_hidden_row<scalar_t, float>,                                   \
+        &isa::build_hidden_row<scalar_t, c10::BFloat16>, &isa::store_logits<scalar_t>,                     \
+        &isa::horizontal_pass<scalar_t>, &isa::argmax_row                                                  \
+  }
+
+bool use_avx512() {
+#ifdef SEGFORMER_FAST_AVX2_DISPATCH
+  static const bool supported = use_avx2() && __builtin_cpu_supports("avx512f") &&
+                                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+// The loops compiled for the widest vectors this CPU has (AVX-512, else AVX2 + FMA), else the baseline build.
 template <typename scalar_t>
 DecodeKernels<scalar_t> select_kernels() {
 #ifdef SEGFORMER_FAST_AVX2_DISPATCH
+  if (use_avx512()) {
+    return SEGFORMER_FAST_DECODE_KERNELS(avx512);
+  }
   if (use_avx2()) {
-    return {&avx2::accumulate_upsampled_row<scalar_t>, &avx2::init_hidden_row<scalar_t>, &avx2::relu_inplace,
-            &avx2::store_logits<scalar_t>, &avx2::store_pixel_major_logits<float, scalar_t>,
-            &avx2::store_pixel_major_logits<scalar_t, scalar_t>, &avx2::horizontal_pass<scalar_t>, &avx2::argmax_row};
+    return SEGFORMER_FAST_DECODE_KERNELS(avx2);
   }
 #endif
-  return {&base::accumulate_upsampled_row<scalar_t>, &base::init_hidden_row<scalar_t>, &base::relu_inplace,
-          &base::store_logits<scalar_t>, &base::store_pixel_major_logits<float, scalar_t>,
-          &base::store_pixel_major_logits<scalar_t, scalar_t>, &base::horizontal_pass<scalar_t>, &base::argmax_row};
+  return SEGFORMER_FAST_DECODE_KERNELS(base);
 }
 
 // oneDNN's GEMM as torch registers it (mkldnn::_linear_pointwise), or nullptr in a torch built without oneDNN.
@@ -183,10 +216,18 @@ void fused_decode_kernel(const std::array<const at::Tensor*, 4>& maps, const Sta
   const auto float_options = at::TensorOptions().dtype(at::kFloat);
 
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> hidden(rows_per_task * width * dim);
-    std::vector<float> blend(max_in_width * dim);
+    // the block's hidden rows, written once in the classifier's input dtype; one vertical blend per upsampled map
+    std::vector<float> hidden(bf16_classifier ? 0 : rows_per_task * width * dim);
+    std::vector<c10::BFloat16> hidden_bf16(bf16_classifier ? rows_per_task * width * dim : 0);
+    std::vector<float> blends(3 * max_in_width * dim);
     // the classifier's output for ATen's mm, only where oneDNN is missing (oneDNN returns its own tensor)
     std::vector<float> acc(onednn_linear() == nullptr ? num_labels * rows_per_task * width : 0);
+    std::array<UpsampleTaps, 3> taps;
+    for (int s = 1; s < 4; ++s) {
+      const LinearAxis& ca = col_axes[s - 1];
+      taps[s - 1] = {blends.data() + (s - 1) * max_in_width * dim, ca.index0.data(), ca.index1.data(),
+                     ca.lambda0.data(), ca.lambda1.data()};
+    }
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks;
       const int64_t y_begin = (task % chunks) * rows_per_task;
@@ -198,33 +239,35 @@ void fused_decode_kernel(const std::array<const at::Tensor*, 4>& maps, const Sta
           p1_block.defined() ? p1_block.data_ptr<scalar_t>() : data[0] + (b * height + y_begin) * width * dim;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t y = y_begin + r;
-        float* hidden_row = hidden.data() + r * width * dim;
-        kernels.init_hidden_row(p1_rows + r * width * dim, bias_ptr, width, dim, hidden_row);
         for (int s = 1; s < 4; ++s) {
           const at::Tensor& p = *maps[s];
           const int64_t in_h = p.size(1), in_w = p.size(2);
           const LinearAxis& ra = row_axes[s - 1];
-          const LinearAxis& ca = col_axes[s - 1];
           const scalar_t* image = data[s] + b * in_h * in_w * dim;
-          kernels.accumulate_upsampled_row(image + ra.index0[y] * in_w * dim, image + ra.index1[y] * in_w * dim,
-                                           ra.lambda0[y], ra.lambda1[y], in_w, dim, ca.index0.data(),
-                                           ca.index1.data(), ca.lambda0.data(), ca.lambda1.data(), width,
-                                           blend.data(), hidden_row);
+          kernels.blend_rows(image + ra.index0[y] * in_w * dim, image + ra.index1[y] * in_w * dim, ra.lambda0[y],
+                             ra.lambda1[y], in_w * dim, blends.data() + (s - 1) * max_in_width * dim);
+        }
+        if (bf16_classifier) {
+          kernels.build_hidden_row_bf16(p1_rows + r * width * dim, bias_ptr, taps.data(), width, dim,
+                                        hidden_bf16.data() + r * width * dim);
+        } else {
+          kernels.build_hidden_row(p1_rows + r * width * dim, bias_ptr, taps.data(), width, dim,
+                                   hidden.data() + r * width * dim);
         }
       }
       const int64_t pixels = rows * width;
-      kernels.relu_inplace(hidden.data(), pixels * dim);
-      at::Tensor hidden_t = at::from_blob(hidden.data(), {pixels, dim}, float_options);
       scalar_t* out_block = out_ptr + b * num_labels * height * width + y_begin * width;
+      // the block's logits in the output: (K, pixels) with the rows of the image's (K, h1 * w1) plane
+      at::Tensor out_view = at::from_blob(out_block, {num_labels, pixels}, {height * width, 1}, out.options());
       if (bf16_classifier) {
-        const at::Tensor logits = classify_onednn(hidden_t.to(at::kBFloat16), weight_lp, cls_bias_lp);
-        kernels.store_pixel_major_logits_same_dtype(logits.data_ptr<scalar_t>(), num_labels, pixels, out_block,
-                                                    height * width);
+        const at::Tensor hidden_t = at::from_blob(hidden_bf16.data(), {pixels, dim}, out.options());
+        out_view.copy_(classify_onednn(hidden_t, weight_lp, cls_bias_lp).t());  // ATen's blocked transposing copy
         continue;
       }
+      const at::Tensor hidden_t = at::from_blob(hidden.data(), {pixels, dim}, float_options);
       const at::Tensor logits = classify_onednn(hidden_t, weight_f, cls_bias_f);
       if (logits.defined()) {
-        kernels.store_pixel_major_logits(logits.data_ptr<float>(), num_labels, pixels, out_block, height * width);
+        out_view.copy_(logits.t());
       } else {
         at::Tensor acc_t = at::from_blob(acc.data(), {num_labels, pixels}, float_options);
         at::mm_out(acc_t, weight_f, hidden_t.t());

@@ -4,43 +4,41 @@
 //
 // Layouts: P maps (h, w, D) channels-last rows; logits (K, h, w) per image; `hidden` rows (w1, D) fp32.
 
-// hidden[x, :] += up(P)[y, x, :] for one output row y of the stage-1 grid, bilinear from a (h_in, w_in, D) map:
-// vertical blend of source rows row0/row1 into `blend` (w_in, D), then horizontal taps per output column.
+// blend[i] = row0[i] * lambda0 + row1[i] * lambda1 over n values, in fp32: the vertical pass of the bilinear
+// upsampling of one source map for one output row.
 template <typename scalar_t>
-void accumulate_upsampled_row(const scalar_t* row0, const scalar_t* row1, float lambda0, float lambda1,
-                              int64_t in_width, int64_t dim, const int64_t* col0, const int64_t* col1,
-                              const float* col_lambda0, const float* col_lambda1, int64_t out_width, float* blend,
-                              float* hidden) {
-  for (int64_t i = 0; i < in_width * dim; ++i) {
+void blend_rows(const scalar_t* row0, const scalar_t* row1, float lambda0, float lambda1, int64_t n, float* blend) {
+  for (int64_t i = 0; i < n; ++i) {
     blend[i] = std::fma(static_cast<float>(row0[i]), lambda0, static_cast<float>(row1[i]) * lambda1);
   }
-  for (int64_t x = 0; x < out_width; ++x) {
-    const float* a = blend + col0[x] * dim;
-    const float* b = blend + col1[x] * dim;
-    const float wa = col_lambda0[x];
-    const float wb = col_lambda1[x];
-    float* h = hidden + x * dim;
-    for (int64_t d = 0; d < dim; ++d) {
-      h[d] += std::fma(a[d], wa, b[d] * wb);
-    }
-  }
 }
 
-// hidden[x, :] = P1[y, x, :] + bias (stage 1 is at the output resolution).
-template <typename scalar_t>
-void init_hidden_row(const scalar_t* row, const float* bias, int64_t width, int64_t dim, float* hidden) {
+// One row of the hidden map, written once: hidden[x, :] = ReLU(P1[y, x, :] + bias + up(P2) + up(P3) + up(P4)) for the
+// output row y of the stage-1 grid, summed in that order in fp32 (NaN propagates through the ReLU, as torch.relu),
+// then stored as hidden_t (fp32, or bf16 for the bf16 classifier: rounded to nearest even as c10 rounds). Each
+// up(Pi) is the horizontal pass over taps[i].blend, the vertical blend of Pi's two source rows for y (blend_rows).
+template <typename scalar_t, typename hidden_t>
+void build_hidden_row(const scalar_t* p1_row, const float* bias, const UpsampleTaps* taps, int64_t width,
+                      int64_t dim, hidden_t* hidden) {
   for (int64_t x = 0; x < width; ++x) {
-    const scalar_t* r = row + x * dim;
-    float* h = hidden + x * dim;
+    const scalar_t* p1 = p1_row + x * dim;
+    const float* a2 = taps[0].blend + taps[0].col0[x] * dim;
+    const float* b2 = taps[0].blend + taps[0].col1[x] * dim;
+    const float* a3 = taps[1].blend + taps[1].col0[x] * dim;
+    const float* b3 = taps[1].blend + taps[1].col1[x] * dim;
+    const float* a4 = taps[2].blend + taps[2].col0[x] * dim;
+    const float* b4 = taps[2].blend + taps[2].col1[x] * dim;
+    const float wa2 = taps[0].lambda0[x], wb2 = taps[0].lambda1[x];
+    const float wa3 = taps[1].lambda0[x], wb3 = taps[1].lambda1[x];
+    const float wa4 = taps[2].lambda0[x], wb4 = taps[2].lambda1[x];
+    hidden_t* h = hidden + x * dim;
     for (int64_t d = 0; d < dim; ++d) {
-      h[d] = static_cast<float>(r[d]) + bias[d];
+      float v = static_cast<float>(p1[d]) + bias[d];
+      v += std::fma(a2[d], wa2, b2[d] * wb2);
+      v += std::fma(a3[d], wa3, b3[d] * wb3);
+      v += std::fma(a4[d], wa4, b4[d] * wb4);
+      h[d] = static_cast<hidden_t>((v > 0.0f || v != v) ? v : 0.0f);
     }
-  }
-}
-
-inline void relu_inplace(float* data, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    data[i] = (data[i] > 0.0f || std::isnan(data[i])) ? data[i] : 0.0f;  // NaN propagates, as torch.relu
   }
 }
 
@@ -54,23 +52,6 @@ void store_logits(const float* acc, const float* cls_bias, int64_t num_labels, i
     const float b = cls_bias[k];
     for (int64_t p = 0; p < pixels; ++p) {
       o[p] = static_cast<scalar_t>(a[p] + b);
-    }
-  }
-}
-
-// out[k, p] = logits[p, k] in the output dtype (logits (pixels, K) in fp32, or already in the output dtype, the bias
-// added); out rows have stride out_stride. Blocks of 16 pixels keep the transposed reads within a few cache lines.
-template <typename source_t, typename scalar_t>
-void store_pixel_major_logits(const source_t* logits, int64_t num_labels, int64_t pixels, scalar_t* out,
-                              int64_t out_stride) {
-  constexpr int64_t kBlock = 16;
-  for (int64_t p0 = 0; p0 < pixels; p0 += kBlock) {
-    const int64_t p1 = p0 + kBlock < pixels ? p0 + kBlock : pixels;
-    for (int64_t k = 0; k < num_labels; ++k) {
-      scalar_t* o = out + k * out_stride;
-      for (int64_t p = p0; p < p1; ++p) {
-        o[p] = static_cast<scalar_t>(logits[p * num_labels + k]);
-      }
     }
   }
 }

@@ -85,8 +85,8 @@ class TorchOps:
 
     def attention(self, x_norm, residual, height, width, params: SRAttentionParams):
         """residual + SR attention of the normalized tokens x_norm (B, h*w, C) on an h x w grid: q, for R > 1 the
-        SR conv as a patchify GEMM and the SR LayerNorm, the merged k/v projection, the extension's attention kernel
-        (``extension.kv_attention``), the output projection with the residual add in its epilogue."""
+        SR conv as a patchify GEMM and the SR LayerNorm, the merged k/v projection, the attention core
+        (:meth:`_attention_core`), the output projection with the residual add in its epilogue."""
         q = cpu.linear(x_norm, params.q_weight, params.q_bias)
         kv_tokens = x_norm
         if params.sr_ratio > 1:
@@ -94,8 +94,16 @@ class TorchOps:
                                  params.sr_bias)
             kv_tokens = extension.layer_norm(reduced, params.sr_ln_weight, params.sr_ln_bias, params.sr_eps)
         kv = cpu.linear(kv_tokens, params.kv_weight, params.kv_bias)
-        attended = extension.kv_attention(q, kv, params.num_heads)
-        return cpu.linear(attended, params.o_weight, params.o_bias, residual)
+        return cpu.linear(self._attention_core(q, kv, params.num_heads), params.o_weight, params.o_bias, residual)
+
+    @staticmethod
+    def _attention_core(q, kv, heads):
+        """softmax(q kᵀ) v per head on the core this CPU runs faster (``cpu.sdpa_attention_is_faster``): PyTorch's
+        fused attention (bf16 on CPUs with AMX), or the extension's ``kv_attention``; the latter on other devices and
+        while tracing."""
+        if q.device.type == "cpu" and not cpu.tracing() and cpu.sdpa_attention_is_faster(q.dtype):
+            return cpu.sdpa_attention(q, kv, heads)
+        return extension.kv_attention(q, kv, heads)
 
     def mixffn(self, x_norm, residual, height, width, params: MixFFNParams):
         """residual + Mix-FFN of the normalized tokens x_norm (B, h*w, C) on an h x w grid (fc2 with the residual

@@ -6,14 +6,18 @@ What the CPU profile showed to matter (docs/DESIGN.md section 4, "The CPU path")
   once into its blocked layout (:func:`pack_linear_weight`), with the residual add fused into its epilogue. ATen's
   default CPU GEMM, MKL, ran at half of oneDNN's rate on the AMD EPYC we measure on (benchmarks/NOTES.md);
 - the depthwise conv + bias + GELU as one oneDNN convolution with GELU as its post-op (:func:`dwconv_gelu`);
-- the attention core by rows (:func:`attention_by_row_chunks`, the eager fallback of the extension's
-  ``kv_attention``, which the backend calls);
+- the attention core: in bf16 on CPUs with AMX PyTorch's fused attention kernel (:func:`sdpa_attention`, whose
+  GEMMs run on AMX), elsewhere the extension's ``kv_attention`` (:func:`sdpa_attention_is_faster` decides); by rows
+  (:func:`attention_by_row_chunks`) where the extension is not built;
 - the SR conv's patches as GEMM rows (:func:`sr_patches`). LayerNorm is the extension's CPU kernel
   (``extension.layer_norm``).
 
 Elsewhere (CUDA tensors, fp64) and while tracing or compiling, the same functions run the standard ops, so a graph
 traced through them holds no CPU-only op. Tokens are channels-last (B, H*W, C), row-major over the stage grid.
 """
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +102,49 @@ def attention_by_row_chunks(q, kv, heads):
                 torch.softmax(scores, -1, out=scores)
                 attended[image, start:start + rows_per_block, columns] = linear(scores, v_t)
     return attended
+
+
+#: ``SEGFORMER_FAST_CPU_ATTENTION``: "sdpa" or "kernel" forces the attention core (tests, A/B runs); unset, the CPU's.
+ATTENTION_CORE_VARIABLE = "SEGFORMER_FAST_CPU_ATTENTION"
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether the CPU has AMX tiles for bf16 (the ``amx_bf16`` flag of /proc/cpuinfo; False where it is not
+    there)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in cpuinfo)
+    except OSError:
+        return False
+
+
+def sdpa_attention_is_faster(dtype: torch.dtype) -> bool:
+    """Whether PyTorch's fused CPU attention (:func:`sdpa_attention`) is the faster attention core here than the
+    extension's ``kv_attention`` kernel.
+
+    For bf16 on a CPU with AMX: ATen's flash-attention kernel runs its blocks' GEMMs on oneDNN's AMX kernels, while
+    the extension's kernel computes with AVX-512 (``vdpbf16ps`` pair dot products at best); 1.24x (B0) and 1.42x
+    (B2) faster whole-model on an AMX Xeon (benchmarks/NOTES.md). In fp32 the two were within 5 % there, and on an
+    AMD EPYC (no AMX; MKL without its AVX-512 kernels) the extension's kernel was 1.2-3.7x faster in both dtypes: the
+    kernel stays everywhere else (fp16 included). ``SEGFORMER_FAST_CPU_ATTENTION=sdpa|kernel`` overrides it."""
+    forced = os.environ.get(ATTENTION_CORE_VARIABLE, "").strip().lower()
+    if forced in ("sdpa", "kernel"):
+        return forced == "sdpa" and dtype in (torch.float32, torch.bfloat16)
+    return dtype == torch.bfloat16 and cpu_has_amx()
+
+
+def sdpa_attention(q, kv, heads):
+    """softmax(q kᵀ) v per head on PyTorch's fused attention kernel: q (B, N, C) head-major, projected and scaled
+    (the scale is in q, so SDPA's is 1), kv (B, Nkv, 2C) = [k | v] -> (B, N, C) contiguous, in q's dtype. The heads
+    are strided views of q and kv (no copies in); the kernel keeps its scores per block of query rows."""
+    batch, tokens, channels = q.shape
+    head_dim = channels // heads
+    q_heads = q.view(batch, tokens, heads, head_dim).transpose(1, 2)
+    kv_heads = kv.view(batch, kv.shape[1], 2, heads, head_dim)
+    k, v = kv_heads[:, :, 0].transpose(1, 2), kv_heads[:, :, 1].transpose(1, 2)
+    attended = F.scaled_dot_product_attention(q_heads, k, v, scale=1.0)
+    return attended.transpose(1, 2).reshape(batch, tokens, channels)
 
 
 def dwconv_gelu(h, H, W, dw_weight, dw_bias):

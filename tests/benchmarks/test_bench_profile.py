@@ -93,6 +93,14 @@ def test_profile_cpu_quick_run(tmp_path, capsys):
     else:
         assert categories["attention softmax"]["bytes"] > 0
 
+    counted = sum(expected[name] for name in ("gemm", "patch-embed conv", "depthwise conv", "attention kernel")
+                  if name in expected)
+    assert row["flops_per_forward"] == counted
+    if ceiling["onednn_gflops_per_s"]:
+        assert row["floor_ms"] == pytest.approx(counted / (ceiling["onednn_gflops_per_s"] * 1e6))
+        assert row["floor_fraction"] == pytest.approx(row["floor_ms"] / row["latency_ms"])
+        assert "floor ÷ latency" in printed
+
     top = row["top_ops"]
     assert 1 <= len(top) <= op_profile.TOP_OPS
     assert [op["ms"] for op in top] == sorted((op["ms"] for op in top), reverse=True)

@@ -2,6 +2,10 @@
 tokens inside the op, per block of rows) against the fp64 composition (projection, upsampling, sum, bias, ReLU,
 classifier) by the tolerance rule, its input checks, opcheck, and its fallback."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,3 +113,31 @@ def test_fused_decode_tokens_input_checks(mutate, message):
 @needs_kernel
 def test_fused_decode_tokens_opcheck():
     torch.library.opcheck(torch.ops.segformer_fast.fused_decode_tokens.default, tuple(_args()))
+
+
+@needs_kernel
+def test_fused_decode_tokens_baseline_loops_equal_the_vectorized_ones(tmp_path):
+    """SEGFORMER_FAST_CPU_BASELINE=1 (read once per process) runs the loops built for the baseline ISA: a fresh
+    process each way computes the same inputs. The hidden rows are summed in the same order, one fused multiply-add
+    per tap, in every build, so the logits are equal bit for bit (the other tests hold the vectorized loops to fp64)."""
+    script = (
+        "import sys, torch\n"
+        "import segformer_fast.ops.extension\n"
+        "g = torch.Generator().manual_seed(11)\n"
+        "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "    t1 = torch.randn(2, 31, 20, 48, generator=g).to(dtype)\n"
+        "    w1 = (torch.randn(96, 48, generator=g) / 7).to(dtype)\n"
+        "    maps = [torch.randn(2, h, w, 96, generator=g).to(dtype) for h, w in ((16, 10), (8, 5), (4, 3))]\n"
+        "    head = (torch.randn(96, generator=g).to(dtype), (torch.randn(19, 96, generator=g) / 10).to(dtype),\n"
+        "            torch.randn(19, generator=g).to(dtype))\n"
+        "    out = torch.ops.segformer_fast.fused_decode_tokens(t1, w1, *maps, *head)\n"
+        "    torch.save(out, f'{sys.argv[1]}-{str(dtype)}.pt')\n"
+    )
+    for baseline in ("0", "1"):
+        env = {**os.environ, "SEGFORMER_FAST_CPU_BASELINE": baseline}
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / baseline)], env=env, capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+    for dtype in ("torch.float32", "torch.bfloat16", "torch.float16"):
+        vectorized, baseline = (torch.load(tmp_path / f"{way}-{dtype}.pt") for way in ("0", "1"))
+        assert torch.equal(vectorized, baseline), f"{dtype}: max difference {(vectorized - baseline).abs().max()}"
