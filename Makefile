@@ -22,14 +22,15 @@ QUIET_BUILD := PYTHONWARNINGS="ignore:Editable installation"
 .PHONY: install browser test bench compile-cuda constraints clean
 
 # The venv's pins: $(CONSTRAINTS) with torch held at the version the venv has. A torch from the system
-# (VENV_FLAGS=--system-site-packages) keeps its own triton and CUDA libraries: their pins are dropped.
+# (VENV_FLAGS=--system-site-packages) keeps its own triton and CUDA libraries: their pins are dropped. torch's
+# warning that numpy is missing (a fresh venv has none yet) is not shown.
 $(STAMP): $(SOURCES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	@{ if $(PY) -c "import sys, torch; sys.exit(not torch.__file__.startswith(sys.prefix))"; \
+	@{ if $(PY) -c "import sys, torch; sys.exit(not torch.__file__.startswith(sys.prefix))" 2>/dev/null; \
 	   then grep -vE '^torch==' $(or $(CONSTRAINTS),/dev/null); \
 	   else grep -viE '^(torch|triton|nvidia-[^=]*|cuda-[^=]*)==' $(or $(CONSTRAINTS),/dev/null); fi; \
-	   $(PY) -c "import torch; print(f'torch=={torch.__version__}')"; } > $(PINS)
+	   $(PY) -c "import torch; print(f'torch=={torch.__version__}')" 2>/dev/null; } > $(PINS)
 	$(PY) -m pip install --quiet -c $(PINS) --upgrade pip setuptools wheel ninja pybind11 numpy
 	$(QUIET_BUILD) $(PY) -m pip install --quiet -c $(PINS) $(if $(CONSTRAINTS),,--upgrade --upgrade-strategy eager) \
 	  --no-build-isolation -e ".[test,triton]"

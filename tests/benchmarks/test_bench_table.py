@@ -82,7 +82,7 @@ def test_scripts_run_from_anywhere_without_path_patches(tmp_path):
 
 def test_saved_cpu_results_render_the_readme_table(capsys):
     """The README's CPU table is make_table.py's rendering (``--only-run``) of the saved results file, line for line."""
-    source = ROOT / "benchmarks" / "results" / "cpu-amd-epyc-2026-12-02.json"
+    source = ROOT / "benchmarks" / "results" / "cpu-intel-xeon-2026-12-06.json"
     assert make_table.main(["--only-run", str(source)]) == 0
     rendered = capsys.readouterr().out.splitlines()
     readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
