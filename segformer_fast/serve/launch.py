@@ -62,11 +62,11 @@ class Running:
         self.stopped = True
         if not ray.is_initialized():
             return
-        with contextlib.suppress(Exception):
-            if self.started_ray:
-                serve.shutdown()
-            else:
+        if not self.started_ray:  # a cluster of someone else's: take only this application off it
+            with contextlib.suppress(Exception):
                 serve.delete(APP_NAME)
+        # Ray started here goes down whole, Serve's controller with it: serve.shutdown() first only made the raylet
+        # print two "ServeController.graceful_shutdown failed ... killed by ray.kill" lines.
         ray.shutdown()
 
 
@@ -173,6 +173,9 @@ def start(settings: ServeSettings, *, address: str | None = None, temp_dir: str 
             else:
                 say(f"starting Ray ({num_cpus or os.cpu_count()} CPUs, session folder {temp_dir or 'Ray default'})")
                 running.started_ray = True
+                # Ray's note that it turned on its default, token authentication, for the instance it starts: a
+                # warning on every start that asks nothing of the user (README: "Serving over HTTP").
+                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
                 ray.init(address="local", num_cpus=num_cpus, _temp_dir=temp_dir, **options)
         gpus = 0.0
         if settings.device.startswith("cuda") or (settings.device == "auto"
