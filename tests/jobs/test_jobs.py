@@ -57,7 +57,7 @@ def unwritable(tmp_path):
     os.chmod(folder, 0o700)
 
 
-# ------------------------------------------------------------------------------------------------ item 4, 18
+# ---------------------------------------------------------------------------------------------- the manifest
 def test_torn_last_line_is_ended_reported_and_skipped(tmp_path):
     path = tmp_path / MANIFEST_NAME
     path.write_text(json.dumps(RECORD) + "\n" + json.dumps({**RECORD, "input": "/b.png"})[:30])
@@ -109,7 +109,7 @@ def test_other_settings_redo_the_images(checkpoint, tmp_path, capsys):
     assert "segmented 2 of 2 images" in capsys.readouterr().out, "a resume with other settings must redo the work"
 
 
-# ------------------------------------------------------------------------------------------------------ item 12
+# ------------------------------------------------------------------------------------------------------- Ctrl-C
 def test_ctrl_c_gives_one_line_exit_130_and_the_rerun_resumes(checkpoint, tmp_path, capsys, monkeypatch):
     images, out = _images(tmp_path / "in", 3), tmp_path / "out"
     real = segment_job.SegmentWorker.segment_files
@@ -136,7 +136,8 @@ def test_sigint_in_a_real_process_prints_one_line(checkpoint, tmp_path):
     import signal
     import time
 
-    images, out = _images(tmp_path / "in", 40), tmp_path / "out"
+    # 200 images: enough that no machine finishes them all before the signal lands after the first record
+    images, out = _images(tmp_path / "in", 200), tmp_path / "out"
     command = [sys.executable, "-m", "segformer_fast", "segment", str(images), "--model", str(checkpoint), "--out",
                str(out), "--size", "96", "96", "--engine", "reference", "--quiet"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -157,10 +158,10 @@ def test_sigint_in_a_real_process_prints_one_line(checkpoint, tmp_path):
         pytest.skip("the run finished before the signal")
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and stderr.strip().startswith("segformer-fast: interrupted after ")
-    assert stderr.strip().endswith("of 40 images; run the same command again to resume")
+    assert stderr.strip().endswith("of 200 images; run the same command again to resume")
 
 
-# ------------------------------------------------------------------------------------------------------- item 3
+# ------------------------------------------------------------------------------------------- unwritable outputs
 def test_unwritable_outputs_are_refused_before_loading_the_model(unwritable, tmp_path, capsys):
     images = _images(tmp_path / "in", 1)
     missing = str(tmp_path / "no-such-ckpt")
@@ -179,7 +180,7 @@ def test_unwritable_outputs_are_refused_before_loading_the_model(unwritable, tmp
     assert not (tmp_path / "ok.onnx").exists()
 
 
-# -------------------------------------------------------------------------------------------------- item 16, 19
+# ------------------------------------------------------------------------------------------------- usage errors
 def test_mistyped_flag_shows_the_verbs_usage_and_the_nearest_flag(capsys):
     with pytest.raises(SystemExit) as info:
         main(["segment", "a.png", "--model", "m", "--out", "o", "--skip-exsting"])
