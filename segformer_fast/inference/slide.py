@@ -55,10 +55,8 @@ def slide_logits(
     count = torch.zeros(1, 1, height, width, dtype=torch.float32, device=pixel_values.device)
 
     def run(group):
-        y1, y2, x1, x2 = group[0]
-        padded = pad_to_crop and (y2 - y1 < crop[0] or x2 - x1 < crop[1])
         logits = forward_windows(forward, pixel_values, group, num_labels, crop, pad_to_crop)
-        size = crop if padded else (y2 - y1, x2 - x1)
+        size = _up_size(group[0], crop, pad_to_crop)
         logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
         for index, (y1, y2, x1, x2) in enumerate(group):
             part = logits[index * batch:(index + 1) * batch, :, : y2 - y1, : x2 - x1]
