@@ -170,7 +170,7 @@ def test_ctrl_c_under_ray_is_one_line_and_resumable(checkpoint, tmp_path):
     import time
 
     images = tmp_path / "in"
-    write_images(images, 200, seed=26)  # enough that none of it finishes before the signal
+    write_images(images, 40, seed=26)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "segformer_fast", "segment", str(images), "--model", str(checkpoint), "--out",
                str(out), "--size", "128", "128", "--engine", "reference", "--quiet", "--ray", "--batch-size", "1"]
@@ -199,6 +199,6 @@ def test_ctrl_c_under_ray_is_one_line_and_resumable(checkpoint, tmp_path):
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("segformer-fast: interrupted after ") and last.endswith(
-        "of 200 images; run the same command again to resume")
+        "of 40 images; run the same command again to resume")
     done = int(last.split("after ")[1].split(" of")[0])
     assert done >= 2 and len(read_manifest(out / MANIFEST_NAME)) == done
